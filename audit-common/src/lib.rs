@@ -1,0 +1,125 @@
+//! Types shared by the kernel program (audit-ebpf) and the agent (audit-user).
+//!
+//! Every type here crosses the kernel/user boundary as raw bytes, so each is
+//! `#[repr(C)]` with explicit padding and a size assertion beside it: a layout
+//! change shows up as a compile error on both sides, never as garbled counts.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Service slots per IP. A service is a named set of local ports (SMTP = 25,465,587);
+/// Momentum names five, so eight leaves room for site-specific ones.
+pub const MAX_SERVICES: usize = 8;
+
+/// Bumped whenever a pinned map's key or value layout changes, so a new agent
+/// refuses pinned state it would misread instead of reporting wrong counts.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Address family tags used in records and events (not AF_* values, which differ
+/// between the two families' sockaddr layouts and mean nothing to the index).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Names of the maps, shared so the agent never spells one differently.
+pub mod map_names {
+    pub const LIVE_V4: &str = "LIVE_V4";
+    pub const LIVE_V6: &str = "LIVE_V6";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const PORT_SERVICES: &str = "PORT_SERVICES";
+    pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
+    pub const EVENTS: &str = "EVENTS";
+    pub const STATS: &str = "STATS";
+    pub const LAYOUT: &str = "LAYOUT";
+}
+
+/// Names of the programs in the object file.
+pub mod program_names {
+    pub const SOCK_OPS: &str = "inbound_sock_ops";
+    pub const SET_STATE: &str = "inbound_set_state";
+    pub const SYNC: &str = "inbound_sync";
+}
+
+/// Indexes of the per-CPU `STATS` array: things the kernel side could not do.
+pub mod stat {
+    /// The ring buffer was full: an event was lost (counts in the maps are still right).
+    pub const EVENTS_LOST: u32 = 0;
+    /// The per-IP table was full: a session could not be counted.
+    pub const IP_TABLE_FULL: u32 = 1;
+    /// The socket table was full: a session could not be tracked (nor counted).
+    pub const SOCKET_TABLE_FULL: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+/// Live sessions of one remote IP, one counter per service slot.
+/// u32 counters keep the value 4-aligned, which both LPM key sizes (8 and 20 bytes)
+/// are a multiple of; the kernel stores the value right after the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveCounts {
+    pub sessions: [u32; MAX_SERVICES],
+}
+const _: () = assert!(size_of::<LiveCounts>() == 32);
+
+/// What the kernel remembers of each tracked socket, keyed by its cookie, so the
+/// close is counted exactly once and against the same (IP, service) as the open:
+/// at close time the socket's local port is already gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketRecord {
+    /// Remote address in network byte order; IPv4 uses the first 4 bytes.
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub service: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<SocketRecord>() == 24);
+
+/// Event kinds on the ring buffer (and operations of the sync program).
+pub const EVENT_OPEN: u8 = 1;
+pub const EVENT_CLOSE: u8 = 2;
+
+/// One session opened or closed. The same layout is the request the agent feeds
+/// to the sync program, so seeding a pre-existing socket goes through exactly the
+/// code path (and event) of a live accept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionEvent {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub kind: u8,
+    pub family: u8,
+    pub service: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<SessionEvent>() == 32);
+
+/// Results of the sync program (its return value through BPF_PROG_TEST_RUN).
+pub mod sync_result {
+    /// The socket was already tracked (open) or not tracked (close): nothing changed.
+    pub const UNCHANGED: u32 = 0;
+    /// The socket is now tracked and counted (open) or forgotten and uncounted (close).
+    pub const APPLIED: u32 = 1;
+    /// A table was full; see STATS.
+    pub const TABLE_FULL: u32 = 2;
+    /// The request was malformed (bad size, family or service slot).
+    pub const INVALID: u32 = 3;
+}
+
+/// A service name as stored in the pinned `SERVICE_NAMES` array (NUL padded),
+/// so slot numbers stay attached to the same names across agent restarts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceName {
+    pub bytes: [u8; 32],
+}
+const _: () = assert!(size_of::<ServiceName>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), made of integer arrays with explicit padding,
+    // so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::LiveCounts {}
+    unsafe impl aya::Pod for super::SocketRecord {}
+    unsafe impl aya::Pod for super::SessionEvent {}
+    unsafe impl aya::Pod for super::ServiceName {}
+}

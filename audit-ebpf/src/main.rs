@@ -1,0 +1,333 @@
+//! Kernel side of inbound-audit: counts live inbound TCP sessions per remote IP.
+//!
+//! - `inbound_sock_ops` (cgroup sock_ops): on PASSIVE_ESTABLISHED for a configured
+//!   local port, tracks the socket by cookie, counts it, and asks for state callbacks;
+//!   on the move to TCP_CLOSE, forgets it.
+//! - `inbound_set_state` (tp_btf inet_sock_set_state): the backstop for closes
+//!   sock_ops never sees (sockets seeded by the agent from sock_diag).
+//! - `inbound_sync` (XDP, never attached): run by the agent through
+//!   BPF_PROG_TEST_RUN to seed or forget a socket with the same atomic code path.
+//!
+//! A close is uncounted only by whoever deletes the cookie's record, so however
+//! many of these programs see the close, it counts once.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use audit_common::{
+    stat, sync_result, LiveCounts, ServiceName, SessionEvent, SocketRecord, EVENT_CLOSE,
+    EVENT_OPEN, FAMILY_V4, FAMILY_V6, MAX_SERVICES,
+};
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_ops, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::{btf_tracepoint, map, sock_ops, xdp},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, SockOpsContext, XdpContext},
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const MAX_TRACKED_IPS: u32 = 1 << 20;
+const MAX_TRACKED_SOCKETS: u32 = 1 << 20;
+const EVENTS_BYTES: u32 = 4 << 20;
+/// Map flag: allocate entries on use, so an idle agent costs no kernel memory.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "LIVE_V4")]
+static LIVE_V4: LpmTrie<[u8; 4], LiveCounts> = LpmTrie::pinned(MAX_TRACKED_IPS, 0);
+
+#[map(name = "LIVE_V6")]
+static LIVE_V6: LpmTrie<[u8; 16], LiveCounts> = LpmTrie::pinned(MAX_TRACKED_IPS, 0);
+
+#[map(name = "SOCKETS")]
+static SOCKETS: HashMap<u64, SocketRecord> =
+    HashMap::pinned(MAX_TRACKED_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Local port (host order) → service slot.
+#[map(name = "PORT_SERVICES")]
+static PORT_SERVICES: HashMap<u16, u32> = HashMap::pinned(1024, 0);
+
+/// Slot → service name. Only the agent reads and writes it; it lives here so that
+/// it is pinned with the counts it gives meaning to.
+#[map(name = "SERVICE_NAMES")]
+static SERVICE_NAMES: Array<ServiceName> = Array::pinned(MAX_SERVICES as u32, 0);
+
+/// [0]: layout version of the pinned state (see audit_common::LAYOUT_VERSION).
+#[map(name = "LAYOUT")]
+static LAYOUT: Array<u32> = Array::pinned(4, 0);
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+#[sock_ops]
+pub fn inbound_sock_ops(ctx: SockOpsContext) -> u32 {
+    match try_sock_ops(&ctx) {
+        Ok(()) | Err(()) => 1,
+    }
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inbound_set_state(ctx: BtfTracePointContext) -> u32 {
+    match try_set_state(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+#[xdp]
+pub fn inbound_sync(ctx: XdpContext) -> u32 {
+    match try_sync(&ctx) {
+        Ok(result) => result,
+        Err(()) => sync_result::INVALID,
+    }
+}
+
+/// The socket fields one invocation may need, read once at entry.
+struct SockOpsFields {
+    op: u32,
+    family: u32,
+    remote_ip4: u32,
+    remote_ip6: [u32; 4],
+    local_port: u32,
+    new_state: u32,
+    cb_flags: u32,
+}
+
+fn read_sock_ops(ops: *const bpf_sock_ops) -> SockOpsFields {
+    // Every field is read unconditionally and volatile: otherwise LLVM merges the
+    // IPv4 and IPv6 loads into one load through a computed ctx pointer, which the
+    // verifier rejects ("dereference of modified ctx ptr").
+    // SAFETY: `ops` is the context pointer the kernel passed to this program.
+    unsafe {
+        SockOpsFields {
+            op: core::ptr::read_volatile(&(*ops).op),
+            family: core::ptr::read_volatile(&(*ops).family),
+            remote_ip4: core::ptr::read_volatile(&(*ops).remote_ip4),
+            remote_ip6: [
+                core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            local_port: core::ptr::read_volatile(&(*ops).local_port),
+            new_state: core::ptr::read_volatile(&(*ops).__bindgen_anon_1.args[1]),
+            cb_flags: core::ptr::read_volatile(&(*ops).bpf_sock_ops_cb_flags),
+        }
+    }
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
+    let fields = read_sock_ops(ctx.ops);
+    match fields.op {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx, &fields),
+        BPF_SOCK_OPS_STATE_CB if fields.new_state == BPF_TCP_CLOSE => {
+            // SAFETY: the sock_ops context is a valid argument for this helper.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            forget(cookie).map(|_| ())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn on_passive_established(ctx: &SockOpsContext, fields: &SockOpsFields) -> Result<(), ()> {
+    // local_port is in host order; ports above 65535 cannot happen.
+    let service = match PORT_SERVICES.get_ptr(fields.local_port as u16) {
+        // SAFETY: a pointer returned by a map lookup is valid for this invocation.
+        Some(slot) => unsafe { *slot },
+        None => return Ok(()),
+    };
+    let (family, addr) = match fields.family {
+        AF_INET => (FAMILY_V4, v4_bytes(fields.remote_ip4)),
+        AF_INET6 => remote_ip6(fields.remote_ip6),
+        _ => return Ok(()),
+    };
+    // SAFETY: the sock_ops context is a valid argument for this helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if track(cookie, family, addr, service) == sync_result::APPLIED {
+        // Without this flag the kernel never calls us back when the socket closes.
+        let _ = ctx.set_cb_flags((fields.cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+    Ok(())
+}
+
+fn try_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    // inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)
+    let new_state: i32 = ctx.arg(2);
+    if new_state as u32 != BPF_TCP_CLOSE {
+        return Ok(());
+    }
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's trusted BTF socket pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    forget(cookie).map(|_| ())
+}
+
+fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
+    let start = ctx.data();
+    if start + core::mem::size_of::<SessionEvent>() > ctx.data_end() {
+        return Err(());
+    }
+    // SAFETY: bounds checked against data_end just above.
+    let request = unsafe { core::ptr::read_unaligned(start as *const SessionEvent) };
+    if request.service as usize >= MAX_SERVICES {
+        return Err(());
+    }
+    match request.kind {
+        EVENT_OPEN if request.family == FAMILY_V4 || request.family == FAMILY_V6 => Ok(track(
+            request.cookie,
+            request.family,
+            request.addr,
+            request.service as u32,
+        )),
+        EVENT_CLOSE => forget(request.cookie),
+        _ => Err(()),
+    }
+}
+
+/// Starts tracking a socket and counts it; returns a `sync_result`.
+fn track(cookie: u64, family: u8, addr: [u8; 16], service: u32) -> u32 {
+    if service as usize >= MAX_SERVICES {
+        return sync_result::INVALID;
+    }
+    let record = SocketRecord {
+        addr,
+        family,
+        service: service as u8,
+        _pad: [0; 6],
+    };
+    match SOCKETS.insert(&cookie, &record, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        // Already tracked: this socket was counted by another path.
+        Err(EEXIST) => return sync_result::UNCHANGED,
+        Err(_) => {
+            bump_stat(stat::SOCKET_TABLE_FULL);
+            return sync_result::TABLE_FULL;
+        }
+    }
+    let Some(counts) = live_counts(family, &addr, true) else {
+        // Not counted, so it must not be uncounted at close either.
+        let _ = SOCKETS.remove(&cookie);
+        bump_stat(stat::IP_TABLE_FULL);
+        return sync_result::TABLE_FULL;
+    };
+    // SAFETY: `counts` points into a map value that outlives this invocation
+    // (RCU), and `service` is bounds checked above.
+    unsafe {
+        let slot = (*counts).sessions.as_mut_ptr().add(service as usize);
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            slot, 1,
+        );
+    }
+    emit(EVENT_OPEN, cookie, &record);
+    sync_result::APPLIED
+}
+
+const EEXIST: i32 = -17;
+
+/// Stops tracking a socket and uncounts it, if (and only if) this call deleted its record.
+fn forget(cookie: u64) -> Result<u32, ()> {
+    // SAFETY: the value is copied out before the record can be deleted.
+    let record = match unsafe { SOCKETS.get(&cookie) } {
+        Some(record) => *record,
+        None => return Ok(sync_result::UNCHANGED),
+    };
+    if SOCKETS.remove(&cookie).is_err() {
+        // Another CPU (or program) deleted it first and uncounts it.
+        return Ok(sync_result::UNCHANGED);
+    }
+    if record.service as usize >= MAX_SERVICES {
+        return Err(());
+    }
+    if let Some(counts) = live_counts(record.family, &record.addr, false) {
+        // SAFETY: as in `track`; the service slot is bounds checked above.
+        unsafe {
+            let slot = (*counts).sessions.as_mut_ptr().add(record.service as usize);
+            core::intrinsics::atomic_xsub::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, 1,
+            );
+        }
+    }
+    emit(EVENT_CLOSE, cookie, &record);
+    Ok(sync_result::APPLIED)
+}
+
+/// The per-IP counters, created zeroed when `create` is set. Entries that fall back
+/// to zero are left in place: deleting here could race a concurrent increment.
+fn live_counts(family: u8, addr: &[u8; 16], create: bool) -> Option<*mut LiveCounts> {
+    if family == FAMILY_V4 {
+        let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
+        if create {
+            let _ = LIVE_V4.insert(&key, &LiveCounts::default(), BPF_NOEXIST as u64);
+        }
+        LIVE_V4
+            .get(&key)
+            .map(|counts| counts as *const LiveCounts as *mut LiveCounts)
+    } else {
+        let key = Key::new(128, *addr);
+        if create {
+            let _ = LIVE_V6.insert(&key, &LiveCounts::default(), BPF_NOEXIST as u64);
+        }
+        LIVE_V6
+            .get(&key)
+            .map(|counts| counts as *const LiveCounts as *mut LiveCounts)
+    }
+}
+
+fn emit(kind: u8, cookie: u64, record: &SocketRecord) {
+    let event = SessionEvent {
+        cookie,
+        addr: record.addr,
+        kind,
+        family: record.family,
+        service: record.service,
+        _pad: [0; 5],
+    };
+    if EVENTS.output::<SessionEvent>(&event, 0).is_err() {
+        // The maps stay right; the agent sees the gap here and reconciles.
+        bump_stat(stat::EVENTS_LOST);
+    }
+}
+
+fn bump_stat(index: u32) {
+    if let Some(value) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot of this CPU; programs do not migrate mid-run.
+        unsafe { *value += 1 };
+    }
+}
+
+/// remote_ip4 holds the address in network order: its bytes in memory read a.b.c.d.
+fn v4_bytes(ip: u32) -> [u8; 16] {
+    let b = ip.to_ne_bytes();
+    [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; they count as IPv4.
+fn remote_ip6(words: [u32; 4]) -> (u8, [u8; 16]) {
+    if words[0] == 0 && words[1] == 0 && words[2] == u32::from_be(0xffff) {
+        return (FAMILY_V4, v4_bytes(words[3]));
+    }
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    (FAMILY_V6, addr)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

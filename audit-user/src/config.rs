@@ -1,0 +1,351 @@
+//! Agent configuration: a TOML file, overridden by command-line flags.
+
+use std::{
+    collections::HashMap,
+    fmt, fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use audit_common::MAX_SERVICES;
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/inbound-audit/inbound-audit.toml";
+pub const DEFAULT_SOCKET_PATH: &str = "/run/inbound-audit/audit.sock";
+pub const DEFAULT_MAX_CLIENTS: usize = 1024;
+/// Service names are stored NUL-padded in a 32-byte kernel map value.
+const MAX_SERVICE_NAME_LEN: usize = 31;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// A named set of local ports, e.g. SMTP = 25, 465, 587.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePorts {
+    pub name: String,
+    pub ports: Vec<u16>,
+}
+
+impl fmt::Display for ServicePorts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        write!(f, "{}={}", self.name, ports.join(","))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub services: Vec<ServicePorts>,
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    /// cgroup v2 directory to watch; None = the cgroup2 root (every process).
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub max_clients: usize,
+    pub reconcile_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            services: vec![ServicePorts {
+                name: "SMTP".into(),
+                ports: vec![25, 465, 587],
+            }],
+            socket: DEFAULT_SOCKET_PATH.into(),
+            socket_mode: 0o660,
+            socket_group: None,
+            cgroup: None,
+            pin_dir: crate::kernel::loader::DEFAULT_PIN_DIR.into(),
+            max_clients: DEFAULT_MAX_CLIENTS,
+            reconcile_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The file's shape. Unknown keys are refused so a typo is not silently ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    services: Option<HashMap<String, Vec<i64>>>,
+    socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    socket_group: Option<String>,
+    cgroup: Option<PathBuf>,
+    pin_dir: Option<PathBuf>,
+    max_clients: Option<i64>,
+    reconcile_interval_secs: Option<i64>,
+}
+
+impl Config {
+    /// Reads `path` on top of the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.message().to_string(),
+        })?;
+        let mut config = Config::default();
+        if let Some(services) = file.services {
+            let mut list = Vec::new();
+            for (name, ports) in services {
+                let key = format!("services.{name}");
+                let ports = ports
+                    .into_iter()
+                    .map(|p| {
+                        u16::try_from(p)
+                            .ok()
+                            .filter(|&p| p != 0)
+                            .ok_or_else(|| invalid(&key, format!("port {p} is not in 1..=65535")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                list.push(ServicePorts { name, ports });
+            }
+            // HashMap order is random; slots are assigned in this order.
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            config.services = list;
+        }
+        if let Some(socket) = file.socket {
+            config.socket = socket;
+        }
+        if let Some(mode) = file.socket_mode {
+            config.socket_mode =
+                parse_mode(&mode).map_err(|reason| invalid("socket_mode", reason))?;
+        }
+        config.socket_group = file.socket_group.or(config.socket_group);
+        config.cgroup = file.cgroup.or(config.cgroup);
+        if let Some(pin_dir) = file.pin_dir {
+            config.pin_dir = pin_dir;
+        }
+        if let Some(max) = file.max_clients {
+            config.max_clients = usize::try_from(max)
+                .ok()
+                .filter(|&m| m > 0)
+                .ok_or_else(|| invalid("max_clients", format!("{max} is not a positive number")))?;
+        }
+        if let Some(secs) = file.reconcile_interval_secs {
+            config.reconcile_interval = u64::try_from(secs)
+                .ok()
+                .filter(|&s| s > 0)
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    invalid(
+                        "reconcile_interval_secs",
+                        format!("{secs} is not a positive number of seconds"),
+                    )
+                })?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the file format alone cannot: names, port clashes, counts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.services.is_empty() {
+            return Err(invalid("services", "at least one service is needed"));
+        }
+        if self.services.len() > MAX_SERVICES {
+            return Err(invalid(
+                "services",
+                format!(
+                    "{} services configured, at most {MAX_SERVICES}",
+                    self.services.len()
+                ),
+            ));
+        }
+        let mut owner: HashMap<u16, &str> = HashMap::new();
+        for service in &self.services {
+            let key = format!("services.{}", service.name);
+            validate_service_name(&service.name).map_err(|reason| invalid(&key, reason))?;
+            if service.name == "inbound_cidr" {
+                return Err(invalid(
+                    &key,
+                    "inbound_cidr is the cluster-wide view, not a local service",
+                ));
+            }
+            if service.ports.is_empty() {
+                return Err(invalid(&key, "a service needs at least one port"));
+            }
+            for &port in &service.ports {
+                if let Some(other) = owner.insert(port, &service.name) {
+                    if other != service.name {
+                        return Err(invalid(
+                            &key,
+                            format!("port {port} is also assigned to service {other}"),
+                        ));
+                    }
+                }
+            }
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(invalid("socket", "empty path"));
+        }
+        Ok(())
+    }
+
+    /// The service a local port belongs to.
+    pub fn service_of_port(&self, port: u16) -> Option<&str> {
+        self.services
+            .iter()
+            .find(|s| s.ports.contains(&port))
+            .map(|s| s.name.as_str())
+    }
+}
+
+/// Parses a `--service NAME=PORT[,PORT...]` flag.
+pub fn parse_service_flag(text: &str) -> Result<ServicePorts, ConfigError> {
+    let key = format!("--service {text}");
+    let (name, ports) = text
+        .split_once('=')
+        .ok_or_else(|| invalid(&key, "expected NAME=PORT[,PORT...]"))?;
+    let ports = ports
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| invalid(&key, format!("`{p}` is not a port in 1..=65535")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    validate_service_name(name).map_err(|reason| invalid(&key, reason))?;
+    Ok(ServicePorts {
+        name: name.to_string(),
+        ports,
+    })
+}
+
+fn validate_service_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_SERVICE_NAME_LEN {
+        return Err(format!(
+            "service names are 1 to {MAX_SERVICE_NAME_LEN} bytes"
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(format!(
+            "service name `{name}` may only use letters, digits, _ - ."
+        ));
+    }
+    Ok(())
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|&m| m <= 0o777)
+        .ok_or_else(|| format!("`{text}` is not an octal file mode like \"0660\""))
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_smtp_ports() {
+        let config = Config::default();
+        assert_eq!(config.services[0].to_string(), "SMTP=25,465,587");
+        assert_eq!(config.service_of_port(587), Some("SMTP"));
+        assert_eq!(config.service_of_port(2525), None);
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let config = Config::from_toml(
+            r#"
+            socket = "/tmp/x.sock"
+            socket_mode = "0640"
+            max_clients = 10
+            [services]
+            SMTP = [25, 2525]
+            Control = [2025]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(config.socket_mode, 0o640);
+        assert_eq!(config.max_clients, 10);
+        assert_eq!(
+            config.services,
+            vec![
+                ServicePorts {
+                    name: "Control".into(),
+                    ports: vec![2025]
+                },
+                ServicePorts {
+                    name: "SMTP".into(),
+                    ports: vec![25, 2525]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_config_names_the_key() {
+        let cases = [
+            ("[services]\nSMTP = [70000]", "services.SMTP"),
+            ("[services]\nSMTP = [25]\nECStream = [25]", "services."),
+            ("max_clients = 0", "max_clients"),
+            ("socket_mode = \"999\"", "socket_mode"),
+            ("reconcile_interval_secs = -1", "reconcile_interval_secs"),
+            ("[services]\ninbound_cidr = [25]", "services.inbound_cidr"),
+            ("[services]\n\"bad name\" = [25]", "services.bad name"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} gave {err:?}");
+        }
+        let err = Config::from_toml("sockett = \"/x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn service_flags() {
+        assert_eq!(
+            parse_service_flag("Control=2025,2026").unwrap(),
+            ServicePorts {
+                name: "Control".into(),
+                ports: vec![2025, 2026]
+            }
+        );
+        for bad in ["SMTP", "SMTP=", "SMTP=0", "SMTP=25,x", "=25", "a b=25"] {
+            assert!(parse_service_flag(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,1230 @@
+//! Live session counts per remote IP, indexed so that the number of sessions
+//! inside any CIDR prefix costs O(prefix length), independent of how many IPs
+//! are tracked.
+//!
+//! The core is [`PrefixTrie`], a path-compressed binary radix trie (PATRICIA /
+//! crit-bit) in which every inner node caches the sum of the counts below it.
+//! A prefix query therefore stops at the first node whose prefix is at least
+//! as long as the query and returns that cached sum instead of visiting keys.
+//!
+//! Memory layout: nodes live in two dense arenas (leaves and inner nodes)
+//! addressed by `u32`, so a key costs one leaf plus at most one inner node and
+//! no per-node allocation. Removal swap-removes the freed slot (moving the
+//! arena's last node into it and re-pointing that node's parent) instead of
+//! keeping a free list: the arenas never contain holes, `len()` is just the
+//! leaf count, and the backing vectors can shrink when the live set does, so
+//! long-running churn neither grows nor pins memory.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+/// An unsigned integer usable as a trie key; bit 0 is the most significant.
+pub trait TrieKey: Copy + Eq + Ord + fmt::Debug {
+    /// Key width in bits.
+    const BITS: u8;
+
+    /// The form a key is stored in inside a node. `u128` is 16-byte aligned
+    /// on current targets, which would pad every node by 8 bytes; keeping
+    /// keys as `[u64; 2]` lets nodes stay 8-byte aligned.
+    type Packed: Copy + fmt::Debug;
+
+    fn pack(self) -> Self::Packed;
+    fn unpack(packed: Self::Packed) -> Self;
+
+    /// Bit `i` counted from the most significant bit; `i < BITS`.
+    fn bit(self, i: u8) -> bool;
+
+    /// The key with all but its top `len` bits cleared.
+    fn masked(self, len: u8) -> Self;
+
+    /// Number of leading bits `self` and `other` share (`BITS` if equal).
+    fn common_prefix_len(self, other: Self) -> u8;
+}
+
+macro_rules! trie_key_bit_ops {
+    // `<$t as TrieKey>::BITS` because the inherent `u32::BITS` (a u32) would
+    // otherwise shadow the trait constant.
+    ($t:ty) => {
+        const BITS: u8 = <$t>::BITS as u8;
+
+        #[inline]
+        fn bit(self, i: u8) -> bool {
+            debug_assert!(i < <$t as TrieKey>::BITS);
+            (self >> (<$t as TrieKey>::BITS - 1 - i)) & 1 == 1
+        }
+
+        #[inline]
+        fn masked(self, len: u8) -> Self {
+            // A shift by the full width is `None`, which is exactly the /0 mask.
+            let keep = <$t>::MAX.checked_shl(u32::from(
+                <$t as TrieKey>::BITS - len.min(<$t as TrieKey>::BITS),
+            ));
+            self & keep.unwrap_or(0)
+        }
+
+        #[inline]
+        fn common_prefix_len(self, other: Self) -> u8 {
+            (self ^ other).leading_zeros() as u8
+        }
+    };
+}
+
+impl TrieKey for u32 {
+    type Packed = u32;
+    trie_key_bit_ops!(u32);
+
+    #[inline]
+    fn pack(self) -> u32 {
+        self
+    }
+
+    #[inline]
+    fn unpack(packed: u32) -> u32 {
+        packed
+    }
+}
+
+impl TrieKey for u128 {
+    type Packed = [u64; 2];
+    trie_key_bit_ops!(u128);
+
+    #[inline]
+    fn pack(self) -> [u64; 2] {
+        [(self >> 64) as u64, self as u64]
+    }
+
+    #[inline]
+    fn unpack(packed: [u64; 2]) -> u128 {
+        (u128::from(packed[0]) << 64) | u128::from(packed[1])
+    }
+}
+
+/// Returned by [`PrefixTrie::add`] when a negative delta exceeds the count;
+/// the key has been removed (its count clamped to 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("count would go below zero: {count_before} + {delta}")]
+pub struct Underflow {
+    pub count_before: u64,
+    pub delta: i64,
+}
+
+/// Reference to a node: the top bit selects the leaf arena, the rest is the
+/// slot. Slots stay below `MAX_SLOTS` so that no leaf reference equals `NIL`.
+type NodeRef = u32;
+const LEAF: NodeRef = 1 << 31;
+const NIL: NodeRef = u32::MAX;
+const MAX_SLOTS: usize = (LEAF - 1) as usize;
+
+/// Arenas at or below this capacity are never shrunk: reallocating tiny
+/// vectors saves nothing and would churn the allocator.
+const MIN_SHRINK_CAPACITY: usize = 64;
+
+#[inline]
+fn is_leaf(r: NodeRef) -> bool {
+    r & LEAF != 0
+}
+
+#[inline]
+fn slot(r: NodeRef) -> usize {
+    (r & !LEAF) as usize
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Leaf<P> {
+    key: P,
+    count: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Inner<P> {
+    /// Prefix shared by everything below, masked to `len` bits.
+    key: P,
+    /// Sum of all counts below; wraps only if the grand total exceeds u64.
+    sum: u64,
+    /// `child[b]` holds the keys whose bit `len` is `b`.
+    child: [NodeRef; 2],
+    len: u8,
+}
+
+/// Where the pointer to a node is stored, so it can be redirected.
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    Root,
+    Child { inner: usize, side: usize },
+}
+
+/// Counts per key with O(key width) point updates and prefix-sum queries.
+///
+/// Invariants: every leaf has a non-zero count; every inner node has exactly
+/// two children whose prefixes extend its own and differ at bit `len`; both
+/// arenas are dense (every slot is reachable from the root).
+#[derive(Clone)]
+pub struct PrefixTrie<K: TrieKey> {
+    leaves: Vec<Leaf<K::Packed>>,
+    inners: Vec<Inner<K::Packed>>,
+    root: NodeRef,
+}
+
+impl<K: TrieKey> Default for PrefixTrie<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: TrieKey> fmt::Debug for PrefixTrie<K> {
+    // Dumping up to a million entries is never what a log line wants.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrefixTrie")
+            .field("len", &self.len())
+            .field("total", &self.total())
+            .field("heap_bytes", &self.heap_bytes())
+            .finish()
+    }
+}
+
+impl<K: TrieKey> PrefixTrie<K> {
+    pub fn new() -> Self {
+        Self {
+            leaves: Vec::new(),
+            inners: Vec::new(),
+            root: NIL,
+        }
+    }
+
+    /// Adds `delta` to the count of `key` and returns the new count. If the
+    /// count would go negative it is set to 0 (the key removed) and the
+    /// underflow is reported. A count above `u64::MAX` saturates.
+    pub fn add(&mut self, key: K, delta: i64) -> Result<u64, Underflow> {
+        let before = self.get(key);
+        let after = i128::from(before) + i128::from(delta);
+        if after < 0 {
+            self.replace(key, before, 0);
+            return Err(Underflow {
+                count_before: before,
+                delta,
+            });
+        }
+        let after = u64::try_from(after).unwrap_or(u64::MAX);
+        self.replace(key, before, after);
+        Ok(after)
+    }
+
+    /// Sets the count of `key`, returning the previous one; 0 removes the key.
+    pub fn set(&mut self, key: K, count: u64) -> u64 {
+        let before = self.get(key);
+        self.replace(key, before, count);
+        before
+    }
+
+    pub fn get(&self, key: K) -> u64 {
+        let mut r = self.root;
+        while r != NIL {
+            if is_leaf(r) {
+                let leaf = &self.leaves[slot(r)];
+                return if K::unpack(leaf.key) == key {
+                    leaf.count
+                } else {
+                    0
+                };
+            }
+            let node = &self.inners[slot(r)];
+            r = node.child[usize::from(key.bit(node.len))];
+        }
+        0
+    }
+
+    /// Sum of the counts of all keys whose top `len` bits equal those of
+    /// `prefix` (its remaining bits are ignored). `len` 0 gives the total;
+    /// `len` above `K::BITS` is a caller bug and is treated as `K::BITS`.
+    pub fn count_prefix(&self, prefix: K, len: u8) -> u64 {
+        debug_assert!(len <= K::BITS, "prefix length {len} > {}", K::BITS);
+        let len = len.min(K::BITS);
+        let mut r = self.root;
+        while r != NIL {
+            let (key, node_len) = self.node_prefix(r);
+            if prefix.common_prefix_len(key) < node_len.min(len) {
+                return 0;
+            }
+            if node_len >= len {
+                return self.node_sum(r);
+            }
+            // Leaves have node_len == BITS >= len, so this is an inner node.
+            r = self.inners[slot(r)].child[usize::from(prefix.bit(node_len))];
+        }
+        0
+    }
+
+    /// Number of keys with a non-zero count.
+    pub fn len(&self) -> usize {
+        self.leaves.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.root == NIL
+    }
+
+    pub fn total(&self) -> u64 {
+        if self.root == NIL {
+            0
+        } else {
+            self.node_sum(self.root)
+        }
+    }
+
+    /// Every key with its count, in ascending key order.
+    pub fn iter(&self) -> impl Iterator<Item = (K, u64)> + '_ {
+        Iter {
+            trie: self,
+            stack: if self.root == NIL {
+                Vec::new()
+            } else {
+                vec![self.root]
+            },
+        }
+    }
+
+    /// Removes every key and releases the arenas' memory.
+    pub fn clear(&mut self) {
+        *self = Self::new();
+    }
+
+    /// Bytes held by the arenas (capacity, not just the live part).
+    pub fn heap_bytes(&self) -> usize {
+        self.leaves.capacity() * std::mem::size_of::<Leaf<K::Packed>>()
+            + self.inners.capacity() * std::mem::size_of::<Inner<K::Packed>>()
+    }
+
+    fn node_prefix(&self, r: NodeRef) -> (K, u8) {
+        if is_leaf(r) {
+            (K::unpack(self.leaves[slot(r)].key), K::BITS)
+        } else {
+            let node = &self.inners[slot(r)];
+            (K::unpack(node.key), node.len)
+        }
+    }
+
+    fn node_sum(&self, r: NodeRef) -> u64 {
+        if is_leaf(r) {
+            self.leaves[slot(r)].count
+        } else {
+            self.inners[slot(r)].sum
+        }
+    }
+
+    fn set_link(&mut self, link: Link, target: NodeRef) {
+        match link {
+            Link::Root => self.root = target,
+            Link::Child { inner, side } => self.inners[inner].child[side] = target,
+        }
+    }
+
+    /// Moves `key` from `before` (its current count) to `after`.
+    fn replace(&mut self, key: K, before: u64, after: u64) {
+        match (before, after) {
+            (b, a) if b == a => {}
+            (0, a) => self.insert(key, a),
+            (b, 0) => self.remove(key, b),
+            (b, a) => self.adjust(key, a.wrapping_sub(b)),
+        }
+    }
+
+    /// Changes the count of an existing key by `diff` (two's complement, so
+    /// one path handles increases and decreases).
+    fn adjust(&mut self, key: K, diff: u64) {
+        let mut r = self.root;
+        while !is_leaf(r) {
+            let node = &mut self.inners[slot(r)];
+            node.sum = node.sum.wrapping_add(diff);
+            r = node.child[usize::from(key.bit(node.len))];
+        }
+        let leaf = &mut self.leaves[slot(r)];
+        debug_assert_eq!(K::unpack(leaf.key), key);
+        leaf.count = leaf.count.wrapping_add(diff);
+    }
+
+    /// Inserts a key that is not present, with a non-zero count.
+    fn insert(&mut self, key: K, count: u64) {
+        let new_leaf = self.alloc_leaf(key, count);
+        let mut link = Link::Root;
+        let mut r = self.root;
+        if r == NIL {
+            self.root = new_leaf;
+            return;
+        }
+        loop {
+            let (node_key, node_len) = self.node_prefix(r);
+            let common = key.common_prefix_len(node_key);
+            if common < node_len {
+                // The key leaves this node's prefix at bit `common`: a new
+                // inner node for the shared part takes the node's place.
+                // Leaves always end up here because the key is absent.
+                let side = usize::from(key.bit(common));
+                let mut child = [r; 2];
+                child[side] = new_leaf;
+                let inner = self.alloc_inner(Inner {
+                    key: key.masked(common).pack(),
+                    sum: self.node_sum(r).wrapping_add(count),
+                    child,
+                    len: common,
+                });
+                self.set_link(link, inner);
+                return;
+            }
+            let s = slot(r);
+            let node = &mut self.inners[s];
+            node.sum = node.sum.wrapping_add(count);
+            let side = usize::from(key.bit(node.len));
+            link = Link::Child { inner: s, side };
+            r = node.child[side];
+        }
+    }
+
+    /// Removes a present key whose count is `count`, splicing out its parent
+    /// (which would otherwise be left with one child).
+    fn remove(&mut self, key: K, count: u64) {
+        let mut link_to_node = Link::Root;
+        let mut link_to_parent = Link::Root;
+        let mut r = self.root;
+        while !is_leaf(r) {
+            let s = slot(r);
+            let node = &mut self.inners[s];
+            node.sum = node.sum.wrapping_sub(count);
+            let side = usize::from(key.bit(node.len));
+            link_to_parent = link_to_node;
+            link_to_node = Link::Child { inner: s, side };
+            r = node.child[side];
+        }
+        debug_assert_eq!(K::unpack(self.leaves[slot(r)].key), key);
+        match link_to_node {
+            Link::Root => self.root = NIL,
+            Link::Child { inner, side } => {
+                let sibling = self.inners[inner].child[1 - side];
+                self.set_link(link_to_parent, sibling);
+                self.free_inner(inner);
+            }
+        }
+        self.free_leaf(slot(r));
+    }
+
+    fn alloc_leaf(&mut self, key: K, count: u64) -> NodeRef {
+        let s = self.leaves.len();
+        assert!(s < MAX_SLOTS, "PrefixTrie leaf arena full");
+        self.leaves.push(Leaf {
+            key: key.pack(),
+            count,
+        });
+        LEAF | s as u32
+    }
+
+    fn alloc_inner(&mut self, node: Inner<K::Packed>) -> NodeRef {
+        let s = self.inners.len();
+        assert!(s < MAX_SLOTS, "PrefixTrie inner arena full");
+        self.inners.push(node);
+        s as u32
+    }
+
+    /// Finds the link pointing at `target`, a reachable node whose prefix is
+    /// `key`: every ancestor's prefix is a shorter prefix of `key`, so
+    /// following `key`'s bits from the root leads to it.
+    fn link_to(&self, key: K, target: NodeRef) -> Link {
+        if self.root == target {
+            return Link::Root;
+        }
+        let mut r = self.root;
+        loop {
+            debug_assert!(!is_leaf(r), "link_to: {key:?} not reachable");
+            let s = slot(r);
+            let node = &self.inners[s];
+            let side = usize::from(key.bit(node.len));
+            if node.child[side] == target {
+                return Link::Child { inner: s, side };
+            }
+            r = node.child[side];
+        }
+    }
+
+    /// Frees an unlinked leaf slot by moving the last leaf into it.
+    fn free_leaf(&mut self, s: usize) {
+        let last = self.leaves.len() - 1;
+        if s != last {
+            let moved = K::unpack(self.leaves[last].key);
+            let link = self.link_to(moved, LEAF | last as u32);
+            self.set_link(link, LEAF | s as u32);
+        }
+        self.leaves.swap_remove(s);
+        release_slack(&mut self.leaves);
+    }
+
+    /// Frees an unlinked inner slot by moving the last inner node into it.
+    fn free_inner(&mut self, s: usize) {
+        let last = self.inners.len() - 1;
+        if s != last {
+            let moved = K::unpack(self.inners[last].key);
+            let link = self.link_to(moved, last as u32);
+            self.set_link(link, s as u32);
+        }
+        self.inners.swap_remove(s);
+        release_slack(&mut self.inners);
+    }
+}
+
+/// Halves an arena's capacity once it is at most a quarter full. The gap
+/// between the shrink (1/4) and growth (full) points keeps reallocation
+/// amortised O(1) even when the live set oscillates around one size.
+fn release_slack<T>(arena: &mut Vec<T>) {
+    if arena.capacity() > MIN_SHRINK_CAPACITY && arena.len() * 4 <= arena.capacity() {
+        arena.shrink_to(arena.capacity() / 2);
+    }
+}
+
+/// Depth-first, 0-side first, which visits leaves in ascending key order.
+/// The stack holds at most one pending sibling per level.
+struct Iter<'a, K: TrieKey> {
+    trie: &'a PrefixTrie<K>,
+    stack: Vec<NodeRef>,
+}
+
+impl<K: TrieKey> Iterator for Iter<'_, K> {
+    type Item = (K, u64);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while let Some(r) = self.stack.pop() {
+            if is_leaf(r) {
+                let leaf = &self.trie.leaves[slot(r)];
+                return Some((K::unpack(leaf.key), leaf.count));
+            }
+            let node = &self.trie.inners[slot(r)];
+            self.stack.push(node.child[1]);
+            self.stack.push(node.child[0]);
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IndexError {
+    #[error("count for {ip} would go below zero: {count_before} + {delta}")]
+    Underflow {
+        ip: IpAddr,
+        count_before: u64,
+        delta: i64,
+    },
+}
+
+/// `::ffff:0:0/96`, where IPv4-mapped IPv6 addresses live.
+const V4_MAPPED_NET: u128 = 0xffff << 32;
+const V4_MAPPED_LEN: u8 = 96;
+
+/// A key after IPv4-mapped IPv6 addresses have been folded into IPv4, so a
+/// peer is counted once whichever socket family reported it.
+enum Key {
+    V4(u32),
+    V6(u128),
+}
+
+fn key_of(ip: IpAddr) -> Key {
+    match ip {
+        IpAddr::V4(a) => Key::V4(u32::from(a)),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => Key::V4(u32::from(v4)),
+            None => Key::V6(u128::from(a)),
+        },
+    }
+}
+
+/// Session counts per IP for both families, queryable by any CIDR network.
+///
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are stored and reported as
+/// IPv4. An IPv6 network is treated as the set of addresses it contains, with
+/// IPv4 embedded at `::ffff:0:0/96`: a network inside that block counts the
+/// corresponding IPv4 network, and one containing it (e.g. `::/0`) includes
+/// every IPv4 count. Counting is thus monotone under network containment.
+#[derive(Default, Clone, Debug)]
+pub struct CidrIndex {
+    v4: PrefixTrie<u32>,
+    v6: PrefixTrie<u128>,
+}
+
+impl CidrIndex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `delta` to the count of `ip`; see [`PrefixTrie::add`].
+    pub fn add(&mut self, ip: IpAddr, delta: i64) -> Result<u64, IndexError> {
+        let result = match key_of(ip) {
+            Key::V4(k) => self.v4.add(k, delta),
+            Key::V6(k) => self.v6.add(k, delta),
+        };
+        result.map_err(
+            |Underflow {
+                 count_before,
+                 delta,
+             }| IndexError::Underflow {
+                ip,
+                count_before,
+                delta,
+            },
+        )
+    }
+
+    /// Sets the count of `ip`, returning the previous one; 0 removes it.
+    pub fn set(&mut self, ip: IpAddr, count: u64) -> u64 {
+        match key_of(ip) {
+            Key::V4(k) => self.v4.set(k, count),
+            Key::V6(k) => self.v6.set(k, count),
+        }
+    }
+
+    pub fn get(&self, ip: IpAddr) -> u64 {
+        match key_of(ip) {
+            Key::V4(k) => self.v4.get(k),
+            Key::V6(k) => self.v6.get(k),
+        }
+    }
+
+    /// Sessions from addresses inside `net`; host bits of `net` are ignored.
+    pub fn count(&self, net: &IpNet) -> u64 {
+        match net {
+            IpNet::V4(n) => self.v4.count_prefix(u32::from(n.addr()), n.prefix_len()),
+            IpNet::V6(n) => {
+                let addr = u128::from(n.addr());
+                let len = n.prefix_len();
+                let v6 = self.v6.count_prefix(addr, len);
+                if addr.common_prefix_len(V4_MAPPED_NET) < len.min(V4_MAPPED_LEN) {
+                    // Disjoint from the mapped block.
+                    v6
+                } else if len >= V4_MAPPED_LEN {
+                    // Inside the mapped block; the v6 trie never holds such
+                    // keys, so only the IPv4 side can contribute.
+                    self.v4.count_prefix(addr as u32, len - V4_MAPPED_LEN)
+                } else {
+                    v6.wrapping_add(self.v4.total())
+                }
+            }
+        }
+    }
+
+    /// Number of IPs with a non-zero count.
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.v4.total().wrapping_add(self.v6.total())
+    }
+
+    /// Every IP with its count: IPv4 ascending, then IPv6 ascending (which is
+    /// `IpAddr`'s order).
+    pub fn iter(&self) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        let v4 = self
+            .v4
+            .iter()
+            .map(|(k, c)| (IpAddr::V4(Ipv4Addr::from(k)), c));
+        let v6 = self
+            .v6
+            .iter()
+            .map(|(k, c)| (IpAddr::V6(Ipv6Addr::from(k)), c));
+        v4.chain(v6)
+    }
+
+    pub fn clear(&mut self) {
+        self.v4.clear();
+        self.v6.clear();
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.v4.heap_bytes() + self.v6.heap_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashMap};
+    use std::hash::Hash;
+
+    /// Top `len` bits computed independently of `TrieKey`, for the model.
+    trait ModelKey: TrieKey + Hash {
+        fn top(self, len: u8) -> u128;
+        /// The top `keep` bits of `self` followed by the rest of `tail`.
+        fn splice(self, tail: Self, keep: u8) -> Self;
+    }
+    impl ModelKey for u32 {
+        fn top(self, len: u8) -> u128 {
+            u128::from(self.checked_shr(32 - u32::from(len)).unwrap_or(0))
+        }
+        fn splice(self, tail: Self, keep: u8) -> Self {
+            let low = u32::MAX.checked_shr(u32::from(keep)).unwrap_or(0);
+            (self & !low) | (tail & low)
+        }
+    }
+    impl ModelKey for u128 {
+        fn top(self, len: u8) -> u128 {
+            self.checked_shr(128 - u32::from(len)).unwrap_or(0)
+        }
+        fn splice(self, tail: Self, keep: u8) -> Self {
+            let low = u128::MAX.checked_shr(u32::from(keep)).unwrap_or(0);
+            (self & !low) | (tail & low)
+        }
+    }
+
+    fn brute_count<K: ModelKey>(model: &HashMap<K, u64>, prefix: K, len: u8) -> u64 {
+        model
+            .iter()
+            .filter(|(k, _)| k.top(len) == prefix.top(len))
+            .map(|(_, c)| c)
+            .sum()
+    }
+
+    /// Walks the whole trie and checks every structural invariant, including
+    /// that both arenas are dense (each slot reached exactly once).
+    fn check_invariants<K: TrieKey>(t: &PrefixTrie<K>) {
+        if t.root == NIL {
+            assert!(t.leaves.is_empty() && t.inners.is_empty());
+            return;
+        }
+        assert_eq!(t.inners.len() + 1, t.leaves.len());
+        let mut seen_leaf = vec![false; t.leaves.len()];
+        let mut seen_inner = vec![false; t.inners.len()];
+        // (node, parent prefix, parent len, side taken from parent)
+        let mut stack = vec![(t.root, None::<(K, u8, bool)>)];
+        while let Some((r, parent)) = stack.pop() {
+            let (key, len) = t.node_prefix(r);
+            if let Some((pkey, plen, side)) = parent {
+                assert!(len > plen, "child len {len} <= parent len {plen}");
+                assert!(key.common_prefix_len(pkey) >= plen);
+                assert_eq!(key.bit(plen), side);
+            }
+            if is_leaf(r) {
+                assert!(!std::mem::replace(&mut seen_leaf[slot(r)], true));
+                assert_ne!(t.leaves[slot(r)].count, 0);
+            } else {
+                assert!(!std::mem::replace(&mut seen_inner[slot(r)], true));
+                let node = &t.inners[slot(r)];
+                assert!(node.len < K::BITS);
+                assert_eq!(key, key.masked(len));
+                let children = node.child.map(|c| t.node_sum(c));
+                assert_eq!(node.sum, children[0] + children[1]);
+                stack.push((node.child[0], Some((key, len, false))));
+                stack.push((node.child[1], Some((key, len, true))));
+            }
+        }
+        assert!(seen_leaf.iter().all(|&s| s) && seen_inner.iter().all(|&s| s));
+    }
+
+    fn check_against_model<K: ModelKey>(t: &PrefixTrie<K>, model: &HashMap<K, u64>) {
+        check_invariants(t);
+        assert_eq!(t.len(), model.len());
+        assert_eq!(t.is_empty(), model.is_empty());
+        assert_eq!(t.total(), model.values().sum::<u64>());
+        let sorted: Vec<(K, u64)> = model
+            .iter()
+            .map(|(&k, &c)| (k, c))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        assert_eq!(t.iter().collect::<Vec<_>>(), sorted);
+        for (&k, &c) in model {
+            assert_eq!(t.get(k), c);
+        }
+    }
+
+    #[test]
+    fn node_sizes() {
+        let sizes = [
+            std::mem::size_of::<Leaf<<u32 as TrieKey>::Packed>>(),
+            std::mem::size_of::<Inner<<u32 as TrieKey>::Packed>>(),
+            std::mem::size_of::<Leaf<<u128 as TrieKey>::Packed>>(),
+            std::mem::size_of::<Inner<<u128 as TrieKey>::Packed>>(),
+        ];
+        println!(
+            "node sizes: leaf<u32> {} inner<u32> {} leaf<u128> {} inner<u128> {}",
+            sizes[0], sizes[1], sizes[2], sizes[3]
+        );
+        assert_eq!(sizes, [16, 24, 24, 40]);
+    }
+
+    #[test]
+    fn key_bit_helpers() {
+        assert!(0x8000_0000u32.bit(0));
+        assert!(!0x8000_0000u32.bit(1));
+        assert!(1u32.bit(31));
+        assert!(1u128.bit(127));
+        assert!((1u128 << 127).bit(0));
+        assert_eq!(0xffff_ffffu32.masked(0), 0);
+        assert_eq!(0xffff_ffffu32.masked(8), 0xff00_0000);
+        assert_eq!(0xffff_ffffu32.masked(32), 0xffff_ffff);
+        assert_eq!(u128::MAX.masked(0), 0);
+        assert_eq!(u128::MAX.masked(1), 1 << 127);
+        assert_eq!(u128::MAX.masked(128), u128::MAX);
+        assert_eq!(5u32.common_prefix_len(5), 32);
+        assert_eq!(0u32.common_prefix_len(1), 31);
+        assert_eq!(0u128.common_prefix_len(1 << 127), 0);
+        assert_eq!(7u128.common_prefix_len(7), 128);
+        let k = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210u128;
+        assert_eq!(u128::unpack(k.pack()), k);
+    }
+
+    #[test]
+    fn empty_trie() {
+        let t = PrefixTrie::<u32>::new();
+        assert!(t.is_empty());
+        assert_eq!((t.len(), t.total(), t.get(0), t.heap_bytes()), (0, 0, 0, 0));
+        for len in 0..=32 {
+            assert_eq!(t.count_prefix(0, len), 0);
+        }
+        assert_eq!(t.iter().count(), 0);
+        let t6 = PrefixTrie::<u128>::default();
+        assert_eq!(t6.count_prefix(u128::MAX, 0), 0);
+        assert_eq!(t6.count_prefix(u128::MAX, 128), 0);
+    }
+
+    #[test]
+    fn single_key_every_length() {
+        let mut t = PrefixTrie::<u32>::new();
+        let k = 0xc0a8_0101;
+        assert_eq!(t.add(k, 3), Ok(3));
+        for len in 0..=32 {
+            assert_eq!(t.count_prefix(k, len), 3);
+            // Flipping the last bit of the queried prefix must miss.
+            if len > 0 {
+                assert_eq!(t.count_prefix(k ^ (1 << (32 - len)), len), 0);
+            }
+        }
+        check_invariants(&t);
+    }
+
+    #[test]
+    fn slash0_and_full_length() {
+        let mut t = PrefixTrie::<u32>::new();
+        let keys = [0u32, 1, 0x0a00_0001, 0x0a00_0002, 0x8000_0000, u32::MAX];
+        for (i, &k) in keys.iter().enumerate() {
+            t.set(k, i as u64 + 1);
+        }
+        assert_eq!(t.count_prefix(0x1234_5678, 0), 21);
+        assert_eq!(t.total(), 21);
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(t.count_prefix(k, 32), i as u64 + 1);
+        }
+        assert_eq!(t.count_prefix(2, 32), 0);
+        assert_eq!(t.count_prefix(0, 1), 1 + 2 + 3 + 4);
+        assert_eq!(t.count_prefix(0x8000_0000, 1), 5 + 6);
+        // Host bits of the prefix are ignored.
+        assert_eq!(t.count_prefix(0x0aff_ffff, 8), 7);
+
+        let mut t6 = PrefixTrie::<u128>::new();
+        let keys6 = [0u128, 1, 1 << 127, u128::MAX, 0x2001_0db8 << 96];
+        for (i, &k) in keys6.iter().enumerate() {
+            t6.set(k, 10 * (i as u64 + 1));
+        }
+        assert_eq!(t6.count_prefix(0, 0), 150);
+        for (i, &k) in keys6.iter().enumerate() {
+            assert_eq!(t6.count_prefix(k, 128), 10 * (i as u64 + 1));
+        }
+        assert_eq!(t6.count_prefix(0, 127), 30);
+        assert_eq!(t6.count_prefix(0x2001_0db8 << 96, 32), 50);
+        assert_eq!(t6.count_prefix(1 << 127, 1), 30 + 40);
+        check_invariants(&t6);
+    }
+
+    #[test]
+    fn keys_differing_only_in_last_bit() {
+        let mut t = PrefixTrie::<u32>::new();
+        t.set(0x0a00_0000, 1);
+        t.set(0x0a00_0001, 2);
+        assert_eq!(t.count_prefix(0x0a00_0000, 31), 3);
+        assert_eq!(t.count_prefix(0x0a00_0000, 32), 1);
+        assert_eq!(t.count_prefix(0x0a00_0001, 32), 2);
+        assert_eq!(
+            t.iter().collect::<Vec<_>>(),
+            [(0x0a00_0000, 1), (0x0a00_0001, 2)]
+        );
+        assert_eq!(t.set(0x0a00_0000, 0), 1);
+        assert_eq!(t.count_prefix(0x0a00_0000, 31), 2);
+        check_invariants(&t);
+
+        let mut t6 = PrefixTrie::<u128>::new();
+        let k = 0xfe80 << 112;
+        t6.set(k, 4);
+        t6.set(k | 1, 5);
+        assert_eq!(t6.count_prefix(k, 127), 9);
+        assert_eq!(t6.count_prefix(k, 128), 4);
+        assert_eq!(t6.count_prefix(k | 1, 128), 5);
+        assert_eq!(t6.count_prefix(k | 2, 127), 0);
+        check_invariants(&t6);
+    }
+
+    #[test]
+    fn remove_to_empty_then_reinsert() {
+        let mut t = PrefixTrie::<u32>::new();
+        let keys: Vec<u32> = (0..1000u32)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
+        for _ in 0..2 {
+            for &k in &keys {
+                assert_eq!(t.add(k, 2), Ok(2));
+            }
+            assert_eq!(t.len(), 1000);
+            assert_eq!(t.total(), 2000);
+            check_invariants(&t);
+            for &k in &keys {
+                assert_eq!(t.add(k, -2), Ok(0));
+            }
+            assert!(t.is_empty());
+            assert_eq!((t.len(), t.total(), t.count_prefix(0, 0)), (0, 0, 0));
+            // Shrinking stops at MIN_SHRINK_CAPACITY per arena.
+            assert!(t.heap_bytes() <= MIN_SHRINK_CAPACITY * (16 + 24));
+            check_invariants(&t);
+        }
+        t.set(7, 1);
+        assert_eq!(t.iter().collect::<Vec<_>>(), [(7, 1)]);
+        t.clear();
+        assert_eq!((t.len(), t.heap_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn underflow() {
+        let mut t = PrefixTrie::<u32>::new();
+        assert_eq!(
+            t.add(9, -1),
+            Err(Underflow {
+                count_before: 0,
+                delta: -1
+            })
+        );
+        assert_eq!((t.len(), t.get(9)), (0, 0));
+        t.add(9, 3).unwrap();
+        t.add(10, 1).unwrap();
+        assert_eq!(
+            t.add(9, -5),
+            Err(Underflow {
+                count_before: 3,
+                delta: -5
+            })
+        );
+        assert_eq!((t.len(), t.get(9), t.total()), (1, 0, 1));
+        assert_eq!(
+            t.add(10, i64::MIN),
+            Err(Underflow {
+                count_before: 1,
+                delta: i64::MIN
+            })
+        );
+        assert!(t.is_empty());
+        check_invariants(&t);
+        assert_eq!(
+            Underflow {
+                count_before: 3,
+                delta: -5
+            }
+            .to_string(),
+            "count would go below zero: 3 + -5"
+        );
+    }
+
+    #[test]
+    fn set_and_get() {
+        let mut t = PrefixTrie::<u128>::new();
+        assert_eq!(t.set(42, 5), 0);
+        assert_eq!(t.set(42, 5), 5);
+        assert_eq!(t.set(42, 2), 5);
+        assert_eq!(t.get(42), 2);
+        assert_eq!(t.get(43), 0);
+        assert_eq!(t.total(), 2);
+        assert_eq!(t.add(42, 0), Ok(2));
+        assert_eq!(t.add(42, -2), Ok(0));
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.set(42, 0), 0);
+        assert_eq!(t.add(42, 0), Ok(0));
+        assert!(t.is_empty());
+        t.set(1, u64::MAX - 1);
+        assert_eq!(t.add(1, 5), Ok(u64::MAX));
+        check_invariants(&t);
+    }
+
+    #[test]
+    fn iteration_is_ascending() {
+        let mut t = PrefixTrie::<u32>::new();
+        let keys = [u32::MAX, 0, 0x8000_0000, 0x7fff_ffff, 5, 4, 0x0a00_0000];
+        for &k in &keys {
+            t.set(k, u64::from(k % 7) + 1);
+        }
+        let mut want: Vec<(u32, u64)> = keys.iter().map(|&k| (k, u64::from(k % 7) + 1)).collect();
+        want.sort();
+        assert_eq!(t.iter().collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn churn_keeps_memory_flat() {
+        let mut t = PrefixTrie::<u32>::new();
+        let key = |i: u32| i.wrapping_mul(2_654_435_761) ^ 0x5bd1_e995;
+        for i in 0..5000 {
+            t.set(key(i), 1);
+        }
+        let filled = t.heap_bytes();
+        for round in 0..40u32 {
+            let base = round * 1000;
+            for i in base..base + 1000 {
+                t.set(key(i), 0);
+            }
+            for i in base + 5000..base + 6000 {
+                t.set(key(i), 1);
+            }
+            assert_eq!(t.heap_bytes(), filled);
+            assert_eq!(t.len(), 5000);
+        }
+        check_invariants(&t);
+    }
+
+    fn v4(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cidr_index_v4_mapped() {
+        let mut idx = CidrIndex::new();
+        assert_eq!(idx.add(v4("::ffff:10.0.0.1"), 2), Ok(2));
+        assert_eq!(idx.add(v4("10.0.0.1"), 1), Ok(3));
+        assert_eq!(idx.add(v4("10.0.0.2"), 4), Ok(4));
+        assert_eq!(idx.add(v4("192.168.1.1"), 1), Ok(1));
+        assert_eq!(idx.add(v4("2001:db8::1"), 5), Ok(5));
+        assert_eq!(idx.add(v4("2001:db8:1::1"), 6), Ok(6));
+        // IPv4-compatible (not mapped) addresses stay IPv6.
+        assert_eq!(idx.add(v4("::10.0.0.1"), 7), Ok(7));
+
+        assert_eq!(idx.get(v4("10.0.0.1")), 3);
+        assert_eq!(idx.get(v4("::ffff:10.0.0.1")), 3);
+        assert_eq!(idx.len(), 6);
+        assert_eq!(idx.total(), 3 + 4 + 1 + 5 + 6 + 7);
+
+        assert_eq!(idx.count(&net("10.0.0.0/8")), 7);
+        assert_eq!(idx.count(&net("::ffff:10.0.0.0/104")), 7);
+        assert_eq!(idx.count(&net("::ffff:10.0.0.1/128")), 3);
+        assert_eq!(idx.count(&net("::ffff:0.0.0.0/96")), 8);
+        assert_eq!(idx.count(&net("::ffff:192.168.0.0/112")), 1);
+        assert_eq!(idx.count(&net("0.0.0.0/0")), 8);
+        // Networks containing the mapped block include all IPv4 sessions.
+        assert_eq!(idx.count(&net("::/0")), 26);
+        assert_eq!(idx.count(&net("::/80")), 8 + 7);
+        assert_eq!(idx.count(&net("::/96")), 7);
+        assert_eq!(idx.count(&net("2001:db8::/32")), 11);
+        assert_eq!(idx.count(&net("2001:db8::/48")), 5);
+        // Host bits are ignored.
+        assert_eq!(idx.count(&net("10.0.0.77/24")), 7);
+        assert_eq!(idx.count(&net("2001:db8::ffff/48")), 5);
+
+        let listed: Vec<(IpAddr, u64)> = idx.iter().collect();
+        assert_eq!(
+            listed,
+            [
+                (v4("10.0.0.1"), 3),
+                (v4("10.0.0.2"), 4),
+                (v4("192.168.1.1"), 1),
+                (v4("::10.0.0.1"), 7),
+                (v4("2001:db8::1"), 5),
+                (v4("2001:db8:1::1"), 6),
+            ]
+        );
+
+        let mapped = v4("::ffff:192.168.1.1");
+        assert_eq!(
+            idx.add(mapped, -2),
+            Err(IndexError::Underflow {
+                ip: mapped,
+                count_before: 1,
+                delta: -2
+            })
+        );
+        assert_eq!(idx.get(v4("192.168.1.1")), 0);
+        assert_eq!(idx.set(v4("::ffff:10.0.0.2"), 0), 4);
+        assert_eq!(idx.count(&net("10.0.0.0/8")), 3);
+        assert_eq!(idx.len(), 4);
+        assert!(idx.heap_bytes() > 0);
+        idx.clear();
+        assert!(idx.is_empty());
+        assert_eq!((idx.total(), idx.heap_bytes()), (0, 0));
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Op {
+        Add(i64),
+        Set(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (-4i64..=6).prop_map(Op::Add),
+            2 => (0u64..4).prop_map(Op::Set),
+            1 => Just(Op::Add(i64::MIN)),
+        ]
+    }
+
+    /// Applies `ops` to a trie and a HashMap model, comparing every result;
+    /// then checks prefix counts (every length for some keys, plus `probes`),
+    /// empties the trie and replays to show memory does not grow.
+    fn run_model<K: ModelKey>(
+        pool: &[K],
+        ops: &[(usize, Op)],
+        probes: &[(K, u8)],
+    ) -> Result<(), TestCaseError> {
+        let mut t = PrefixTrie::<K>::new();
+        let mut peaks = Vec::new();
+        let mut after_clear = Vec::new();
+        for round in 0..2 {
+            let mut model: HashMap<K, u64> = HashMap::new();
+            let mut peak = 0;
+            for (step, &(i, op)) in ops.iter().enumerate() {
+                let k = pool[i % pool.len()];
+                let before = model.get(&k).copied().unwrap_or(0);
+                match op {
+                    Op::Add(d) => {
+                        let after = i128::from(before) + i128::from(d);
+                        let got = t.add(k, d);
+                        if after < 0 {
+                            prop_assert_eq!(
+                                got,
+                                Err(Underflow {
+                                    count_before: before,
+                                    delta: d
+                                })
+                            );
+                            model.remove(&k);
+                        } else {
+                            prop_assert_eq!(got, Ok(after as u64));
+                            model.insert(k, after as u64);
+                        }
+                    }
+                    Op::Set(c) => {
+                        prop_assert_eq!(t.set(k, c), before);
+                        model.insert(k, c);
+                    }
+                }
+                model.retain(|_, c| *c != 0);
+                peak = peak.max(t.heap_bytes());
+                if round == 0 {
+                    for &(p, len) in probes.iter().take(4) {
+                        prop_assert_eq!(t.count_prefix(p, len), brute_count(&model, p, len));
+                    }
+                    if step % 16 == 0 {
+                        check_against_model(&t, &model);
+                    }
+                }
+            }
+            check_against_model(&t, &model);
+            if round == 0 {
+                for &k in pool.iter().take(12) {
+                    for len in 0..=K::BITS {
+                        prop_assert_eq!(t.count_prefix(k, len), brute_count(&model, k, len));
+                    }
+                }
+                for &(p, len) in probes {
+                    prop_assert_eq!(t.count_prefix(p, len), brute_count(&model, p, len));
+                }
+            }
+            let keys: Vec<K> = model.keys().copied().collect();
+            for k in keys {
+                prop_assert_eq!(t.set(k, 0), model[&k]);
+            }
+            prop_assert!(t.is_empty());
+            prop_assert_eq!(t.total(), 0);
+            check_invariants(&t);
+            peaks.push(peak);
+            after_clear.push(t.heap_bytes());
+        }
+        prop_assert!(peaks[1] <= peaks[0], "peak heap grew: {:?}", peaks);
+        prop_assert_eq!(after_clear[0], after_clear[1]);
+        Ok(())
+    }
+
+    /// Keys from one to three random /16s, with low bits either tiny (so
+    /// keys differ only in the last bits) or random.
+    fn v4_pool() -> impl Strategy<Value = Vec<u32>> {
+        prop::collection::vec(any::<u16>(), 1..4).prop_flat_map(|nets| {
+            let n = nets.len();
+            prop::collection::vec(
+                (
+                    0..n,
+                    prop_oneof![0u32..16, any::<u16>().prop_map(u32::from)],
+                ),
+                1..48,
+            )
+            .prop_map(move |picks| {
+                picks
+                    .into_iter()
+                    .map(|(i, lo)| (u32::from(nets[i]) << 16) | lo)
+                    .collect()
+            })
+        })
+    }
+
+    /// Keys from one to three random /48s, in a few /64 subnets, with
+    /// interface ids either tiny or random.
+    fn v6_pool() -> impl Strategy<Value = Vec<u128>> {
+        prop::collection::vec(any::<u64>().prop_map(|x| u128::from(x >> 16)), 1..4).prop_flat_map(
+            |nets| {
+                let n = nets.len();
+                let iid = prop_oneof![0u64..16, any::<u64>()];
+                prop::collection::vec((0..n, 0u128..4, iid), 1..48).prop_map(move |picks| {
+                    picks
+                        .into_iter()
+                        .map(|(i, subnet, iid)| (nets[i] << 80) | (subnet << 64) | u128::from(iid))
+                        .collect()
+                })
+            },
+        )
+    }
+
+    /// A key pool, operations on pool indices, and (prefix, len) probes.
+    type Case<K> = (Vec<K>, Vec<(usize, Op)>, Vec<(K, u8)>);
+
+    fn with_ops_and_probes<K: ModelKey + 'static>(
+        pool: impl Strategy<Value = Vec<K>>,
+        noise: impl Strategy<Value = K> + Clone + 'static,
+    ) -> impl Strategy<Value = Case<K>> {
+        pool.prop_flat_map(move |pool| {
+            let n = pool.len();
+            let near = pool.clone();
+            // Probes are mostly pool keys whose tail, starting a little
+            // before or after the probed length, is random: they hit, miss
+            // and straddle existing subtrees rather than empty space.
+            let probe = prop_oneof![
+                3 => (0..n, noise.clone(), 0..=K::BITS, 0u8..=10).prop_map(move |(i, x, len, off)| {
+                    let keep = (len.saturating_sub(2) + off).min(K::BITS);
+                    (near[i].splice(x, keep), len)
+                }),
+                1 => (noise.clone(), 0..=K::BITS),
+            ];
+            (
+                Just(pool),
+                prop::collection::vec((0..n, op()), 1..256),
+                prop::collection::vec(probe, 0..24),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn prop_v4_matches_model((pool, ops, probes) in with_ops_and_probes(v4_pool(), any::<u32>())) {
+            run_model(&pool, &ops, &probes)?;
+        }
+
+        #[test]
+        fn prop_v6_matches_model((pool, ops, probes) in with_ops_and_probes(v6_pool(), any::<u128>())) {
+            run_model(&pool, &ops, &probes)?;
+        }
+    }
+}

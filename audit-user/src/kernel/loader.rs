@@ -1,0 +1,473 @@
+//! Loads the kernel program, attaches it, and pins maps and links so that counting
+//! goes on while the agent is stopped and a new agent takes over the same state.
+//!
+//! Pinned layout under the pin directory (default /sys/fs/bpf/inbound-audit):
+//! one file per map (by name) and `link-sock-ops`, `link-set-state`.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs, io,
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use audit_common::{
+    map_names, program_names, LiveCounts, ServiceName, SocketRecord, LAYOUT_VERSION, MAX_SERVICES,
+};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::{CgroupAttachMode, FdLink, PinnedLink},
+        BtfTracePoint, SockOps, Xdp,
+    },
+    Btf, Ebpf, EbpfLoader,
+};
+
+use crate::config::ServicePorts;
+
+/// The compiled kernel program, embedded by build.rs (empty when it was not built).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/audit-ebpf.o"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/inbound-audit";
+const SOCK_OPS_LINK: &str = "link-sock-ops";
+const SET_STATE_LINK: &str = "link-set-state";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this binary was built without its eBPF program; build it with `cargo xtask build`")]
+    NoObject,
+    #[error("cannot create the pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("{path} is not on a bpf file system and mounting one there failed: {source}")]
+    Bpffs { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object failed: {0} (root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON are needed)")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("reading kernel BTF: {0}")]
+    Btf(#[from] aya::BtfError),
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("pinning link {path}: {message}")]
+    Link { path: PathBuf, message: String },
+    #[error(
+        "the pinned state in {dir} has layout version {found}, this agent uses {expected}; \
+         run `inbound-audit cleanup --pin-dir {dir}` to start over (live counts restart from sock_diag)"
+    )]
+    Layout {
+        dir: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("too many services: {count} configured and in use, at most {max}")]
+    TooManyServices { count: usize, max: usize },
+}
+
+/// Live counts read from the kernel maps, per remote IP.
+pub type LiveSnapshot = Vec<(std::net::IpAddr, LiveCounts)>;
+
+/// The loaded program with the handles the agent keeps.
+pub struct KernelProgram {
+    pin_dir: PathBuf,
+    live_v4: LpmTrie<MapData, [u8; 4], LiveCounts>,
+    live_v6: LpmTrie<MapData, [u8; 16], LiveCounts>,
+    sockets: HashMap<MapData, u64, SocketRecord>,
+    port_services: HashMap<MapData, u16, u32>,
+    service_names: Array<MapData, ServiceName>,
+    stats: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    // Keeps the sync program loaded; it is run through BPF_PROG_TEST_RUN.
+    ebpf: Ebpf,
+}
+
+pub struct LoadOptions<'a> {
+    pub pin_dir: &'a Path,
+    pub cgroup: &'a Path,
+}
+
+impl KernelProgram {
+    /// Loads (or takes over) the pinned state, attaches the programs to `cgroup`,
+    /// and replaces any links a previous agent left, new before old, so no
+    /// connection goes unseen in between (the cookie record keeps counts exact
+    /// while both are attached).
+    pub fn load(options: &LoadOptions<'_>) -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let pin_dir = options.pin_dir.to_path_buf();
+        ensure_bpffs(&pin_dir)?;
+        fs::create_dir_all(&pin_dir).map_err(|source| LoadError::PinDir {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let btf = Btf::from_sys_fs()?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .default_map_pin_directory(&pin_dir)
+            .load(EBPF_OBJECT)?;
+
+        check_layout(&mut ebpf, &pin_dir)?;
+
+        let sock_ops: &mut SockOps = program(&mut ebpf, program_names::SOCK_OPS)?;
+        sock_ops
+            .load()
+            .map_err(program_error(program_names::SOCK_OPS))?;
+        let cgroup = fs::File::open(options.cgroup).map_err(|source| LoadError::Cgroup {
+            path: options.cgroup.to_path_buf(),
+            source,
+        })?;
+        let link_id = sock_ops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(program_names::SOCK_OPS))?;
+        let link: FdLink = sock_ops
+            .take_link(link_id)
+            .map_err(program_error(program_names::SOCK_OPS))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| LoadError::Link {
+                path: pin_dir.join(SOCK_OPS_LINK),
+                message: e.to_string(),
+            })?;
+        replace_pinned_link(link, &pin_dir.join(SOCK_OPS_LINK))?;
+
+        let set_state: &mut BtfTracePoint = program(&mut ebpf, program_names::SET_STATE)?;
+        set_state
+            .load("inet_sock_set_state", &btf)
+            .map_err(program_error(program_names::SET_STATE))?;
+        let link_id = set_state
+            .attach()
+            .map_err(program_error(program_names::SET_STATE))?;
+        let link: FdLink = set_state
+            .take_link(link_id)
+            .map_err(program_error(program_names::SET_STATE))?
+            .into();
+        replace_pinned_link(link, &pin_dir.join(SET_STATE_LINK))?;
+
+        let sync: &mut Xdp = program(&mut ebpf, program_names::SYNC)?;
+        sync.load().map_err(program_error(program_names::SYNC))?;
+
+        Ok(Self {
+            pin_dir,
+            live_v4: take_map(&mut ebpf, map_names::LIVE_V4)?,
+            live_v6: take_map(&mut ebpf, map_names::LIVE_V6)?,
+            sockets: take_map(&mut ebpf, map_names::SOCKETS)?,
+            port_services: take_map(&mut ebpf, map_names::PORT_SERVICES)?,
+            service_names: take_map(&mut ebpf, map_names::SERVICE_NAMES)?,
+            stats: take_map(&mut ebpf, map_names::STATS)?,
+            events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
+            ebpf,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The ring buffer of session events; can be taken once.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// File descriptor of the sync program, for BPF_PROG_TEST_RUN.
+    pub fn sync_program_fd(&self) -> Result<BorrowedFd<'_>, LoadError> {
+        let program = self
+            .ebpf
+            .program(program_names::SYNC)
+            .ok_or(LoadError::MissingProgram(program_names::SYNC))?;
+        let xdp: &Xdp = program
+            .try_into()
+            .map_err(program_error(program_names::SYNC))?;
+        let fd = xdp.fd().map_err(program_error(program_names::SYNC))?;
+        Ok(fd.as_fd())
+    }
+
+    /// Gives each configured service a slot, keeping the slots services had in the
+    /// pinned state (their counts stay theirs), and points the ports at them.
+    /// Returns name → slot.
+    pub fn configure_services(
+        &mut self,
+        services: &[ServicePorts],
+        slot_in_use: impl Fn(u8) -> bool,
+    ) -> Result<StdHashMap<String, u8>, LoadError> {
+        let map_error = |source| LoadError::Map {
+            name: map_names::SERVICE_NAMES,
+            source,
+        };
+        let mut names: Vec<Option<String>> = (0..MAX_SERVICES as u32)
+            .map(|slot| {
+                self.service_names
+                    .get(&slot, 0)
+                    .map(|name| decode_name(&name))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(map_error)?;
+        let mut slots = StdHashMap::new();
+        for service in services {
+            if let Some(slot) = names
+                .iter()
+                .position(|n| n.as_deref() == Some(&service.name))
+            {
+                slots.insert(service.name.clone(), slot as u8);
+            }
+        }
+        for service in services {
+            if slots.contains_key(&service.name) {
+                continue;
+            }
+            // A free slot, or one whose old service is gone and counts nothing now.
+            let free = (0..MAX_SERVICES).find(|&slot| {
+                !slots.values().any(|&s| s as usize == slot)
+                    && match &names[slot] {
+                        None => true,
+                        Some(_) => !slot_in_use(slot as u8),
+                    }
+            });
+            let Some(slot) = free else {
+                return Err(LoadError::TooManyServices {
+                    count: services.len(),
+                    max: MAX_SERVICES,
+                });
+            };
+            names[slot] = Some(service.name.clone());
+            self.service_names
+                .set(slot as u32, encode_name(&service.name), 0)
+                .map_err(map_error)?;
+            slots.insert(service.name.clone(), slot as u8);
+        }
+
+        let map_error = |source| LoadError::Map {
+            name: map_names::PORT_SERVICES,
+            source,
+        };
+        let mut wanted = StdHashMap::new();
+        for service in services {
+            for &port in &service.ports {
+                wanted.insert(port, slots[&service.name] as u32);
+            }
+        }
+        let stale: Vec<u16> = self
+            .port_services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|port| !wanted.contains_key(port))
+            .collect();
+        for port in stale {
+            self.port_services.remove(&port).map_err(map_error)?;
+        }
+        for (port, slot) in wanted {
+            self.port_services
+                .insert(port, slot, 0)
+                .map_err(map_error)?;
+        }
+        Ok(slots)
+    }
+
+    /// Every per-IP entry of the kernel's live-count maps (zero entries included).
+    pub fn snapshot_live(&self) -> Result<LiveSnapshot, LoadError> {
+        let mut out = Vec::new();
+        for entry in self.live_v4.iter() {
+            let (key, counts) = entry.map_err(|source| LoadError::Map {
+                name: map_names::LIVE_V4,
+                source,
+            })?;
+            out.push((std::net::IpAddr::from(key.data()), counts));
+        }
+        for entry in self.live_v6.iter() {
+            let (key, counts) = entry.map_err(|source| LoadError::Map {
+                name: map_names::LIVE_V6,
+                source,
+            })?;
+            out.push((std::net::IpAddr::from(key.data()), counts));
+        }
+        Ok(out)
+    }
+
+    /// The live counts of one IP straight from the kernel.
+    pub fn live_counts(&self, ip: std::net::IpAddr) -> Result<LiveCounts, LoadError> {
+        let result = match ip {
+            std::net::IpAddr::V4(v4) => self.live_v4.get(&Key::new(32, v4.octets()), 0),
+            std::net::IpAddr::V6(v6) => self.live_v6.get(&Key::new(128, v6.octets()), 0),
+        };
+        match result {
+            Ok(counts) => Ok(counts),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(LiveCounts::default()),
+            Err(source) => Err(LoadError::Map {
+                name: map_names::LIVE_V4,
+                source,
+            }),
+        }
+    }
+
+    /// Cookies of every socket the kernel tracks.
+    pub fn tracked_cookies(&self) -> Vec<u64> {
+        self.sockets.keys().filter_map(Result::ok).collect()
+    }
+
+    /// A kernel-side counter from `audit_common::stat`, summed over CPUs.
+    pub fn stat(&self, index: u32) -> u64 {
+        self.stats
+            .get(&index, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+/// Removes everything the agent pinned: links (which detaches the programs) and maps.
+pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    fs::remove_dir(pin_dir)?;
+    Ok(removed)
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
+
+/// Pinning needs bpffs. Most systems mount it at /sys/fs/bpf at boot; where none
+/// is mounted (minimal VMs, containers), mount it there as systemd would.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
+    let parent = pin_dir.parent().unwrap_or(pin_dir);
+    if is_bpffs(parent) || is_bpffs(pin_dir) {
+        return Ok(());
+    }
+    let bpffs_error = |source| LoadError::Bpffs {
+        path: parent.to_path_buf(),
+        source,
+    };
+    if parent != Path::new(BPFFS_MOUNT_POINT) {
+        return Err(bpffs_error(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "only /sys/fs/bpf is mounted automatically; mount bpffs at the pin directory's parent",
+        )));
+    }
+    let source = std::ffi::CString::new("bpffs").expect("no NUL");
+    let target = std::ffi::CString::new(BPFFS_MOUNT_POINT).expect("no NUL");
+    let fstype = std::ffi::CString::new("bpf").expect("no NUL");
+    let data = std::ffi::CString::new("mode=0700").expect("no NUL");
+    // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(bpffs_error(io::Error::last_os_error()));
+    }
+    log::info!("mounted bpffs at {BPFFS_MOUNT_POINT} for pinning");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data; the kernel fills it for a valid path.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and `stat` is writable.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn check_layout(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
+    let map = ebpf
+        .map_mut(map_names::LAYOUT)
+        .ok_or(LoadError::MissingMap(map_names::LAYOUT))?;
+    let mut layout: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(|source| LoadError::Map {
+            name: map_names::LAYOUT,
+            source,
+        })?;
+    let map_error = |source| LoadError::Map {
+        name: map_names::LAYOUT,
+        source,
+    };
+    match layout.get(&0, 0).map_err(map_error)? {
+        0 => layout.set(0, LAYOUT_VERSION, 0).map_err(map_error),
+        LAYOUT_VERSION => Ok(()),
+        found => Err(LoadError::Layout {
+            dir: pin_dir.to_path_buf(),
+            found,
+            expected: LAYOUT_VERSION,
+        }),
+    }
+}
+
+fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), LoadError> {
+    let link_error = |message: String| LoadError::Link {
+        path: path.to_path_buf(),
+        message,
+    };
+    if path.exists() {
+        // Dropping the unpinned old link detaches the previous agent's program.
+        let old = PinnedLink::from_pin(path).map_err(|e| link_error(e.to_string()))?;
+        drop(old.unpin().map_err(|e| link_error(e.to_string()))?);
+    }
+    // The pin keeps the link (and the program) attached after this process exits.
+    let pinned = link.pin(path).map_err(|e| link_error(e.to_string()))?;
+    drop(pinned);
+    Ok(())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> LoadError {
+    move |source| LoadError::Program { name, source }
+}
+
+fn decode_name(name: &ServiceName) -> Option<String> {
+    let len = name
+        .bytes
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(name.bytes.len());
+    (len > 0).then(|| String::from_utf8_lossy(&name.bytes[..len]).into_owned())
+}
+
+fn encode_name(name: &str) -> ServiceName {
+    let mut out = ServiceName::default();
+    let bytes = name.as_bytes();
+    let len = bytes.len().min(out.bytes.len());
+    out.bytes[..len].copy_from_slice(&bytes[..len]);
+    out
+}

@@ -1,0 +1,218 @@
+//! Start-up sync: counts the inbound sessions that were established before the
+//! kernel program was attached (sock_ops never sees them), through the sync
+//! program, so they are counted and uncounted by exactly the kernel's own code.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, BorrowedFd},
+    path::Path,
+};
+
+use audit_common::{sync_result, SessionEvent, EVENT_CLOSE, EVENT_OPEN, FAMILY_V4, FAMILY_V6};
+
+use super::{
+    loader::{KernelProgram, LoadError},
+    sock_diag::{self, tcp_state, SockDiagError, TcpSocket},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("listing sockets: {0}")]
+    SockDiag(#[from] SockDiagError),
+    #[error("running the sync program: {0}")]
+    TestRun(io::Error),
+    #[error("reading cgroup tree {path}: {source}")]
+    Cgroup { path: String, source: io::Error },
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SeedReport {
+    /// Sessions the kernel had not seen and now counts.
+    pub seeded: usize,
+    /// Sessions the kernel already tracked.
+    pub already_tracked: usize,
+    /// Sessions that closed while being seeded, uncounted again.
+    pub vanished: usize,
+}
+
+/// The TCP states between PASSIVE_ESTABLISHED and TCP_CLOSE: the span in which
+/// the kernel program counts a session.
+pub const LIVE_STATES: [u8; 6] = [
+    tcp_state::ESTABLISHED,
+    tcp_state::FIN_WAIT1,
+    tcp_state::FIN_WAIT2,
+    tcp_state::CLOSE_WAIT,
+    tcp_state::LAST_ACK,
+    tcp_state::CLOSING,
+];
+
+/// Inbound live sockets on the configured ports, in the watched cgroup subtree.
+pub fn inbound_live_sockets(
+    ports: &HashMap<u16, u8>,
+    cgroup_ids: Option<&HashSet<u64>>,
+) -> Result<Vec<TcpSocket>, SockDiagError> {
+    let mut states = LIVE_STATES.to_vec();
+    states.push(tcp_state::LISTEN);
+    let all = sock_diag::dump_tcp(sock_diag::state_mask(&states))?;
+    Ok(sock_diag::inbound(&all)
+        .filter(|s| ports.contains_key(&s.local.port()))
+        .filter(|s| match (cgroup_ids, s.cgroup_id) {
+            (None, _) => true,
+            (Some(ids), Some(id)) => ids.contains(&id),
+            (Some(_), None) => false,
+        })
+        .copied()
+        .collect())
+}
+
+/// Seeds every pre-existing inbound session on `ports` (port → service slot).
+pub fn seed_existing(
+    program: &KernelProgram,
+    ports: &HashMap<u16, u8>,
+    cgroup: Option<&Path>,
+) -> Result<SeedReport, SeedError> {
+    let cgroup_ids = cgroup.map(cgroup_subtree_ids).transpose()?;
+    let sync_fd = program.sync_program_fd()?;
+    let mut report = SeedReport::default();
+    let mut seeded = Vec::new();
+    for socket in inbound_live_sockets(ports, cgroup_ids.as_ref())? {
+        let event = open_request(&socket, ports[&socket.local.port()]);
+        match run_sync(sync_fd, &event).map_err(SeedError::TestRun)? {
+            sync_result::APPLIED => {
+                report.seeded += 1;
+                seeded.push(socket.cookie);
+            }
+            sync_result::UNCHANGED => report.already_tracked += 1,
+            other => log::warn!(
+                "could not seed session from {} (sync result {other}: a kernel table is full)",
+                socket.remote
+            ),
+        }
+    }
+    // A session that closed between the dump and its seeding left a record no
+    // close will ever delete; a second look finds it.
+    if !seeded.is_empty() {
+        let still_open: HashSet<u64> = inbound_live_sockets(ports, cgroup_ids.as_ref())?
+            .iter()
+            .map(|s| s.cookie)
+            .collect();
+        for cookie in seeded.into_iter().filter(|c| !still_open.contains(c)) {
+            let event = SessionEvent {
+                cookie,
+                kind: EVENT_CLOSE,
+                ..SessionEvent::default()
+            };
+            if run_sync(sync_fd, &event).map_err(SeedError::TestRun)? == sync_result::APPLIED {
+                report.vanished += 1;
+                report.seeded -= 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The sync request that seeds `socket` as a session of service `slot`.
+pub fn open_request(socket: &TcpSocket, slot: u8) -> SessionEvent {
+    let (family, addr) = match normalize(socket.remote) {
+        IpAddr::V4(v4) => {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&v4.octets());
+            (FAMILY_V4, addr)
+        }
+        IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+    };
+    SessionEvent {
+        cookie: socket.cookie,
+        addr,
+        kind: EVENT_OPEN,
+        family,
+        service: slot,
+        _pad: [0; 5],
+    }
+}
+
+/// A dual-stack listener's IPv4 peers (::ffff:a.b.c.d) count as IPv4.
+pub fn normalize(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Inode numbers (cgroup v2 ids) of `root` and every cgroup below it: a program
+/// attached to a cgroup also runs for its descendants.
+pub fn cgroup_subtree_ids(root: &Path) -> Result<HashSet<u64>, SeedError> {
+    let mut ids = HashSet::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let error = |source| SeedError::Cgroup {
+            path: dir.display().to_string(),
+            source,
+        };
+        ids.insert(sock_diag::cgroup_id_of(&dir).map_err(error)?);
+        for entry in std::fs::read_dir(&dir).map_err(error)? {
+            let entry = entry.map_err(error)?;
+            if entry.file_type().map_err(error)?.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(ids)
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// Runs the sync program once on `request`; returns its `sync_result`.
+pub fn run_sync(program: BorrowedFd<'_>, request: &SessionEvent) -> io::Result<u32> {
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        data_size_in: std::mem::size_of::<SessionEvent>() as u32,
+        data_in: request as *const SessionEvent as u64,
+        repeat: 1,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: attr is a valid, zero-padded bpf_attr prefix; data_in points to
+    // size_of::<SessionEvent>() readable bytes that outlive the call; the kernel
+    // writes only retval/duration/size fields inside attr.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(attr.retval)
+}

@@ -1,0 +1,16 @@
+//! The inbound-audit agent: counts live inbound TCP sessions per remote IP from
+//! the kernel's own truth and answers Momentum-style queries for any CIDR.
+//!
+//! Data path: kernel (ring buffer, maps) → index/state → protocol → connection
+//! → command → server.
+
+pub mod agent;
+pub mod client;
+pub mod command;
+pub mod config;
+pub mod connection;
+pub mod index;
+pub mod kernel;
+pub mod protocol;
+pub mod server;
+pub mod state;

@@ -1,0 +1,168 @@
+//! `inbound-audit`: the agent and its command-line client.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use inbound_audit::{
+    agent::{self, AgentOptions},
+    client,
+    config::{self, Config},
+    kernel::loader,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "inbound-audit",
+    version,
+    about = "Live inbound session counts per CIDR, from the kernel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the kernel program and serve queries (needs root or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).
+    Agent(AgentArgs),
+    /// Send one request to a running agent and print its answer.
+    Query(QueryArgs),
+    /// Detach the kernel programs and remove all pinned state.
+    Cleanup {
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// TOML config file (default: /etc/inbound-audit/inbound-audit.toml when present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A service: NAME=PORT[,PORT...]; repeatable; replaces the config's services.
+    #[arg(long = "service", value_name = "NAME=PORTS")]
+    services: Vec<String>,
+    /// Query socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Group owning the query socket (name or gid).
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// cgroup v2 directory to watch (default: the cgroup2 root, i.e. every process).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// Most simultaneous query clients.
+    #[arg(long)]
+    max_clients: Option<usize>,
+    /// Remove the pinned programs and maps on exit instead of counting on.
+    #[arg(long)]
+    detach_on_exit: bool,
+}
+
+#[derive(clap::Args)]
+struct QueryArgs {
+    #[arg(long, default_value = config::DEFAULT_SOCKET_PATH)]
+    socket: PathBuf,
+    /// The connecting client that relative forms (/24, no cidr) refer to: IP[:PORT].
+    #[arg(long)]
+    client: Option<String>,
+    /// The request, e.g. 'msys.audit.inbound_session_count("10.0.0.0/8", "SMTP")'.
+    request: String,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(args) => match run_agent(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("inbound-audit: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Query(args) => run_query(args),
+        Command::Cleanup { pin_dir } => match loader::cleanup(&pin_dir) {
+            Ok(removed) => {
+                println!(
+                    "removed {} pinned objects from {}",
+                    removed.len(),
+                    pin_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("inbound-audit: cleanup of {}: {e}", pin_dir.display());
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None if std::path::Path::new(config::DEFAULT_CONFIG_PATH).exists() => {
+            Config::from_file(std::path::Path::new(config::DEFAULT_CONFIG_PATH))?
+        }
+        None => Config::default(),
+    };
+    if !args.services.is_empty() {
+        config.services = args
+            .services
+            .iter()
+            .map(|s| config::parse_service_flag(s))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(socket) = args.socket {
+        config.socket = socket;
+    }
+    if let Some(group) = args.socket_group {
+        config.socket_group = Some(group);
+    }
+    if let Some(cgroup) = args.cgroup {
+        config.cgroup = Some(cgroup);
+    }
+    if let Some(pin_dir) = args.pin_dir {
+        config.pin_dir = pin_dir;
+    }
+    if let Some(max) = args.max_clients {
+        config.max_clients = max;
+    }
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
+    runtime.block_on(agent::run(AgentOptions {
+        config,
+        detach_on_exit: args.detach_on_exit,
+    }))?;
+    Ok(())
+}
+
+fn run_query(args: QueryArgs) -> ExitCode {
+    let request = client::with_client(args.client.as_deref(), &args.request);
+    match client::query(&args.socket, &request) {
+        Ok(answer) => {
+            println!("{answer}");
+            if answer.starts_with("OK") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "inbound-audit: cannot reach the agent at {}: {e}\n\
+                 Is it running? Start it with `inbound-audit agent` (or `cargo xtask run`), \
+                 or point --socket at its socket.",
+                args.socket.display()
+            );
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The query socket: a Unix stream server with a connection limit and a broadcast
+//! shutdown. A client's errors are logged and end only that client.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::FileTypeExt},
+    },
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::{
+    net::{UnixListener, UnixStream},
+    sync::{broadcast, Semaphore},
+};
+
+use crate::{
+    command,
+    connection::{Connection, Incoming},
+    protocol::{parse_request, ErrorCode, QueryError, Reply},
+    state::{AgentStats, SharedState},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("another agent is already serving {path}; stop it first or use --socket")]
+    InUse { path: PathBuf },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot create directory {path}: {source}")]
+    Directory { path: PathBuf, source: io::Error },
+    #[error("unknown group {group} for the query socket")]
+    UnknownGroup { group: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// The bound socket; the file is removed when this is dropped.
+pub struct QuerySocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl QuerySocket {
+    /// bind → chmod/chown → listen, so no client can connect before the
+    /// permissions are in place. A stale socket file (no agent behind it) is replaced.
+    pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<Self, SocketError> {
+        let io_error = |action: &'static str| {
+            move |source| SocketError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| SocketError::Directory {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(SocketError::NotASocket {
+                    path: path.to_path_buf(),
+                })
+            }
+            Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(SocketError::InUse {
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(_) => std::fs::remove_file(path).map_err(io_error("removing stale socket"))?,
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("inspecting")(e)),
+        }
+        let gid = group.map(group_id).transpose()?;
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| io_error("encoding")(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+
+        // SAFETY: plain socket(2); the result is checked and owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io_error("creating socket for")(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let addr = unix_sockaddr(path).map_err(io_error("binding"))?;
+        // SAFETY: addr is a valid sockaddr_un of the given length.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io_error("binding")(io::Error::last_os_error()));
+        }
+        let mut remove_on_error = RemoveOnDrop(Some(path.to_path_buf()));
+        // SAFETY: c_path is a valid NUL-terminated path.
+        if unsafe { libc::chmod(c_path.as_ptr(), mode) } != 0 {
+            return Err(io_error("chmod")(io::Error::last_os_error()));
+        }
+        if let Some(gid) = gid {
+            // SAFETY: as above; uid -1 leaves the owner unchanged.
+            if unsafe { libc::chown(c_path.as_ptr(), u32::MAX, gid) } != 0 {
+                return Err(io_error("chown")(io::Error::last_os_error()));
+            }
+        }
+        // SAFETY: fd is a bound stream socket.
+        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 1024) } != 0 {
+            return Err(io_error("listening on")(io::Error::last_os_error()));
+        }
+        let std_listener = std::os::unix::net::UnixListener::from(fd);
+        let listener = UnixListener::from_std(std_listener).map_err(io_error("registering"))?;
+        remove_on_error.0 = None;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for QuerySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn unix_sockaddr(path: &Path) -> io::Result<libc::sockaddr_un> {
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path longer than {} bytes", addr.sun_path.len() - 1),
+        ));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    Ok(addr)
+}
+
+fn group_id(name: &str) -> Result<u32, SocketError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let unknown = || SocketError::UnknownGroup {
+        group: name.to_string(),
+    };
+    let c_name = CString::new(name).map_err(|_| unknown())?;
+    // SAFETY: getgrnam returns NULL or a pointer to static storage, read at once.
+    let group = unsafe { libc::getgrnam(c_name.as_ptr()) };
+    if group.is_null() {
+        return Err(unknown());
+    }
+    // SAFETY: non-null result of getgrnam.
+    Ok(unsafe { (*group).gr_gid })
+}
+
+/// Serves queries until `shutdown` fires.
+pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: broadcast::Sender<()>) {
+    let limit = Arc::new(Semaphore::new(state.config.max_clients));
+    let mut stop = shutdown.subscribe();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.recv() => break,
+            accepted = socket.listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    log::warn!("accept on {}: {e}", socket.path.display());
+                    // EMFILE and friends: give other tasks a chance to free descriptors.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_busy(stream, state.config.max_clients));
+            continue;
+        };
+        let state = state.clone();
+        let stop = shutdown.subscribe();
+        tokio::spawn(async move {
+            if let Err(e) = handle_client(stream, &state, stop).await {
+                log::debug!("client connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn refuse_busy(stream: UnixStream, max: usize) {
+    let mut connection = Connection::new(stream);
+    let reply = Reply::Error(QueryError::new(
+        ErrorCode::Busy,
+        format!("too many clients (max_clients = {max}); try again later"),
+    ));
+    let _ = connection.write_reply(&reply).await;
+    let _ = connection.close().await;
+}
+
+async fn handle_client(
+    stream: UnixStream,
+    state: &SharedState,
+    mut stop: broadcast::Receiver<()>,
+) -> io::Result<()> {
+    let mut connection = Connection::new(stream);
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.recv() => return Ok(()),
+            incoming = connection.read_request() => incoming?,
+        };
+        match incoming {
+            Incoming::Request(line) => {
+                let reply = answer(&line, state);
+                connection.write_reply(&reply).await?;
+            }
+            Incoming::LastRequest(line) => {
+                let reply = answer(&line, state);
+                connection.write_reply(&reply).await?;
+                return connection.close().await;
+            }
+            Incoming::TooLong => {
+                let reply = Reply::Error(QueryError::new(
+                    ErrorCode::TooLong,
+                    format!(
+                        "request longer than {} bytes; closing",
+                        crate::protocol::MAX_REQUEST_LEN
+                    ),
+                ));
+                connection.write_reply(&reply).await?;
+                return connection.close().await;
+            }
+            Incoming::Closed => return Ok(()),
+        }
+    }
+}
+
+/// One request line to one reply.
+pub fn answer(line: &[u8], state: &SharedState) -> Reply {
+    AgentStats::add(&state.stats.queries, 1);
+    match parse_request(line) {
+        Ok(request) => command::execute(&request, state),
+        Err(error) => Reply::Error(error),
+    }
+}

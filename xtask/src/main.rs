@@ -1,0 +1,272 @@
+//! Build, run and test inbound-audit: `cargo xtask build|run|test|lint`.
+//!
+//! The kernel program needs a nightly toolchain with rust-src and bpf-linker
+//! built against the same LLVM major as rustc; both are set up here on first use
+//! (see ../shared/notes/ebpf-toolchain.md for why each step is as it is).
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+const NIGHTLY: &str = "nightly";
+const BPF_TARGET: &str = "bpfel-unknown-none";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// bpf-linker must link the LLVM whose major version rustc uses (22 here).
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the kernel program and the release binary target/release/inbound-audit.
+    Build,
+    /// Build, then run the agent (as root) with the default config; extra args go to `agent`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build, then run every test: unit, property and the root end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// rustfmt check and clippy with warnings denied.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::Build => build(&root).map(|_| ()),
+        Task::Run { args } => {
+            let binary = build(&root)?;
+            require_root("run the agent")?;
+            let mut command = Command::new(binary);
+            command.arg("agent").args(args);
+            run(&mut command)
+        }
+        Task::Test { args } => {
+            let binary = build(&root)?;
+            let object = ebpf_object(&root);
+            let mut command = cargo(&root);
+            command
+                .args([
+                    "test",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "audit-ebpf",
+                ])
+                .args(args)
+                .env("INBOUND_AUDIT_EBPF_OBJECT", &object)
+                .env("INBOUND_AUDIT_BIN", &binary);
+            run(&mut command)
+        }
+        Task::Lint => {
+            run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo(&root).args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn ebpf_object(root: &Path) -> PathBuf {
+    target_dir(root).join(BPF_TARGET).join("release/audit-ebpf")
+}
+
+/// Builds everything; returns the path of the release binary.
+fn build(root: &Path) -> Result<PathBuf> {
+    ensure_rust_src()?;
+    let linker_dir = ensure_bpf_linker(root)?;
+    let path = std::env::join_paths(std::iter::once(linker_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
+    let mut ebpf = Command::new("cargo");
+    ebpf.current_dir(root)
+        .arg(format!("+{NIGHTLY}"))
+        .args([
+            "build",
+            "--package",
+            "audit-ebpf",
+            "--release",
+            "--target",
+            BPF_TARGET,
+            "-Z",
+            "build-std=core",
+        ])
+        .env("PATH", &path);
+    clean_toolchain_env(&mut ebpf);
+    run(&mut ebpf).context("building the kernel program (audit-ebpf)")?;
+
+    let object = ebpf_object(root);
+    let mut user = cargo(root);
+    user.args(["build", "--release", "--package", "audit-user"])
+        .env("INBOUND_AUDIT_EBPF_OBJECT", &object);
+    run(&mut user).context("building the agent (audit-user)")?;
+    let binary = target_dir(root).join("release/inbound-audit");
+    println!(
+        "built {} with {} embedded",
+        binary.display(),
+        object.display()
+    );
+    Ok(binary)
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root);
+    command
+}
+
+/// Cargo and rustup export variables to the xtask process that would pin the
+/// nested nightly build to this (stable) toolchain, or replace the bpf target's
+/// rustflags (RUSTFLAGS silently drops target-cpu=v3).
+fn clean_toolchain_env(command: &mut Command) {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO",
+    ] {
+        command.env_remove(var);
+    }
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
+        .output()
+        .context("running rustup (is it installed?)")?;
+    if !installed.status.success() {
+        bail!(
+            "rustup has no `{NIGHTLY}` toolchain: {}",
+            String::from_utf8_lossy(&installed.stderr).trim()
+        );
+    }
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    println!("adding rust-src to the {NIGHTLY} toolchain (needed for -Z build-std=core)");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+}
+
+/// Builds bpf-linker once into target/tools, linked against the nightly
+/// toolchain's own libLLVM so no system LLVM package is needed.
+fn ensure_bpf_linker(root: &Path) -> Result<PathBuf> {
+    let tools = target_dir(root).join("tools");
+    let install_root = tools.join(format!("bpf-linker-{BPF_LINKER_VERSION}"));
+    let bin_dir = install_root.join("bin");
+    if bin_dir.join("bpf-linker").exists() {
+        return Ok(bin_dir);
+    }
+    let sysroot = Command::new("rustc")
+        .arg(format!("+{NIGHTLY}"))
+        .args(["--print", "sysroot"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .context("asking the nightly rustc for its sysroot")?;
+    if !sysroot.status.success() {
+        bail!(
+            "rustc +{NIGHTLY} --print sysroot failed: {}",
+            String::from_utf8_lossy(&sysroot.stderr)
+        );
+    }
+    let sysroot_lib = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim()).join("lib");
+    let llvm = std::fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("reading {}", sysroot_lib.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+            })
+        })
+        .with_context(|| format!("no libLLVM in {}", sysroot_lib.display()))?;
+    let prefix = tools.join("llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    let link = prefix_lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
+
+    println!(
+        "building bpf-linker {BPF_LINKER_VERSION} against {} (once, about a minute)",
+        llvm.display()
+    );
+    let mut install = cargo(root);
+    install
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--no-default-features",
+            "--features",
+            BPF_LINKER_LLVM_FEATURE,
+            "--root",
+        ])
+        .arg(&install_root)
+        .env("LLVM_PREFIX", &prefix);
+    run(&mut install).context("building bpf-linker")?;
+    Ok(bin_dir)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        bail!("to {what} you need root (eBPF needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON); run as root");
+    }
+    Ok(())
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
