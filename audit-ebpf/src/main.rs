@@ -28,7 +28,9 @@ use aya_ebpf::{
     macros::{btf_tracepoint, map, sock_ops, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockOpsContext, XdpContext},
+    EbpfContext,
 };
+use aya_log_ebpf::warn;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -150,7 +152,7 @@ fn on_passive_established(ctx: &SockOpsContext, fields: &SockOpsFields) -> Resul
     };
     // SAFETY: the sock_ops context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    if track(cookie, family, addr, service) == sync_result::APPLIED {
+    if track(ctx, cookie, family, addr, service) == sync_result::APPLIED {
         // Without this flag the kernel never calls us back when the socket closes.
         let _ = ctx.set_cb_flags((fields.cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
@@ -181,6 +183,7 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
     }
     match request.kind {
         EVENT_OPEN if request.family == FAMILY_V4 || request.family == FAMILY_V6 => Ok(track(
+            ctx,
             request.cookie,
             request.family,
             request.addr,
@@ -192,7 +195,7 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
 }
 
 /// Starts tracking a socket and counts it; returns a `sync_result`.
-fn track(cookie: u64, family: u8, addr: [u8; 16], service: u32) -> u32 {
+fn track<C: EbpfContext>(ctx: &C, cookie: u64, family: u8, addr: [u8; 16], service: u32) -> u32 {
     if service as usize >= MAX_SERVICES {
         return sync_result::INVALID;
     }
@@ -202,19 +205,21 @@ fn track(cookie: u64, family: u8, addr: [u8; 16], service: u32) -> u32 {
         service: service as u8,
         _pad: [0; 6],
     };
-    match SOCKETS.insert(&cookie, &record, BPF_NOEXIST as u64) {
+    match SOCKETS.insert(cookie, record, BPF_NOEXIST as u64) {
         Ok(()) => {}
         // Already tracked: this socket was counted by another path.
         Err(EEXIST) => return sync_result::UNCHANGED,
         Err(_) => {
             bump_stat(stat::SOCKET_TABLE_FULL);
+            warn!(ctx, "socket table full: session {} is not counted", cookie);
             return sync_result::TABLE_FULL;
         }
     }
     let Some(counts) = live_counts(family, &addr, true) else {
         // Not counted, so it must not be uncounted at close either.
-        let _ = SOCKETS.remove(&cookie);
+        let _ = SOCKETS.remove(cookie);
         bump_stat(stat::IP_TABLE_FULL);
+        warn!(ctx, "per-IP table full: session {} is not counted", cookie);
         return sync_result::TABLE_FULL;
     };
     // SAFETY: `counts` points into a map value that outlives this invocation
@@ -234,11 +239,11 @@ const EEXIST: i32 = -17;
 /// Stops tracking a socket and uncounts it, if (and only if) this call deleted its record.
 fn forget(cookie: u64) -> Result<u32, ()> {
     // SAFETY: the value is copied out before the record can be deleted.
-    let record = match unsafe { SOCKETS.get(&cookie) } {
+    let record = match unsafe { SOCKETS.get(cookie) } {
         Some(record) => *record,
         None => return Ok(sync_result::UNCHANGED),
     };
-    if SOCKETS.remove(&cookie).is_err() {
+    if SOCKETS.remove(cookie).is_err() {
         // Another CPU (or program) deleted it first and uncounts it.
         return Ok(sync_result::UNCHANGED);
     }
@@ -264,7 +269,7 @@ fn live_counts(family: u8, addr: &[u8; 16], create: bool) -> Option<*mut LiveCou
     if family == FAMILY_V4 {
         let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
         if create {
-            let _ = LIVE_V4.insert(&key, &LiveCounts::default(), BPF_NOEXIST as u64);
+            let _ = LIVE_V4.insert(&key, LiveCounts::default(), BPF_NOEXIST as u64);
         }
         LIVE_V4
             .get(&key)
@@ -272,7 +277,7 @@ fn live_counts(family: u8, addr: &[u8; 16], create: bool) -> Option<*mut LiveCou
     } else {
         let key = Key::new(128, *addr);
         if create {
-            let _ = LIVE_V6.insert(&key, &LiveCounts::default(), BPF_NOEXIST as u64);
+            let _ = LIVE_V6.insert(&key, LiveCounts::default(), BPF_NOEXIST as u64);
         }
         LIVE_V6
             .get(&key)

@@ -56,10 +56,19 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         config,
         detach_on_exit,
     } = options;
+    // Installed first: a SIGTERM during start-up must still mean a clean stop.
+    let signals = Signals::install()?;
     let cgroup_path: PathBuf = match &config.cgroup {
         Some(path) => path.clone(),
         None => cgroup::cgroup2_root().map_err(AgentError::Cgroup)?,
     };
+    // The socket first: a second agent on the same path must fail before it
+    // touches the kernel. Clients that connect meanwhile wait in the backlog.
+    let socket = QuerySocket::bind(
+        &config.socket,
+        config.socket_mode,
+        config.socket_group.as_deref(),
+    )?;
     let mut program = KernelProgram::load(&LoadOptions {
         pin_dir: &config.pin_dir,
         cgroup: &cgroup_path,
@@ -91,6 +100,9 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     write_sessions(&state).load_snapshot(&snapshot);
 
     let (shutdown, _) = broadcast::channel::<()>(1);
+    if let Some(logger) = program.take_logger() {
+        tokio::spawn(forward_kernel_logs(logger, shutdown.subscribe()));
+    }
     let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.subscribe()));
 
     // Seeded sessions reach the index as ordinary open events.
@@ -112,15 +124,10 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         shutdown.subscribe(),
     ));
 
-    let socket = QuerySocket::bind(
-        &state.config.socket,
-        state.config.socket_mode,
-        state.config.socket_group.as_deref(),
-    )?;
     log::info!("serving queries on {}", socket.path().display());
     let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone()));
 
-    wait_for_signal().await?;
+    signals.wait().await;
     log::info!("shutting down");
     let _ = shutdown.send(());
     let _ = server_task.await;
@@ -148,18 +155,29 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<(), AgentError> {
-    let io = |source| AgentError::Io {
-        what: "installing signal handlers",
-        source,
-    };
-    let mut term = signal(SignalKind::terminate()).map_err(io)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(io)?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, AgentError> {
+        let io = |source| AgentError::Io {
+            what: "installing signal handlers",
+            source,
+        };
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(io)?,
+            int: signal(SignalKind::interrupt()).map_err(io)?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 fn write_sessions(
@@ -171,6 +189,29 @@ fn write_sessions(
         .sessions
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: broadcast::Receiver<()>) {
+    // SAFETY: the logger owns its ring buffer fd, open and unchanged until the
+    // AsyncFd that owns the logger is dropped.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let Ok(mut logger) = registered else {
+        log::warn!("cannot poll the kernel program's log ring buffer");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            guard = logger.readable_mut() => match guard {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(_) => return,
+            },
+        }
+    }
 }
 
 async fn follow_events(

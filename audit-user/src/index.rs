@@ -537,10 +537,9 @@ fn key_of(ip: IpAddr) -> Key {
 /// Session counts per IP for both families, queryable by any CIDR network.
 ///
 /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are stored and reported as
-/// IPv4. An IPv6 network is treated as the set of addresses it contains, with
-/// IPv4 embedded at `::ffff:0:0/96`: a network inside that block counts the
-/// corresponding IPv4 network, and one containing it (e.g. `::/0`) includes
-/// every IPv4 count. Counting is thus monotone under network containment.
+/// IPv4. An IPv6 network inside `::ffff:0:0/96` counts the corresponding IPv4
+/// network; any other IPv6 network, even one containing that block (`::/0`),
+/// counts IPv6 peers only, as a mail operator reads "this client's /64".
 #[derive(Default, Clone, Debug)]
 pub struct CidrIndex {
     v4: PrefixTrie<u32>,
@@ -592,16 +591,16 @@ impl CidrIndex {
             IpNet::V6(n) => {
                 let addr = u128::from(n.addr());
                 let len = n.prefix_len();
-                let v6 = self.v6.count_prefix(addr, len);
-                if addr.common_prefix_len(V4_MAPPED_NET) < len.min(V4_MAPPED_LEN) {
-                    // Disjoint from the mapped block.
-                    v6
-                } else if len >= V4_MAPPED_LEN {
-                    // Inside the mapped block; the v6 trie never holds such
-                    // keys, so only the IPv4 side can contribute.
+                if len >= V4_MAPPED_LEN && addr.common_prefix_len(V4_MAPPED_NET) >= V4_MAPPED_LEN {
+                    // Inside the mapped block; the v6 trie never holds such keys,
+                    // so only the IPv4 side can contribute.
                     self.v4.count_prefix(addr as u32, len - V4_MAPPED_LEN)
                 } else {
-                    v6.wrapping_add(self.v4.total())
+                    // Anything else, even a network wider than the mapped block
+                    // (::/64, ::/0), means IPv6 peers: IPv4 sessions count under
+                    // IPv4 networks only, or an IPv6 client near :: would see the
+                    // whole IPv4 internet in its /64.
+                    self.v6.count_prefix(addr, len)
                 }
             }
         }
@@ -1015,9 +1014,9 @@ mod tests {
         assert_eq!(idx.count(&net("::ffff:0.0.0.0/96")), 8);
         assert_eq!(idx.count(&net("::ffff:192.168.0.0/112")), 1);
         assert_eq!(idx.count(&net("0.0.0.0/0")), 8);
-        // Networks containing the mapped block include all IPv4 sessions.
-        assert_eq!(idx.count(&net("::/0")), 26);
-        assert_eq!(idx.count(&net("::/80")), 8 + 7);
+        // Networks wider than the mapped block count IPv6 peers only.
+        assert_eq!(idx.count(&net("::/0")), 26 - 8);
+        assert_eq!(idx.count(&net("::/80")), 7);
         assert_eq!(idx.count(&net("::/96")), 7);
         assert_eq!(idx.count(&net("2001:db8::/32")), 11);
         assert_eq!(idx.count(&net("2001:db8::/48")), 5);

@@ -78,11 +78,16 @@ fn main() -> Result<()> {
             run(cargo(&root).args([
                 "clippy",
                 "--workspace",
+                "--exclude",
+                "audit-ebpf",
                 "--all-targets",
                 "--",
                 "-D",
                 "warnings",
-            ]))
+            ]))?;
+            let mut ebpf = nightly_ebpf_cargo(&root, "clippy")?;
+            ebpf.args(["--", "-D", "warnings"]);
+            run(&mut ebpf)
         }
     }
 }
@@ -106,27 +111,8 @@ fn ebpf_object(root: &Path) -> PathBuf {
 
 /// Builds everything; returns the path of the release binary.
 fn build(root: &Path) -> Result<PathBuf> {
-    ensure_rust_src()?;
-    let linker_dir = ensure_bpf_linker(root)?;
-    let path = std::env::join_paths(std::iter::once(linker_dir).chain(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    )))?;
-    let mut ebpf = Command::new("cargo");
-    ebpf.current_dir(root)
-        .arg(format!("+{NIGHTLY}"))
-        .args([
-            "build",
-            "--package",
-            "audit-ebpf",
-            "--release",
-            "--target",
-            BPF_TARGET,
-            "-Z",
-            "build-std=core",
-        ])
-        .env("PATH", &path);
-    clean_toolchain_env(&mut ebpf);
-    run(&mut ebpf).context("building the kernel program (audit-ebpf)")?;
+    run(&mut nightly_ebpf_cargo(root, "build")?)
+        .context("building the kernel program (audit-ebpf)")?;
 
     let object = ebpf_object(root);
     let mut user = cargo(root);
@@ -140,6 +126,32 @@ fn build(root: &Path) -> Result<PathBuf> {
         object.display()
     );
     Ok(binary)
+}
+
+/// `cargo +nightly SUBCOMMAND` for the kernel crate, with bpf-linker on PATH.
+fn nightly_ebpf_cargo(root: &Path, subcommand: &str) -> Result<Command> {
+    ensure_rust_src()?;
+    let linker_dir = ensure_bpf_linker(root)?;
+    let path = std::env::join_paths(std::iter::once(linker_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(root)
+        .arg(format!("+{NIGHTLY}"))
+        .arg(subcommand)
+        .args([
+            "--package",
+            "audit-ebpf",
+            "--release",
+            "--target",
+            BPF_TARGET,
+            "-Z",
+            "build-std=core",
+        ])
+        .env("PATH", &path);
+    clean_toolchain_env(&mut command);
+    Ok(command)
 }
 
 fn cargo(root: &Path) -> Command {

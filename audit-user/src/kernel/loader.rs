@@ -75,6 +75,9 @@ pub enum LoadError {
     TooManyServices { count: usize, max: usize },
 }
 
+/// Forwards the kernel program's aya-log records (table-full warnings) to `log`.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// Live counts read from the kernel maps, per remote IP.
 pub type LiveSnapshot = Vec<(std::net::IpAddr, LiveCounts)>;
 
@@ -88,6 +91,7 @@ pub struct KernelProgram {
     service_names: Array<MapData, ServiceName>,
     stats: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    logger: Option<KernelLogger>,
     // Keeps the sync program loaded; it is run through BPF_PROG_TEST_RUN.
     ebpf: Ebpf,
 }
@@ -157,8 +161,16 @@ impl KernelProgram {
         let sync: &mut Xdp = program(&mut ebpf, program_names::SYNC)?;
         sync.load().map_err(program_error(program_names::SYNC))?;
 
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                log::warn!("kernel program log records will not be shown: {e}");
+                None
+            }
+        };
         Ok(Self {
             pin_dir,
+            logger,
             live_v4: take_map(&mut ebpf, map_names::LIVE_V4)?,
             live_v6: take_map(&mut ebpf, map_names::LIVE_V6)?,
             sockets: take_map(&mut ebpf, map_names::SOCKETS)?,
@@ -177,6 +189,11 @@ impl KernelProgram {
     /// The ring buffer of session events; can be taken once.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The reader of the kernel program's log records; can be taken once.
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
     }
 
     /// File descriptor of the sync program, for BPF_PROG_TEST_RUN.

@@ -1,0 +1,442 @@
+//! Harness for the end-to-end tests: a child cgroup, a test server inside it,
+//! clients from chosen source addresses, and the real agent binary.
+//!
+//! Nothing here replaces the kernel: the agent loads the real eBPF program and
+//! counts real loopback connections. Each test has its own cgroup, pin
+//! directory and socket, so tests run in parallel without seeing each other.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use inbound_audit::kernel::{cgroup::cgroup2_root, seed, sock_diag};
+
+/// Why the eBPF tests cannot run on this machine, if they cannot.
+pub fn ebpf_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(
+            "not root: loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)"
+                .into(),
+        );
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Some(
+            "the kernel has no BTF (/sys/kernel/btf/vmlinux): tp_btf programs cannot load".into(),
+        );
+    }
+    if let Err(e) = cgroup2_root() {
+        return Some(format!("no cgroup2 hierarchy: {e}"));
+    }
+    if let Err(e) = probe_bpf_syscall() {
+        return Some(format!("the bpf() system call is not usable here: {e}"));
+    }
+    None
+}
+
+/// Creates (and closes) a one-entry array map: the cheapest proof that bpf() works.
+fn probe_bpf_syscall() -> std::io::Result<()> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    let attr = MapCreate {
+        map_type: 2,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+    };
+    // SAFETY: BPF_MAP_CREATE (0) with a valid attribute prefix of the given size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &attr as *const MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by the kernel and is owned here.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+/// Skips the calling test (returning early) with a clear message when eBPF cannot load.
+#[macro_export]
+macro_rules! require_ebpf {
+    () => {
+        if let Some(reason) = $crate::ebpf_unavailable() {
+            eprintln!("SKIPPED (eBPF cannot load here): {reason}");
+            return;
+        }
+    };
+}
+
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("INBOUND_AUDIT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/inbound-audit")
+        })
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("inbound-audit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child cgroup of the cgroup2 root; the test server runs in it so only its
+/// connections are seen by the sock_ops program attached there.
+pub struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let root = cgroup2_root().expect("cgroup2 mounted");
+        let path = root.join(format!("inbound-audit-test-{name}-{}", std::process::id()));
+        if path.exists() {
+            let _ = std::fs::remove_dir(&path);
+        }
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // The directory can only go once its processes have exited.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The stand-in MTA (src/bin/test-server.rs), started inside a cgroup.
+pub struct TestServer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub ports: Vec<u16>,
+}
+
+impl TestServer {
+    /// Runs `binary` (the test-server, `env!("CARGO_BIN_EXE_test-server")` in an
+    /// integration test) listening on each address (port 0: a free port) from
+    /// inside `cgroup`.
+    pub fn start(binary: &str, cgroup: &TestCgroup, addrs: &[&str]) -> Self {
+        let procs = std::ffi::CString::new(
+            cgroup
+                .path()
+                .join("cgroup.procs")
+                .to_str()
+                .expect("utf-8 path"),
+        )
+        .expect("no NUL");
+        let mut command = Command::new(binary);
+        command
+            .args(addrs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        // SAFETY: the closure only calls async-signal-safe functions (open, write,
+        // close) on memory prepared before the fork.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(move || {
+                // Joining the cgroup before exec means every socket the server
+                // creates belongs to it.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("start test-server");
+        let stdin = child.stdin.take().expect("piped");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("test-server READY line");
+        let ports = line
+            .strip_prefix("READY")
+            .unwrap_or_else(|| panic!("test-server said {line:?}"))
+            .split_whitespace()
+            .map(|p| p.parse().expect("port"))
+            .collect();
+        Self {
+            child,
+            stdin,
+            stdout,
+            ports,
+        }
+    }
+
+    fn command(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("test-server stdin");
+        let mut answer = String::new();
+        self.stdout
+            .read_line(&mut answer)
+            .expect("test-server answer");
+        answer.trim_end().to_string()
+    }
+
+    /// Closes the server's side of the connection from `peer` (a FIN from the server).
+    pub fn close(&mut self, peer: SocketAddr) {
+        let answer = self.command(&format!("close {} {}", peer.ip(), peer.port()));
+        assert_eq!(answer, "closed", "closing {peer}");
+    }
+
+    /// How many connections the server holds right now.
+    pub fn held(&mut self) -> usize {
+        self.command("count").parse().expect("count")
+    }
+
+    /// SIGKILL: the kernel closes every socket the server had.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client connection from `source` (any 127.x.y.z or ::1) to `server`.
+pub fn connect_from(source: IpAddr, server: SocketAddr) -> TcpStream {
+    let domain = if server.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    socket
+        .connect(&server.into())
+        .unwrap_or_else(|e| panic!("connect {source} -> {server}: {e}"));
+    socket.into()
+}
+
+/// Aborts the connection with a RST (SO_LINGER 0) instead of a FIN.
+pub fn reset(stream: TcpStream) {
+    let socket = socket2::Socket::from(stream);
+    socket.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(socket);
+}
+
+pub struct AgentOptions<'a> {
+    pub name: &'a str,
+    pub cgroup: &'a TestCgroup,
+    pub services: Vec<String>,
+}
+
+/// The real agent binary, with its own socket and pin directory.
+pub struct Agent {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Agent {
+    pub fn start(options: AgentOptions<'_>) -> Self {
+        let dir = TempDir::new(options.name);
+        let socket = dir.path().join("audit.sock");
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/inbound-audit-test-{}-{}",
+            options.name,
+            std::process::id()
+        ));
+        let _ = inbound_audit::kernel::loader::cleanup(&pin_dir);
+        let mut args = vec![
+            "agent".to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
+            "--cgroup".into(),
+            options.cgroup.path().display().to_string(),
+        ];
+        for service in &options.services {
+            args.push("--service".into());
+            args.push(service.clone());
+        }
+        let log = dir.path().join("agent.log");
+        let mut agent = Self {
+            child: None,
+            socket,
+            pin_dir,
+            args,
+            log,
+            _dir: dir,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = Command::new(agent_binary())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {}: {e} (build it with `cargo xtask build`)",
+                    agent_binary().display()
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("wait"))
+            {
+                panic!(
+                    "agent exited with {status} before serving:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not serve within 30 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait: the agent removes its socket, the kernel keeps counting.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().expect("wait agent");
+            assert!(
+                status.success(),
+                "agent exit {status}:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn query(&self, request: &str) -> String {
+        inbound_audit::client::query(&self.socket, request)
+            .unwrap_or_else(|e| panic!("query {request:?}: {e}\n{}", self.log_text()))
+    }
+
+    /// Polls until the answer is `expected` (events are asynchronous), then
+    /// asserts it; a wrong count shows with the agent's log.
+    pub fn expect(&self, request: &str, expected: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut answer = self.query(request);
+        while answer != expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            answer = self.query(request);
+        }
+        assert_eq!(
+            answer,
+            expected,
+            "{request}\nagent log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// The session count for `cidr` on `service`.
+    pub fn expect_count(&self, cidr: &str, service: &str, expected: u64) {
+        self.expect(
+            &format!("msys.audit.inbound_session_count(\"{cidr}\", \"{service}\")"),
+            &format!("OK {expected}"),
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = inbound_audit::kernel::loader::cleanup(&self.pin_dir);
+    }
+}
+
+/// The kernel's truth: inbound live sockets on `ports` in `cgroup` from `net`,
+/// straight from sock_diag.
+pub fn sock_diag_count(ports: &[u16], cgroup: &TestCgroup, net: &ipnet::IpNet) -> u64 {
+    let ports = ports.iter().map(|&p| (p, 0u8)).collect();
+    let ids = seed::cgroup_subtree_ids(cgroup.path()).expect("cgroup ids");
+    seed::inbound_live_sockets(&ports, Some(&ids))
+        .expect("sock_diag dump")
+        .iter()
+        .filter(|s| net.contains(&seed::normalize(s.remote)))
+        .count() as u64
+}
+
+pub use sock_diag::TcpSocket;
