@@ -14,7 +14,6 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
-    sync::broadcast,
 };
 
 use crate::{
@@ -25,6 +24,7 @@ use crate::{
         seed::{self, SeedError},
     },
     server::{self, QuerySocket, SocketError},
+    shutdown::{self, Shutdown},
     state::{AgentStats, ApplyOutcome, Reconciler, SharedState},
 };
 
@@ -99,11 +99,11 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let state = Arc::new(SharedState::new(config, slots));
     write_sessions(&state).load_snapshot(&snapshot);
 
-    let (shutdown, _) = broadcast::channel::<()>(1);
+    let (trigger, shutdown) = shutdown::channel();
     if let Some(logger) = program.take_logger() {
-        tokio::spawn(forward_kernel_logs(logger, shutdown.subscribe()));
+        tokio::spawn(forward_kernel_logs(logger, shutdown.clone()));
     }
-    let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.subscribe()));
+    let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
 
     // Seeded sessions reach the index as ordinary open events.
     let report = seed::seed_existing(&program, &ports, state.config.cgroup.as_deref())?;
@@ -118,18 +118,14 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     );
 
     let program = Arc::new(Mutex::new(program));
-    let reconcile_task = tokio::spawn(reconcile(
-        program.clone(),
-        state.clone(),
-        shutdown.subscribe(),
-    ));
+    let reconcile_task = tokio::spawn(reconcile(program.clone(), state.clone(), shutdown.clone()));
 
     log::info!("serving queries on {}", socket.path().display());
     let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone()));
 
     signals.wait().await;
     log::info!("shutting down");
-    let _ = shutdown.send(());
+    trigger.trigger();
     let _ = server_task.await;
     let _ = events_task.await;
     let _ = reconcile_task.await;
@@ -191,7 +187,7 @@ fn write_sessions(
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: broadcast::Receiver<()>) {
+async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: Shutdown) {
     // SAFETY: the logger owns its ring buffer fd, open and unchanged until the
     // AsyncFd that owns the logger is dropped.
     let registered =
@@ -202,7 +198,7 @@ async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: broadcast::
     };
     loop {
         tokio::select! {
-            _ = stop.recv() => return,
+            _ = stop.wait() => return,
             guard = logger.readable_mut() => match guard {
                 Ok(mut guard) => {
                     guard.get_inner_mut().flush();
@@ -214,11 +210,7 @@ async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: broadcast::
     }
 }
 
-async fn follow_events(
-    events: RingBuf<MapData>,
-    state: Arc<SharedState>,
-    mut stop: broadcast::Receiver<()>,
-) {
+async fn follow_events(events: RingBuf<MapData>, state: Arc<SharedState>, mut stop: Shutdown) {
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until
     // the AsyncFd (which owns the RingBuf) is dropped.
     let registered =
@@ -233,7 +225,7 @@ async fn follow_events(
     let mut batch: Vec<SessionEvent> = Vec::with_capacity(256);
     loop {
         let mut guard = tokio::select! {
-            _ = stop.recv() => return,
+            _ = stop.wait() => return,
             guard = ring.readable_mut() => match guard {
                 Ok(guard) => guard,
                 Err(e) => {
@@ -279,16 +271,19 @@ async fn follow_events(
 async fn reconcile(
     program: Arc<Mutex<KernelProgram>>,
     state: Arc<SharedState>,
-    mut stop: broadcast::Receiver<()>,
+    mut stop: Shutdown,
 ) {
     let mut reconciler = Reconciler::default();
     let mut lost_seen = 0u64;
-    // The first passes come quickly so a start-up race settles within seconds.
-    let mut interval = Duration::from_secs(1);
+    // A repair needs two passes that agree, so after start-up (where an event
+    // can be both in the first snapshot and in the ring) and after lost events,
+    // two passes come a second apart.
+    const QUICK: Duration = Duration::from_secs(1);
+    let mut quick_passes: u32 = 2;
     loop {
         tokio::select! {
-            _ = stop.recv() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait() => return,
+            _ = tokio::time::sleep(if quick_passes > 0 { QUICK } else { state.config.reconcile_interval }) => {}
         }
         let program = program.clone();
         let read = tokio::task::spawn_blocking(move || {
@@ -317,12 +312,14 @@ async fn reconcile(
                 repaired.len()
             );
         }
+        quick_passes = quick_passes.saturating_sub(1);
         if lost > lost_seen {
-            log::warn!("{} session events were lost (ring buffer full); counts repaired from the kernel maps", lost - lost_seen);
+            log::warn!(
+                "{} session events were lost (ring buffer full); counts are repaired from the kernel maps",
+                lost - lost_seen
+            );
             lost_seen = lost;
-            interval = Duration::from_secs(1);
-        } else {
-            interval = state.config.reconcile_interval;
+            quick_passes = 2;
         }
     }
 }

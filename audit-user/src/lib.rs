@@ -13,4 +13,5 @@ pub mod index;
 pub mod kernel;
 pub mod protocol;
 pub mod server;
+pub mod shutdown;
 pub mod state;

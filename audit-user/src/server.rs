@@ -1,5 +1,5 @@
-//! The query socket: a Unix stream server with a connection limit and a broadcast
-//! shutdown. A client's errors are logged and end only that client.
+//! The query socket: a Unix stream server with a connection limit and a shared
+//! shutdown signal. A client's errors are logged and end only that client.
 
 use std::{
     ffi::CString,
@@ -14,13 +14,14 @@ use std::{
 
 use tokio::{
     net::{UnixListener, UnixStream},
-    sync::{broadcast, Semaphore},
+    sync::Semaphore,
 };
 
 use crate::{
     command,
     connection::{Connection, Incoming},
     protocol::{parse_request, ErrorCode, QueryError, Reply},
+    shutdown::Shutdown,
     state::{AgentStats, SharedState},
 };
 
@@ -191,12 +192,12 @@ fn group_id(name: &str) -> Result<u32, SocketError> {
 }
 
 /// Serves queries until `shutdown` fires.
-pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: broadcast::Sender<()>) {
+pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutdown) {
     let limit = Arc::new(Semaphore::new(state.config.max_clients));
-    let mut stop = shutdown.subscribe();
+    let mut stop = shutdown.clone();
     loop {
         let stream = tokio::select! {
-            _ = stop.recv() => break,
+            _ = stop.wait() => break,
             accepted = socket.listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -212,7 +213,7 @@ pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: broad
             continue;
         };
         let state = state.clone();
-        let stop = shutdown.subscribe();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) = handle_client(stream, &state, stop).await {
                 log::debug!("client connection ended: {e}");
@@ -235,12 +236,12 @@ async fn refuse_busy(stream: UnixStream, max: usize) {
 async fn handle_client(
     stream: UnixStream,
     state: &SharedState,
-    mut stop: broadcast::Receiver<()>,
+    mut stop: Shutdown,
 ) -> io::Result<()> {
     let mut connection = Connection::new(stream);
     loop {
         let incoming = tokio::select! {
-            _ = stop.recv() => return Ok(()),
+            _ = stop.wait() => return Ok(()),
             incoming = connection.read_request() => incoming?,
         };
         match incoming {

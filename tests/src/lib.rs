@@ -372,7 +372,21 @@ impl Agent {
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let status = child.wait().expect("wait agent");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let status = loop {
+                if let Some(status) = child.try_wait().expect("wait agent") {
+                    break status;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "agent did not stop within 20 s of SIGTERM:\n{}",
+                        self.log_text()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
             assert!(
                 status.success(),
                 "agent exit {status}:\n{}",
