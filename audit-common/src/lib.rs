@@ -77,6 +77,11 @@ const _: () = assert!(size_of::<SocketRecord>() == 24);
 /// Event kinds on the ring buffer (and operations of the sync program).
 pub const EVENT_OPEN: u8 = 1;
 pub const EVENT_CLOSE: u8 = 2;
+/// Sync program only: add `cookie` (as a signed delta) to the (addr, service)
+/// count, creating the entry if needed. The agent uses it to heal a per-IP count
+/// that differs from the socket records, with an atomic add that cannot clobber
+/// the kernel's concurrent updates.
+pub const SYNC_ADJUST: u8 = 3;
 
 /// One session opened or closed. The same layout is the request the agent feeds
 /// to the sync program, so seeding a pre-existing socket goes through exactly the

@@ -17,7 +17,7 @@
 
 use audit_common::{
     stat, sync_result, LiveCounts, ServiceName, SessionEvent, SocketRecord, EVENT_CLOSE,
-    EVENT_OPEN, FAMILY_V4, FAMILY_V6, MAX_SERVICES,
+    EVENT_OPEN, FAMILY_V4, FAMILY_V6, MAX_SERVICES, SYNC_ADJUST,
 };
 use aya_ebpf::{
     bindings::{
@@ -190,6 +190,26 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
             request.service as u32,
         )),
         EVENT_CLOSE => forget(request.cookie),
+        SYNC_ADJUST if request.family == FAMILY_V4 || request.family == FAMILY_V6 => {
+            let Some(counts) = live_counts(request.family, &request.addr, true) else {
+                return Ok(sync_result::TABLE_FULL);
+            };
+            // The delta travels in the cookie field; two's complement makes a
+            // wrapping add of its low 32 bits a signed add.
+            // SAFETY: as in `track`; the service slot is bounds checked above.
+            unsafe {
+                let slot = (*counts)
+                    .sessions
+                    .as_mut_ptr()
+                    .add(request.service as usize);
+                core::intrinsics::atomic_xadd::<
+                    u32,
+                    u32,
+                    { core::intrinsics::AtomicOrdering::Relaxed },
+                >(slot, request.cookie as u32);
+            }
+            Ok(sync_result::APPLIED)
+        }
         _ => Err(()),
     }
 }

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use audit_common::{stat, SessionEvent, MAX_SERVICES};
+use audit_common::{stat, sync_result, SessionEvent, MAX_SERVICES};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
@@ -25,7 +25,10 @@ use crate::{
     },
     server::{self, QuerySocket, SocketError},
     shutdown::{self, Shutdown},
-    state::{AgentStats, ApplyOutcome, Reconciler, SharedState},
+    state::{
+        diff_tallies, tally_live, tally_records, AgentStats, ApplyOutcome, Reconciler, SharedState,
+        Tally,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -74,30 +77,29 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         cgroup: &cgroup_path,
     })?;
 
-    let before = program.snapshot_live()?;
-    let mut slot_totals = [0u64; MAX_SERVICES];
-    for (_, counts) in &before {
-        for (slot, &count) in counts.sessions.iter().enumerate() {
-            slot_totals[slot] += count as u64;
+    // A slot whose service is gone can be reused only once no session holds it.
+    let mut slot_in_use = [false; MAX_SERVICES];
+    for record in program.snapshot_records()? {
+        if let Some(used) = slot_in_use.get_mut(record.service as usize) {
+            *used = true;
         }
     }
-    let slots =
-        program.configure_services(&config.services, |slot| slot_totals[slot as usize] > 0)?;
+    let slots = program.configure_services(&config.services, |slot| slot_in_use[slot as usize])?;
 
-    // Events queued while no agent ran are already in the maps: drop them, then
-    // take the maps as the starting point.
+    // Events queued while no agent ran are already in the kernel's records: drop
+    // them, then take the records as the starting point.
     let mut events = program
         .take_events()
         .ok_or(LoadError::MissingMap("EVENTS"))?;
     while events.next().is_some() {}
-    let snapshot = program.snapshot_live()?;
+    let records = program.snapshot_records()?;
     let ports: HashMap<u16, u8> = config
         .services
         .iter()
         .flat_map(|s| s.ports.iter().map(|&p| (p, slots[&s.name])))
         .collect();
     let state = Arc::new(SharedState::new(config, slots));
-    write_sessions(&state).load_snapshot(&snapshot);
+    write_sessions(&state).load(&tally_records(&records));
 
     let (trigger, shutdown) = shutdown::channel();
     if let Some(logger) = program.take_logger() {
@@ -108,10 +110,10 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     // Seeded sessions reach the index as ordinary open events.
     let report = seed::seed_existing(&program, &ports, state.config.cgroup.as_deref())?;
     log::info!(
-        "watching cgroup {}; services {}; {} tracked IPs from pinned state; start-up sync: {} seeded, {} already tracked, {} closed meanwhile",
+        "watching cgroup {}; services {}; {} sessions from pinned state; start-up sync: {} seeded, {} already tracked, {} closed meanwhile",
         cgroup_path.display(),
         state.config.services.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
-        snapshot.len(),
+        records.len(),
         report.seeded,
         report.already_tracked,
         report.vanished,
@@ -268,12 +270,49 @@ async fn follow_events(events: RingBuf<MapData>, state: Arc<SharedState>, mut st
     }
 }
 
+/// What one reconcile pass read from the kernel, and did to it.
+struct KernelPass {
+    truth: Tally,
+    lost: u64,
+    collected: usize,
+    healed: usize,
+}
+
+/// Reads the kernel's socket records (the truth) and per-IP maps, removes zero
+/// entries, and heals per-IP counts that differ from the records twice in a row.
+fn kernel_pass(
+    program: &Mutex<KernelProgram>,
+    reconciler: &mut Reconciler,
+) -> Result<KernelPass, LoadError> {
+    let mut program = program.lock().unwrap_or_else(|p| p.into_inner());
+    let records = program.snapshot_records()?;
+    let live = program.snapshot_live()?;
+    let truth = tally_records(&records);
+    let mut healed = 0;
+    for mismatch in reconciler.confirm(diff_tallies(&truth, &tally_live(&live))) {
+        let delta = mismatch.truth as i64 - mismatch.seen as i64;
+        if program.adjust_live(mismatch.ip, mismatch.slot, delta)? == sync_result::APPLIED {
+            healed += 1;
+        }
+    }
+    let collected = program.collect_zero_entries(&live);
+    Ok(KernelPass {
+        truth,
+        lost: program.stat(stat::EVENTS_LOST),
+        collected,
+        healed,
+    })
+}
+
+/// Keeps the index (and the kernel's per-IP maps) equal to the kernel's socket
+/// records, whatever happened to the events in between.
 async fn reconcile(
     program: Arc<Mutex<KernelProgram>>,
     state: Arc<SharedState>,
     mut stop: Shutdown,
 ) {
-    let mut reconciler = Reconciler::default();
+    let mut index_reconciler = Reconciler::default();
+    let mut kernel_reconciler = Reconciler::default();
     let mut lost_seen = 0u64;
     // A repair needs two passes that agree, so after start-up (where an event
     // can be both in the first snapshot and in the ring) and after lost events,
@@ -281,44 +320,62 @@ async fn reconcile(
     const QUICK: Duration = Duration::from_secs(1);
     let mut quick_passes: u32 = 2;
     loop {
+        let pause = if quick_passes > 0 {
+            QUICK
+        } else {
+            state.config.reconcile_interval
+        };
         tokio::select! {
             _ = stop.wait() => return,
-            _ = tokio::time::sleep(if quick_passes > 0 { QUICK } else { state.config.reconcile_interval }) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         let program = program.clone();
         let read = tokio::task::spawn_blocking(move || {
-            let program = program.lock().unwrap_or_else(|p| p.into_inner());
-            program
-                .snapshot_live()
-                .map(|snapshot| (snapshot, program.stat(stat::EVENTS_LOST)))
+            let pass = kernel_pass(&program, &mut kernel_reconciler);
+            (pass, kernel_reconciler)
         })
         .await;
-        let (snapshot, lost) = match read {
-            Ok(Ok(read)) => read,
-            Ok(Err(e)) => {
-                log::warn!("reconcile: reading kernel maps: {e}");
-                continue;
+        let pass = match read {
+            Ok((pass, reconciler)) => {
+                kernel_reconciler = reconciler;
+                match pass {
+                    Ok(pass) => pass,
+                    Err(e) => {
+                        log::warn!("reconcile: reading kernel maps: {e}");
+                        continue;
+                    }
+                }
             }
             Err(e) => {
                 log::error!("reconcile task failed: {e}");
+                kernel_reconciler = Reconciler::default();
                 continue;
             }
         };
-        let repaired = reconciler.pass(&mut write_sessions(&state), &snapshot);
-        if !repaired.is_empty() {
-            AgentStats::add(&state.stats.repairs, repaired.len() as u64);
+        let repaired = {
+            let mut sessions = write_sessions(&state);
+            let confirmed = index_reconciler.confirm(sessions.diff(&pass.truth));
+            for mismatch in &confirmed {
+                sessions.repair(mismatch);
+            }
+            confirmed.len()
+        };
+        AgentStats::add(&state.stats.repairs, repaired as u64);
+        AgentStats::add(&state.stats.kernel_repairs, pass.healed as u64);
+        AgentStats::add(&state.stats.collected, pass.collected as u64);
+        if repaired + pass.healed > 0 {
             log::info!(
-                "reconcile: repaired {} per-IP counts from the kernel maps",
-                repaired.len()
+                "reconcile: repaired {repaired} index counts and {} kernel per-IP counts from the socket records",
+                pass.healed
             );
         }
         quick_passes = quick_passes.saturating_sub(1);
-        if lost > lost_seen {
+        if pass.lost > lost_seen {
             log::warn!(
-                "{} session events were lost (ring buffer full); counts are repaired from the kernel maps",
-                lost - lost_seen
+                "{} session events were lost (ring buffer full); counts are repaired from the socket records",
+                pass.lost - lost_seen
             );
-            lost_seen = lost;
+            lost_seen = pass.lost;
             quick_passes = 2;
         }
     }

@@ -57,6 +57,9 @@ struct AgentArgs {
     /// Most simultaneous query clients.
     #[arg(long)]
     max_clients: Option<usize>,
+    /// Seconds between reconcile passes against the kernel's socket records.
+    #[arg(long, value_name = "SECS")]
+    reconcile_interval: Option<u64>,
     /// Remove the pinned programs and maps on exit instead of counting on.
     #[arg(long)]
     detach_on_exit: bool,
@@ -131,6 +134,12 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     if let Some(max) = args.max_clients {
         config.max_clients = max;
+    }
+    if let Some(secs) = args.reconcile_interval {
+        if secs == 0 {
+            anyhow::bail!("--reconcile-interval must be at least 1 second");
+        }
+        config.reconcile_interval = std::time::Duration::from_secs(secs);
     }
     config.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -10,7 +10,9 @@ use std::{
     },
 };
 
-use audit_common::{LiveCounts, SessionEvent, EVENT_CLOSE, EVENT_OPEN, FAMILY_V4, MAX_SERVICES};
+use audit_common::{
+    LiveCounts, SessionEvent, SocketRecord, EVENT_CLOSE, EVENT_OPEN, FAMILY_V4, MAX_SERVICES,
+};
 use ipnet::IpNet;
 
 use crate::{config::Config, index::CidrIndex};
@@ -77,50 +79,40 @@ impl LiveSessions {
         }
     }
 
-    /// Replaces everything with the kernel's counts.
-    pub fn load_snapshot(&mut self, snapshot: &[(IpAddr, LiveCounts)]) {
+    /// Replaces everything with `truth`.
+    pub fn load(&mut self, truth: &Tally) {
         for index in &mut self.by_slot {
             index.clear();
         }
-        for (ip, counts) in snapshot {
-            for (slot, &count) in counts.sessions.iter().enumerate() {
-                if count > 0 {
-                    self.by_slot[slot].set(*ip, count as u64);
-                }
+        for (&(slot, ip), &count) in truth {
+            if let Some(index) = self.by_slot.get_mut(slot as usize) {
+                index.set(ip, count);
             }
         }
     }
 
-    /// Differences with a kernel snapshot: (slot, ip, kernel count, index count).
-    pub fn diff(&self, snapshot: &[(IpAddr, LiveCounts)]) -> Vec<Mismatch> {
-        let mut kernel: HashMap<(u8, IpAddr), u64> = HashMap::new();
-        for (ip, counts) in snapshot {
-            for (slot, &count) in counts.sessions.iter().enumerate() {
-                if count > 0 {
-                    kernel.insert((slot as u8, *ip), count as u64);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        for (&(slot, ip), &kernel_count) in &kernel {
-            let index_count = self.get(slot, ip);
-            if index_count != kernel_count {
-                out.push(Mismatch {
+    /// Where the index differs from `truth`.
+    pub fn diff(&self, truth: &Tally) -> Vec<Mismatch> {
+        let mut out: Vec<Mismatch> = truth
+            .iter()
+            .filter_map(|(&(slot, ip), &count)| {
+                let seen = self.get(slot, ip);
+                (seen != count).then_some(Mismatch {
                     slot,
                     ip,
-                    kernel: kernel_count,
-                    index: index_count,
-                });
-            }
-        }
+                    truth: count,
+                    seen,
+                })
+            })
+            .collect();
         for (slot, index) in self.by_slot.iter().enumerate() {
             for (ip, count) in index.iter() {
-                if !kernel.contains_key(&(slot as u8, ip)) {
+                if !truth.contains_key(&(slot as u8, ip)) {
                     out.push(Mismatch {
                         slot: slot as u8,
                         ip,
-                        kernel: 0,
-                        index: count,
+                        truth: 0,
+                        seen: count,
                     });
                 }
             }
@@ -130,7 +122,9 @@ impl LiveSessions {
     }
 
     pub fn repair(&mut self, mismatch: &Mismatch) {
-        self.by_slot[mismatch.slot as usize].set(mismatch.ip, mismatch.kernel);
+        if let Some(index) = self.by_slot.get_mut(mismatch.slot as usize) {
+            index.set(mismatch.ip, mismatch.truth);
+        }
     }
 
     pub fn heap_bytes(&self) -> usize {
@@ -138,38 +132,86 @@ impl LiveSessions {
     }
 }
 
+/// Live sessions per (service slot, remote IP) as one source sees them; zero
+/// counts are left out.
+pub type Tally = HashMap<(u8, IpAddr), u64>;
+
+/// The truth: what the kernel's socket records say (one record per tracked
+/// socket, so no count can drift from them).
+pub fn tally_records(records: &[SocketRecord]) -> Tally {
+    let mut tally = Tally::new();
+    for record in records {
+        *tally
+            .entry((record.service, record_ip(record.family, &record.addr)))
+            .or_default() += 1;
+    }
+    tally
+}
+
+/// What the kernel's per-IP count maps say.
+pub fn tally_live(snapshot: &[(IpAddr, LiveCounts)]) -> Tally {
+    let mut tally = Tally::new();
+    for (ip, counts) in snapshot {
+        for (slot, &count) in counts.sessions.iter().enumerate() {
+            if count > 0 {
+                tally.insert((slot as u8, *ip), count as u64);
+            }
+        }
+    }
+    tally
+}
+
+/// Where `seen` differs from `truth`.
+pub fn diff_tallies(truth: &Tally, seen: &Tally) -> Vec<Mismatch> {
+    let mut out: Vec<Mismatch> = truth
+        .iter()
+        .filter_map(|(&(slot, ip), &count)| {
+            let other = seen.get(&(slot, ip)).copied().unwrap_or(0);
+            (other != count).then_some(Mismatch {
+                slot,
+                ip,
+                truth: count,
+                seen: other,
+            })
+        })
+        .chain(seen.iter().filter(|(key, _)| !truth.contains_key(key)).map(
+            |(&(slot, ip), &count)| Mismatch {
+                slot,
+                ip,
+                truth: 0,
+                seen: count,
+            },
+        ))
+        .collect();
+    out.sort();
+    out
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Mismatch {
     pub slot: u8,
     pub ip: IpAddr,
-    pub kernel: u64,
-    pub index: u64,
+    pub truth: u64,
+    pub seen: u64,
 }
 
-/// Reconciles in two passes: a difference is only repaired when the next pass
-/// finds the very same one, so events still in flight in the ring buffer at
-/// snapshot time are not "repaired" into errors.
+/// Confirms differences in two passes: one is acted on only when the next pass
+/// finds the very same one, so changes still in flight at snapshot time (an
+/// event in the ring buffer, a record being inserted) are never "repaired" into
+/// errors.
 #[derive(Default)]
 pub struct Reconciler {
     suspects: Vec<Mismatch>,
 }
 
 impl Reconciler {
-    /// Returns the mismatches repaired in this pass.
-    pub fn pass(
-        &mut self,
-        sessions: &mut LiveSessions,
-        snapshot: &[(IpAddr, LiveCounts)],
-    ) -> Vec<Mismatch> {
-        let found = sessions.diff(snapshot);
+    /// Returns the differences found in this pass and the previous one.
+    pub fn confirm(&mut self, found: Vec<Mismatch>) -> Vec<Mismatch> {
         let confirmed: Vec<Mismatch> = found
             .iter()
             .filter(|m| self.suspects.binary_search(m).is_ok())
             .copied()
             .collect();
-        for mismatch in &confirmed {
-            sessions.repair(mismatch);
-        }
         self.suspects = found
             .into_iter()
             .filter(|m| confirmed.binary_search(m).is_err())
@@ -178,19 +220,29 @@ impl Reconciler {
     }
 }
 
-pub fn event_ip(event: &SessionEvent) -> IpAddr {
-    if event.family == FAMILY_V4 {
-        IpAddr::from([event.addr[0], event.addr[1], event.addr[2], event.addr[3]])
+/// The remote IP of a record or event (IPv4 in the first 4 bytes).
+pub fn record_ip(family: u8, addr: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
     } else {
-        IpAddr::from(event.addr)
+        IpAddr::from(*addr)
     }
+}
+
+pub fn event_ip(event: &SessionEvent) -> IpAddr {
+    record_ip(event.family, &event.addr)
 }
 
 /// Counters the agent reports about itself.
 #[derive(Default)]
 pub struct AgentStats {
     pub events: AtomicU64,
+    /// Index counts corrected from the kernel's records.
     pub repairs: AtomicU64,
+    /// Kernel per-IP counts corrected from the kernel's records.
+    pub kernel_repairs: AtomicU64,
+    /// Zero per-IP entries removed from the kernel maps.
+    pub collected: AtomicU64,
     pub underflows: AtomicU64,
     pub queries: AtomicU64,
 }
@@ -272,39 +324,103 @@ mod tests {
         assert_eq!(sessions.count(7, &net), 0);
     }
 
+    fn record(ip: [u8; 4], service: u8) -> SocketRecord {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&ip);
+        SocketRecord {
+            addr,
+            family: FAMILY_V4,
+            service,
+            _pad: [0; 6],
+        }
+    }
+
+    #[test]
+    fn records_are_the_truth() {
+        let truth = tally_records(&[
+            record([10, 0, 0, 1], 0),
+            record([10, 0, 0, 1], 0),
+            record([10, 0, 0, 1], 2),
+        ]);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(truth, Tally::from([((0, ip), 2), ((2, ip), 1)]));
+        let mut counts = LiveCounts::default();
+        counts.sessions[0] = 1;
+        counts.sessions[5] = 4;
+        let live = tally_live(&[(ip, counts)]);
+        assert_eq!(
+            diff_tallies(&truth, &live),
+            vec![
+                Mismatch {
+                    slot: 0,
+                    ip,
+                    truth: 2,
+                    seen: 1
+                },
+                Mismatch {
+                    slot: 2,
+                    ip,
+                    truth: 1,
+                    seen: 0
+                },
+                Mismatch {
+                    slot: 5,
+                    ip,
+                    truth: 0,
+                    seen: 4
+                },
+            ]
+        );
+    }
+
     #[test]
     fn reconcile_repairs_only_stable_differences() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let gone: IpAddr = "10.0.0.2".parse().unwrap();
-        let mut counts = LiveCounts::default();
-        counts.sessions[0] = 3;
-        let snapshot = vec![(ip, counts)];
+        let truth = Tally::from([((0, ip), 3)]);
         let mut sessions = LiveSessions::default();
         sessions.by_slot[0].set(ip, 1);
         sessions.by_slot[0].set(gone, 2);
         let mut reconciler = Reconciler::default();
-        assert!(reconciler.pass(&mut sessions, &snapshot).is_empty());
+        assert!(reconciler.confirm(sessions.diff(&truth)).is_empty());
         assert_eq!(sessions.get(0, ip), 1);
-        let repaired = reconciler.pass(&mut sessions, &snapshot);
-        assert_eq!(repaired.len(), 2);
+        let confirmed = reconciler.confirm(sessions.diff(&truth));
+        assert_eq!(confirmed.len(), 2);
+        for mismatch in &confirmed {
+            sessions.repair(mismatch);
+        }
         assert_eq!(sessions.get(0, ip), 3);
         assert_eq!(sessions.get(0, gone), 0);
-        assert!(reconciler.pass(&mut sessions, &snapshot).is_empty());
-        assert!(sessions.diff(&snapshot).is_empty());
+        assert!(sessions.diff(&truth).is_empty());
+        assert!(reconciler.confirm(sessions.diff(&truth)).is_empty());
     }
 
     #[test]
     fn transient_difference_is_not_repaired() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let mut counts = LiveCounts::default();
-        counts.sessions[0] = 2;
+        let truth = Tally::from([((0, ip), 2)]);
         let mut sessions = LiveSessions::default();
         sessions.by_slot[0].set(ip, 1);
         let mut reconciler = Reconciler::default();
-        assert!(reconciler.pass(&mut sessions, &[(ip, counts)]).is_empty());
-        // The in-flight event arrives; the next snapshot agrees.
+        assert!(reconciler.confirm(sessions.diff(&truth)).is_empty());
+        // The in-flight event arrives; the next pass agrees.
         sessions.by_slot[0].set(ip, 2);
-        assert!(reconciler.pass(&mut sessions, &[(ip, counts)]).is_empty());
-        assert_eq!(sessions.get(0, ip), 2);
+        assert!(reconciler.confirm(sessions.diff(&truth)).is_empty());
+        // A difference that changes between passes is not confirmed either.
+        sessions.by_slot[0].set(ip, 5);
+        assert!(reconciler.confirm(sessions.diff(&truth)).is_empty());
+        sessions.by_slot[0].set(ip, 6);
+        assert!(reconciler.confirm(sessions.diff(&truth)).is_empty());
+        assert_eq!(sessions.get(0, ip), 6);
+    }
+
+    #[test]
+    fn load_replaces_everything() {
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut sessions = LiveSessions::default();
+        sessions.by_slot[1].set("10.0.0.1".parse().unwrap(), 9);
+        sessions.load(&Tally::from([((3, ip), 4)]));
+        assert_eq!(sessions.tracked_ips(), 1);
+        assert_eq!(sessions.count(3, &"2001:db8::/32".parse().unwrap()), 4);
     }
 }

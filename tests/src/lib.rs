@@ -271,6 +271,8 @@ pub struct AgentOptions<'a> {
     pub name: &'a str,
     pub cgroup: &'a TestCgroup,
     pub services: Vec<String>,
+    /// Extra agent flags.
+    pub extra_args: Vec<String>,
 }
 
 /// The real agent binary, with its own socket and pin directory.
@@ -306,6 +308,7 @@ impl Agent {
             args.push("--service".into());
             args.push(service.clone());
         }
+        args.extend(options.extra_args.iter().cloned());
         let log = dir.path().join("agent.log");
         let mut agent = Self {
             child: None,
@@ -454,3 +457,36 @@ pub fn sock_diag_count(ports: &[u16], cgroup: &TestCgroup, net: &ipnet::IpNet) -
 }
 
 pub use sock_diag::TcpSocket;
+
+/// Polls `check` for up to 10 s; panics naming `what` if it never holds.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent's pinned IPv4 per-IP count map, opened directly, to look at (and
+/// tamper with) the kernel's state the way another root process could.
+pub struct PinnedLiveMap(aya::maps::LpmTrie<aya::maps::MapData, [u8; 4], audit_common::LiveCounts>);
+
+impl PinnedLiveMap {
+    pub fn open(pin_dir: &Path) -> Self {
+        let path = pin_dir.join(audit_common::map_names::LIVE_V4);
+        let data = aya::maps::MapData::from_pin(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let map = aya::maps::Map::LpmTrie(data);
+        Self(map.try_into().expect("an LPM trie"))
+    }
+
+    pub fn get(&self, ip: [u8; 4]) -> Option<audit_common::LiveCounts> {
+        self.0.get(&aya::maps::lpm_trie::Key::new(32, ip), 0).ok()
+    }
+
+    pub fn set(&mut self, ip: [u8; 4], counts: audit_common::LiveCounts) {
+        self.0
+            .insert(&aya::maps::lpm_trie::Key::new(32, ip), counts, 0)
+            .expect("write the pinned map");
+    }
+}

@@ -47,6 +47,7 @@ fn counts_follow_opens_and_every_kind_of_close() {
         name: "closes",
         cgroup: &cgroup,
         services: services(&server),
+        extra_args: Vec::new(),
     });
     let smtp_v4 = SocketAddr::new(ip("127.0.0.1"), server.ports[0]);
     let smtp_v6 = SocketAddr::new(ip("::1"), server.ports[1]);
@@ -131,6 +132,7 @@ fn sessions_from_before_the_agent_and_across_restarts_are_counted() {
         name: "restart",
         cgroup: &cgroup,
         services: services(&server),
+        extra_args: Vec::new(),
     });
     agent.expect_count("127.0.0.4", "SMTP", 3);
     agent.expect_count("::1", "SMTP", 1);
@@ -176,6 +178,7 @@ fn exim_style_half_closed_request_is_answered_then_closed() {
         name: "exim",
         cgroup: &cgroup,
         services: services(&server),
+        extra_args: Vec::new(),
     });
     let _conn = connect_from(
         ip("127.0.0.7"),
@@ -203,6 +206,7 @@ fn bad_requests_get_errors_and_the_connection_stays_usable() {
         name: "errors",
         cgroup: &cgroup,
         services: services(&server),
+        extra_args: Vec::new(),
     });
     let mut stream = UnixStream::connect(&agent.socket).unwrap();
     let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
@@ -264,6 +268,7 @@ fn cli_query_exit_codes_and_socket_ownership() {
         name: "cli",
         cgroup: &cgroup,
         services: services(&server),
+        extra_args: Vec::new(),
     });
     let _conn = connect_from(
         ip("127.0.0.8"),
@@ -342,6 +347,7 @@ fn a_stale_socket_file_is_replaced() {
         name: "stale",
         cgroup: &cgroup,
         services: services(&server),
+        extra_args: Vec::new(),
     });
     agent.stop();
     // Leave a dead socket file behind, as a crashed agent would.
@@ -350,4 +356,50 @@ fn a_stale_socket_file_is_replaced() {
     assert!(agent.socket.exists());
     agent.restart();
     agent.expect_count("127.0.0.0/8", "SMTP", 0);
+}
+
+#[test]
+fn kernel_counts_heal_from_socket_records_and_zero_entries_are_collected() {
+    require_ebpf!();
+    let (cgroup, server) = start("heal");
+    let agent = Agent::start(AgentOptions {
+        name: "heal",
+        cgroup: &cgroup,
+        services: services(&server),
+        extra_args: vec!["--reconcile-interval".into(), "1".into()],
+    });
+    let smtp = SocketAddr::new(ip("127.0.0.1"), server.ports[0]);
+    let conns: Vec<_> = (0..2)
+        .map(|_| connect_from(ip("127.0.0.11"), smtp))
+        .collect();
+    agent.expect_count("127.0.0.11", "SMTP", 2);
+
+    // Corrupt the kernel's per-IP count behind the agent's back.
+    let mut live = integration_tests::PinnedLiveMap::open(&agent.pin_dir);
+    let key = [127, 0, 0, 11];
+    let mut counts = live.get(key).expect("an entry for 127.0.0.11");
+    let slot = counts
+        .sessions
+        .iter()
+        .position(|&c| c == 2)
+        .expect("a slot with 2 sessions");
+    counts.sessions[slot] += 5;
+    live.set(key, counts);
+
+    // Answers follow the socket records, not the corrupted map, and the map heals.
+    agent.expect_count("127.0.0.11", "SMTP", 2);
+    integration_tests::eventually("the kernel count heals to 2", || {
+        live.get(key).map(|c| c.sessions[slot]) == Some(2)
+    });
+
+    drop(conns);
+    agent.expect_count("127.0.0.11", "SMTP", 0);
+    integration_tests::eventually("the zero entry is collected", || live.get(key).is_none());
+    // A new session from the same IP after collection is counted again.
+    let again = connect_from(ip("127.0.0.11"), smtp);
+    agent.expect_count("127.0.0.11", "SMTP", 1);
+    integration_tests::eventually("the kernel counts it too", || {
+        live.get(key).map(|c| c.sessions[slot]) == Some(1)
+    });
+    drop(again);
 }

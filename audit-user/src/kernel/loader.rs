@@ -7,12 +7,13 @@
 use std::{
     collections::HashMap as StdHashMap,
     fs, io,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
 use audit_common::{
-    map_names, program_names, LiveCounts, ServiceName, SocketRecord, LAYOUT_VERSION, MAX_SERVICES,
+    map_names, program_names, LiveCounts, ServiceName, SessionEvent, SocketRecord, FAMILY_V4,
+    FAMILY_V6, LAYOUT_VERSION, MAX_SERVICES, SYNC_ADJUST,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
@@ -71,6 +72,8 @@ pub enum LoadError {
         found: u32,
         expected: u32,
     },
+    #[error("running the sync program: {0}")]
+    Sync(io::Error),
     #[error("too many services: {count} configured and in use, at most {max}")]
     TooManyServices { count: usize, max: usize },
 }
@@ -196,8 +199,70 @@ impl KernelProgram {
         self.logger.take()
     }
 
+    /// Runs the sync program once on `request` (see audit_common::SessionEvent);
+    /// returns its `sync_result`.
+    pub fn sync(&self, request: &SessionEvent) -> Result<u32, LoadError> {
+        run_test(self.sync_program_fd()?, request).map_err(LoadError::Sync)
+    }
+
+    /// Adds `delta` to the kernel's count of (`ip`, `slot`) atomically.
+    pub fn adjust_live(
+        &self,
+        ip: std::net::IpAddr,
+        slot: u8,
+        delta: i64,
+    ) -> Result<u32, LoadError> {
+        let (family, addr) = match ip {
+            std::net::IpAddr::V4(v4) => {
+                let mut addr = [0u8; 16];
+                addr[..4].copy_from_slice(&v4.octets());
+                (FAMILY_V4, addr)
+            }
+            std::net::IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+        };
+        self.sync(&SessionEvent {
+            cookie: delta as u64,
+            addr,
+            kind: SYNC_ADJUST,
+            family,
+            service: slot,
+            _pad: [0; 5],
+        })
+    }
+
+    /// Every socket record the kernel holds (one per tracked session).
+    pub fn snapshot_records(&self) -> Result<Vec<SocketRecord>, LoadError> {
+        self.sockets
+            .iter()
+            .map(|entry| entry.map(|(_, record)| record))
+            .collect::<Result<_, _>>()
+            .map_err(|source| LoadError::Map {
+                name: map_names::SOCKETS,
+                source,
+            })
+    }
+
+    /// Deletes the per-IP entries that `snapshot` saw at zero. The kernel leaves
+    /// them (deleting there could race an increment); an increment that races
+    /// this delete is lost from the per-IP map only, and the reconciler restores
+    /// it from the socket records. Returns how many were removed.
+    pub fn collect_zero_entries(&mut self, snapshot: &LiveSnapshot) -> usize {
+        let mut removed = 0;
+        for (ip, counts) in snapshot {
+            if counts.sessions.iter().any(|&c| c != 0) {
+                continue;
+            }
+            let result = match ip {
+                std::net::IpAddr::V4(v4) => self.live_v4.remove(&Key::new(32, v4.octets())),
+                std::net::IpAddr::V6(v6) => self.live_v6.remove(&Key::new(128, v6.octets())),
+            };
+            removed += usize::from(result.is_ok());
+        }
+        removed
+    }
+
     /// File descriptor of the sync program, for BPF_PROG_TEST_RUN.
-    pub fn sync_program_fd(&self) -> Result<BorrowedFd<'_>, LoadError> {
+    fn sync_program_fd(&self) -> Result<BorrowedFd<'_>, LoadError> {
         let program = self
             .ebpf
             .program(program_names::SYNC)
@@ -487,4 +552,54 @@ fn encode_name(name: &str) -> ServiceName {
     let len = bytes.len().min(out.bytes.len());
     out.bytes[..len].copy_from_slice(&bytes[..len]);
     out
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// BPF_PROG_TEST_RUN: runs `program` once with `request` as its packet data.
+fn run_test(program: BorrowedFd<'_>, request: &SessionEvent) -> io::Result<u32> {
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        data_size_in: std::mem::size_of::<SessionEvent>() as u32,
+        data_in: request as *const SessionEvent as u64,
+        repeat: 1,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: attr is a valid, zero-padded bpf_attr prefix; data_in points to
+    // size_of::<SessionEvent>() readable bytes that outlive the call; the kernel
+    // writes only retval/duration/size fields inside attr.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(attr.retval)
 }

@@ -6,7 +6,6 @@ use std::{
     collections::{HashMap, HashSet},
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, BorrowedFd},
     path::Path,
 };
 
@@ -23,8 +22,6 @@ pub enum SeedError {
     Load(#[from] LoadError),
     #[error("listing sockets: {0}")]
     SockDiag(#[from] SockDiagError),
-    #[error("running the sync program: {0}")]
-    TestRun(io::Error),
     #[error("reading cgroup tree {path}: {source}")]
     Cgroup { path: String, source: io::Error },
 }
@@ -76,12 +73,11 @@ pub fn seed_existing(
     cgroup: Option<&Path>,
 ) -> Result<SeedReport, SeedError> {
     let cgroup_ids = cgroup.map(cgroup_subtree_ids).transpose()?;
-    let sync_fd = program.sync_program_fd()?;
     let mut report = SeedReport::default();
     let mut seeded = Vec::new();
     for socket in inbound_live_sockets(ports, cgroup_ids.as_ref())? {
         let event = open_request(&socket, ports[&socket.local.port()]);
-        match run_sync(sync_fd, &event).map_err(SeedError::TestRun)? {
+        match program.sync(&event)? {
             sync_result::APPLIED => {
                 report.seeded += 1;
                 seeded.push(socket.cookie);
@@ -106,7 +102,7 @@ pub fn seed_existing(
                 kind: EVENT_CLOSE,
                 ..SessionEvent::default()
             };
-            if run_sync(sync_fd, &event).map_err(SeedError::TestRun)? == sync_result::APPLIED {
+            if program.sync(&event)? == sync_result::APPLIED {
                 report.vanished += 1;
                 report.seeded -= 1;
             }
@@ -165,54 +161,4 @@ pub fn cgroup_subtree_ids(root: &Path) -> Result<HashSet<u64>, SeedError> {
         }
     }
     Ok(ids)
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
-/// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-/// Runs the sync program once on `request`; returns its `sync_result`.
-pub fn run_sync(program: BorrowedFd<'_>, request: &SessionEvent) -> io::Result<u32> {
-    let mut attr = TestRunAttr {
-        prog_fd: program.as_raw_fd() as u32,
-        data_size_in: std::mem::size_of::<SessionEvent>() as u32,
-        data_in: request as *const SessionEvent as u64,
-        repeat: 1,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: attr is a valid, zero-padded bpf_attr prefix; data_in points to
-    // size_of::<SessionEvent>() readable bytes that outlive the call; the kernel
-    // writes only retval/duration/size fields inside attr.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>() as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(attr.retval)
 }
