@@ -403,3 +403,51 @@ fn kernel_counts_heal_from_socket_records_and_zero_entries_are_collected() {
     });
     drop(again);
 }
+
+#[test]
+fn clients_over_max_clients_get_busy_and_others_are_served() {
+    require_ebpf!();
+    let (cgroup, server) = start("busy");
+    let agent = Agent::start(AgentOptions {
+        name: "busy",
+        cgroup: &cgroup,
+        services: services(&server),
+        extra_args: vec!["--max-clients".into(), "2".into()],
+    });
+    let request = b"audit_service \"SMTP\" \"127.0.0.0/8\"\n";
+    let ask = |stream: &UnixStream| -> Option<String> {
+        (&*stream).write_all(request).ok()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut line).ok()?;
+        Some(line)
+    };
+    // The harness's own probe connections may still hold a place for a moment:
+    // take each place by retrying until it is served.
+    let served = || {
+        let mut stream = None;
+        integration_tests::eventually("a connection is served", || {
+            let Ok(candidate) = UnixStream::connect(&agent.socket) else {
+                return false;
+            };
+            let ok = ask(&candidate).as_deref() == Some("OK 0\n");
+            if ok {
+                stream = Some(candidate);
+            }
+            ok
+        });
+        stream.unwrap()
+    };
+    let first = served();
+    let second = served();
+    let mut third = UnixStream::connect(&agent.socket).unwrap();
+    let mut answer = String::new();
+    third.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("ERR busy "), "{answer:?}");
+    assert_eq!(answer.lines().count(), 1);
+    // The first two are still served; a freed place is taken again.
+    assert_eq!(ask(&first).as_deref(), Some("OK 0\n"));
+    assert_eq!(ask(&second).as_deref(), Some("OK 0\n"));
+    drop(second);
+    let _third_place = served();
+    assert_eq!(ask(&first).as_deref(), Some("OK 0\n"));
+}
