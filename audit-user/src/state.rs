@@ -52,10 +52,6 @@ impl LiveSessions {
             .map_or(0, |index| index.get(ip))
     }
 
-    pub fn slot_total(&self, slot: u8) -> u64 {
-        self.by_slot.get(slot as usize).map_or(0, CidrIndex::total)
-    }
-
     pub fn tracked_ips(&self) -> usize {
         self.by_slot.iter().map(CidrIndex::len).sum()
     }

@@ -224,11 +224,6 @@ impl TestServer {
         assert_eq!(answer, "closed", "closing {peer}");
     }
 
-    /// How many connections the server holds right now.
-    pub fn held(&mut self) -> usize {
-        self.command("count").parse().expect("count")
-    }
-
     /// SIGKILL: the kernel closes every socket the server had.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -32,6 +32,15 @@ fn start(name: &str) -> (TestCgroup, TestServer) {
     (cgroup, server)
 }
 
+fn start_agent(name: &str, cgroup: &TestCgroup, server: &TestServer, extra_args: &[&str]) -> Agent {
+    Agent::start(AgentOptions {
+        name,
+        cgroup,
+        services: services(server),
+        extra_args: extra_args.iter().map(ToString::to_string).collect(),
+    })
+}
+
 fn services(server: &TestServer) -> Vec<String> {
     vec![
         format!("SMTP={},{}", server.ports[0], server.ports[1]),
@@ -43,12 +52,7 @@ fn services(server: &TestServer) -> Vec<String> {
 fn counts_follow_opens_and_every_kind_of_close() {
     require_ebpf!();
     let (cgroup, mut server) = start("closes");
-    let agent = Agent::start(AgentOptions {
-        name: "closes",
-        cgroup: &cgroup,
-        services: services(&server),
-        extra_args: Vec::new(),
-    });
+    let agent = start_agent("closes", &cgroup, &server, &[]);
     let smtp_v4 = SocketAddr::new(ip("127.0.0.1"), server.ports[0]);
     let smtp_v6 = SocketAddr::new(ip("::1"), server.ports[1]);
     let smtp_dual_via_v4 = SocketAddr::new(ip("127.0.0.1"), server.ports[1]);
@@ -128,12 +132,7 @@ fn sessions_from_before_the_agent_and_across_restarts_are_counted() {
         .collect();
     let before_v6 = connect_from(ip("::1"), SocketAddr::new(ip("::1"), server.ports[1]));
 
-    let mut agent = Agent::start(AgentOptions {
-        name: "restart",
-        cgroup: &cgroup,
-        services: services(&server),
-        extra_args: Vec::new(),
-    });
+    let mut agent = start_agent("restart", &cgroup, &server, &[]);
     agent.expect_count("127.0.0.4", "SMTP", 3);
     agent.expect_count("::1", "SMTP", 1);
 
@@ -174,12 +173,7 @@ fn sessions_from_before_the_agent_and_across_restarts_are_counted() {
 fn exim_style_half_closed_request_is_answered_then_closed() {
     require_ebpf!();
     let (cgroup, server) = start("exim");
-    let agent = Agent::start(AgentOptions {
-        name: "exim",
-        cgroup: &cgroup,
-        services: services(&server),
-        extra_args: Vec::new(),
-    });
+    let agent = start_agent("exim", &cgroup, &server, &[]);
     let _conn = connect_from(
         ip("127.0.0.7"),
         SocketAddr::new(ip("127.0.0.1"), server.ports[0]),
@@ -202,12 +196,7 @@ fn exim_style_half_closed_request_is_answered_then_closed() {
 fn bad_requests_get_errors_and_the_connection_stays_usable() {
     require_ebpf!();
     let (cgroup, server) = start("errors");
-    let agent = Agent::start(AgentOptions {
-        name: "errors",
-        cgroup: &cgroup,
-        services: services(&server),
-        extra_args: Vec::new(),
-    });
+    let agent = start_agent("errors", &cgroup, &server, &[]);
     let mut stream = UnixStream::connect(&agent.socket).unwrap();
     let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
     let mut ask = |request: &[u8]| {
@@ -264,12 +253,7 @@ fn bad_requests_get_errors_and_the_connection_stays_usable() {
 fn cli_query_exit_codes_and_socket_ownership() {
     require_ebpf!();
     let (cgroup, server) = start("cli");
-    let agent = Agent::start(AgentOptions {
-        name: "cli",
-        cgroup: &cgroup,
-        services: services(&server),
-        extra_args: Vec::new(),
-    });
+    let agent = start_agent("cli", &cgroup, &server, &[]);
     let _conn = connect_from(
         ip("127.0.0.8"),
         SocketAddr::new(ip("127.0.0.1"), server.ports[0]),
@@ -343,12 +327,7 @@ fn cli_query_exit_codes_and_socket_ownership() {
 fn a_stale_socket_file_is_replaced() {
     require_ebpf!();
     let (cgroup, server) = start("stale");
-    let mut agent = Agent::start(AgentOptions {
-        name: "stale",
-        cgroup: &cgroup,
-        services: services(&server),
-        extra_args: Vec::new(),
-    });
+    let mut agent = start_agent("stale", &cgroup, &server, &[]);
     agent.stop();
     // Leave a dead socket file behind, as a crashed agent would.
     let listener = std::os::unix::net::UnixListener::bind(&agent.socket).unwrap();
@@ -362,12 +341,7 @@ fn a_stale_socket_file_is_replaced() {
 fn kernel_counts_heal_from_socket_records_and_zero_entries_are_collected() {
     require_ebpf!();
     let (cgroup, server) = start("heal");
-    let agent = Agent::start(AgentOptions {
-        name: "heal",
-        cgroup: &cgroup,
-        services: services(&server),
-        extra_args: vec!["--reconcile-interval".into(), "1".into()],
-    });
+    let agent = start_agent("heal", &cgroup, &server, &["--reconcile-interval", "1"]);
     let smtp = SocketAddr::new(ip("127.0.0.1"), server.ports[0]);
     let conns: Vec<_> = (0..2)
         .map(|_| connect_from(ip("127.0.0.11"), smtp))
@@ -408,12 +382,7 @@ fn kernel_counts_heal_from_socket_records_and_zero_entries_are_collected() {
 fn clients_over_max_clients_get_busy_and_others_are_served() {
     require_ebpf!();
     let (cgroup, server) = start("busy");
-    let agent = Agent::start(AgentOptions {
-        name: "busy",
-        cgroup: &cgroup,
-        services: services(&server),
-        extra_args: vec!["--max-clients".into(), "2".into()],
-    });
+    let agent = start_agent("busy", &cgroup, &server, &["--max-clients", "2"]);
     let request = b"audit_service \"SMTP\" \"127.0.0.0/8\"\n";
     let ask = |stream: &UnixStream| -> Option<String> {
         (&*stream).write_all(request).ok()?;

@@ -86,7 +86,6 @@ pub type LiveSnapshot = Vec<(std::net::IpAddr, LiveCounts)>;
 
 /// The loaded program with the handles the agent keeps.
 pub struct KernelProgram {
-    pin_dir: PathBuf,
     live_v4: LpmTrie<MapData, [u8; 4], LiveCounts>,
     live_v6: LpmTrie<MapData, [u8; 16], LiveCounts>,
     sockets: HashMap<MapData, u64, SocketRecord>,
@@ -172,7 +171,6 @@ impl KernelProgram {
             }
         };
         Ok(Self {
-            pin_dir,
             logger,
             live_v4: take_map(&mut ebpf, map_names::LIVE_V4)?,
             live_v6: take_map(&mut ebpf, map_names::LIVE_V6)?,
@@ -183,10 +181,6 @@ impl KernelProgram {
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
             ebpf,
         })
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 
     /// The ring buffer of session events; can be taken once.
@@ -373,27 +367,6 @@ impl KernelProgram {
             out.push((std::net::IpAddr::from(key.data()), counts));
         }
         Ok(out)
-    }
-
-    /// The live counts of one IP straight from the kernel.
-    pub fn live_counts(&self, ip: std::net::IpAddr) -> Result<LiveCounts, LoadError> {
-        let result = match ip {
-            std::net::IpAddr::V4(v4) => self.live_v4.get(&Key::new(32, v4.octets()), 0),
-            std::net::IpAddr::V6(v6) => self.live_v6.get(&Key::new(128, v6.octets()), 0),
-        };
-        match result {
-            Ok(counts) => Ok(counts),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(LiveCounts::default()),
-            Err(source) => Err(LoadError::Map {
-                name: map_names::LIVE_V4,
-                source,
-            }),
-        }
-    }
-
-    /// Cookies of every socket the kernel tracks.
-    pub fn tracked_cookies(&self) -> Vec<u64> {
-        self.sockets.keys().filter_map(Result::ok).collect()
     }
 
     /// A kernel-side counter from `audit_common::stat`, summed over CPUs.
