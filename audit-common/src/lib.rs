@@ -77,6 +77,9 @@ const _: () = assert!(size_of::<SocketRecord>() == 24);
 /// Event kinds on the ring buffer (and operations of the sync program).
 pub const EVENT_OPEN: u8 = 1;
 pub const EVENT_CLOSE: u8 = 2;
+/// A session that predates the agent, seeded by the sync program: live, but not
+/// a new connection for the time-windowed counts.
+pub const EVENT_SEED: u8 = 4;
 /// Sync program only: add `cookie` (as a signed delta) to the (addr, service)
 /// count, creating the entry if needed. The agent uses it to heal a per-IP count
 /// that differs from the socket records, with an atomic add that cannot clobber

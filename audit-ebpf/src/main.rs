@@ -17,7 +17,7 @@
 
 use audit_common::{
     stat, sync_result, LiveCounts, ServiceName, SessionEvent, SocketRecord, EVENT_CLOSE,
-    EVENT_OPEN, FAMILY_V4, FAMILY_V6, MAX_SERVICES, SYNC_ADJUST,
+    EVENT_OPEN, EVENT_SEED, FAMILY_V4, FAMILY_V6, MAX_SERVICES, SYNC_ADJUST,
 };
 use aya_ebpf::{
     bindings::{
@@ -152,7 +152,7 @@ fn on_passive_established(ctx: &SockOpsContext, fields: &SockOpsFields) -> Resul
     };
     // SAFETY: the sock_ops context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    if track(ctx, cookie, family, addr, service) == sync_result::APPLIED {
+    if track(ctx, EVENT_OPEN, cookie, family, addr, service) == sync_result::APPLIED {
         // Without this flag the kernel never calls us back when the socket closes.
         let _ = ctx.set_cb_flags((fields.cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
@@ -184,6 +184,7 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
     match request.kind {
         EVENT_OPEN if request.family == FAMILY_V4 || request.family == FAMILY_V6 => Ok(track(
             ctx,
+            EVENT_SEED,
             request.cookie,
             request.family,
             request.addr,
@@ -215,7 +216,14 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
 }
 
 /// Starts tracking a socket and counts it; returns a `sync_result`.
-fn track<C: EbpfContext>(ctx: &C, cookie: u64, family: u8, addr: [u8; 16], service: u32) -> u32 {
+fn track<C: EbpfContext>(
+    ctx: &C,
+    event: u8,
+    cookie: u64,
+    family: u8,
+    addr: [u8; 16],
+    service: u32,
+) -> u32 {
     if service as usize >= MAX_SERVICES {
         return sync_result::INVALID;
     }
@@ -250,7 +258,7 @@ fn track<C: EbpfContext>(ctx: &C, cookie: u64, family: u8, addr: [u8; 16], servi
             slot, 1,
         );
     }
-    emit(EVENT_OPEN, cookie, &record);
+    emit(event, cookie, &record);
     sync_result::APPLIED
 }
 

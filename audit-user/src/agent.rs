@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use audit_common::{stat, sync_result, SessionEvent, MAX_SERVICES};
+use audit_common::{stat, sync_result, SessionEvent, EVENT_OPEN, MAX_SERVICES};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
@@ -23,11 +23,12 @@ use crate::{
         loader::{self, KernelProgram, LoadError, LoadOptions},
         seed::{self, SeedError},
     },
+    monitors::{Series, StateError},
     server::{self, QuerySocket, SocketError},
     shutdown::{self, Shutdown},
     state::{
-        diff_tallies, tally_live, tally_records, AgentStats, ApplyOutcome, Reconciler, SharedState,
-        Tally,
+        diff_tallies, event_ip, tally_live, tally_records, AgentStats, ApplyOutcome, Reconciler,
+        SharedState, Tally,
     },
 };
 
@@ -99,7 +100,8 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         .flat_map(|s| s.ports.iter().map(|&p| (p, slots[&s.name])))
         .collect();
     let state = Arc::new(SharedState::new(config, slots));
-    write_sessions(&state).load(&tally_records(&records));
+    state.write_sessions().load(&tally_records(&records));
+    load_monitor_state(&state);
 
     let (trigger, shutdown) = shutdown::channel();
     if let Some(logger) = program.take_logger() {
@@ -132,6 +134,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let _ = events_task.await;
     let _ = reconcile_task.await;
 
+    save_monitor_state(&state);
     let pin_dir = state.config.pin_dir.clone();
     drop(program);
     if detach_on_exit {
@@ -176,17 +179,6 @@ impl Signals {
             _ = self.int.recv() => {}
         }
     }
-}
-
-fn write_sessions(
-    state: &SharedState,
-) -> std::sync::RwLockWriteGuard<'_, crate::state::LiveSessions> {
-    // A panic while holding the lock cannot leave the index half-updated in a way
-    // reconciliation would not repair, so a poisoned lock is still usable.
-    state
-        .sessions
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: Shutdown) {
@@ -252,11 +244,20 @@ async fn follow_events(events: RingBuf<MapData>, state: Arc<SharedState>, mut st
         }
         let mut outcome = ApplyOutcome::default();
         {
-            let mut sessions = write_sessions(&state);
+            let mut sessions = state.write_sessions();
             for event in &batch {
                 sessions.apply(event, &mut outcome);
             }
         }
+        // Only live accepts are new connections; seeded sessions predate us.
+        let now = server::unix_now();
+        let mut monitors = state.lock_monitors();
+        if !monitors.is_empty() {
+            for event in batch.iter().filter(|e| e.kind == EVENT_OPEN) {
+                monitors.record(Series::Connections, event_ip(event), 1, now);
+            }
+        }
+        drop(monitors);
         batch.clear();
         AgentStats::add(&state.stats.events, outcome.applied);
         if outcome.underflows + outcome.malformed > 0 {
@@ -267,6 +268,60 @@ async fn follow_events(events: RingBuf<MapData>, state: Arc<SharedState>, mut st
                 outcome.malformed
             );
         }
+    }
+}
+
+/// Reads back the monitor windows saved at the last shutdown. A file that does
+/// not check out is set aside (renamed) with a message, never half-loaded.
+fn load_monitor_state(state: &SharedState) {
+    let path = state.config.monitor_state_path();
+    if state.config.monitors.is_empty() || !path.exists() {
+        return;
+    }
+    let result = state.lock_monitors().load(&path, server::unix_now());
+    match result {
+        Ok(report) => {
+            log::info!(
+                "monitor state restored from {} ({} monitors{})",
+                path.display(),
+                report.restored.len(),
+                if report.ignored.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; no longer configured, ignored: {:?}",
+                        report
+                            .ignored
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                    )
+                }
+            );
+        }
+        Err(e @ (StateError::Corrupt { .. } | StateError::Foreign { .. })) => {
+            let aside = path.with_extension(format!("rejected-{}", server::unix_now().as_secs()));
+            let moved = std::fs::rename(&path, &aside);
+            log::error!(
+                "{e}; starting with empty monitors; the file {}",
+                match moved {
+                    Ok(()) => format!("was moved to {}", aside.display()),
+                    Err(err) => format!("could not be moved aside ({err})"),
+                }
+            );
+        }
+        Err(e) => log::error!("monitor state not restored: {e}"),
+    }
+}
+
+fn save_monitor_state(state: &SharedState) {
+    if state.config.monitors.is_empty() {
+        return;
+    }
+    let path = state.config.monitor_state_path();
+    match state.lock_monitors().save(&path) {
+        Ok(()) => log::info!("monitor state saved to {}", path.display()),
+        Err(e) => log::error!("monitor state not saved: {e}"),
     }
 }
 
@@ -353,7 +408,7 @@ async fn reconcile(
             }
         };
         let repaired = {
-            let mut sessions = write_sessions(&state);
+            let mut sessions = state.write_sessions();
             let confirmed = index_reconciler.confirm(sessions.diff(&pass.truth));
             for mismatch in &confirmed {
                 sessions.repair(mismatch);
@@ -369,6 +424,7 @@ async fn reconcile(
                 pass.healed
             );
         }
+        state.lock_monitors().expire(server::unix_now());
         quick_passes = quick_passes.saturating_sub(1);
         if pass.lost > lost_seen {
             log::warn!(

@@ -1,7 +1,12 @@
 //! Executes a parsed request against the shared state.
 
+use std::time::Duration;
+
+use ipnet::IpNet;
+
 use crate::{
-    protocol::{ErrorCode, Query, QueryError, Reply, Request, ServiceArg},
+    monitors::{Monitor, Monitors, Series},
+    protocol::{ErrorCode, MonitorRef, Query, QueryError, Reply, Request, ServiceArg},
     state::SharedState,
 };
 
@@ -10,25 +15,142 @@ pub const DEFAULT_SERVICE: &str = "SMTP";
 /// Momentum's cluster-wide SMTP view; there is no cluster yet.
 pub const CLUSTER_SERVICE: &str = "inbound_cidr";
 
-pub fn execute(request: &Request, state: &SharedState) -> Reply {
-    match run(request, state) {
-        Ok(count) => Reply::Count(count),
+pub fn execute(request: &Request, state: &SharedState, now: Duration) -> Reply {
+    match run(request, state, now) {
+        Ok(reply) => reply,
         Err(error) => Reply::Error(error),
     }
 }
 
-fn run(request: &Request, state: &SharedState) -> Result<u64, QueryError> {
+fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, QueryError> {
+    let client = request.client.map(|c| c.ip);
     match &request.query {
         Query::SessionCount { cidr, service } => {
             let slot = service_slot(request, service, state)?;
-            let net = cidr.resolve(request.client.map(|c| c.ip))?;
-            let sessions = state
-                .sessions
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            Ok(sessions.count(slot, &net))
+            let net = cidr.resolve(client)?;
+            Ok(Reply::Count(state.read_sessions().count(slot, &net)))
+        }
+        Query::Windowed {
+            series,
+            monitor,
+            cidr,
+            first,
+            last,
+            cluster,
+        } => {
+            refuse_cluster(*cluster)?;
+            let monitors = state.lock_monitors();
+            let monitor = find_monitor(&monitors, monitor)?;
+            let net = cidr.resolve(client)?;
+            Ok(Reply::Count(monitor.sum(*series, &net, *first, *last, now)))
+        }
+        Query::Sliding {
+            series,
+            monitor,
+            cidr,
+            cluster,
+        } => {
+            refuse_cluster(*cluster)?;
+            let monitors = state.lock_monitors();
+            let monitor = find_monitor(&monitors, &MonitorRef::Position(*monitor))?;
+            let net = cidr.resolve(client)?;
+            Ok(Reply::Count(monitor.sliding(*series, &net, now)))
+        }
+        Query::Add { series, ip, n } => {
+            let mut monitors = state.lock_monitors();
+            if monitors.is_empty() {
+                return Err(not_configured());
+            }
+            Ok(Reply::Count(monitors.record(*series, *ip, *n, now)))
+        }
+        Query::Show { cidr } => Ok(Reply::Lines(show(state, &cidr.resolve(client)?, now))),
+    }
+}
+
+/// Momentum's console `show ip` layout (`Connections 300/0: 30`), every window
+/// of every monitor, then live sessions per service.
+fn show(state: &SharedState, net: &IpNet, now: Duration) -> Vec<String> {
+    let mut lines = vec![format!("Network {net}")];
+    let monitors = state.lock_monitors();
+    for series in Series::ALL {
+        for monitor in monitors.iter() {
+            let spec = monitor.spec();
+            for window in 0..=spec.kept {
+                let count = monitor.sum(series, net, window, window, now);
+                lines.push(format!(
+                    "{} {}/{window}: {count}",
+                    series.title(),
+                    spec.window_secs
+                ));
+            }
         }
     }
+    for monitor in monitors.iter().filter(|m| m.dropped() > 0) {
+        lines.push(format!(
+            "Dropped {}: {} (tracked-IP cap reached)",
+            monitor.spec(),
+            monitor.dropped()
+        ));
+    }
+    drop(monitors);
+    let sessions = state.read_sessions();
+    for service in &state.config.services {
+        let count = state
+            .slots
+            .get(&service.name)
+            .map_or(0, |&slot| sessions.count(slot, net));
+        lines.push(format!("Sessions {}: {count}", service.name));
+    }
+    lines
+}
+
+fn find_monitor<'m>(
+    monitors: &'m Monitors,
+    wanted: &MonitorRef,
+) -> Result<&'m Monitor, QueryError> {
+    if monitors.is_empty() {
+        return Err(not_configured());
+    }
+    let found = match wanted {
+        MonitorRef::Key(key) => monitors.by_key(key),
+        MonitorRef::Position(position) => monitors.by_position(*position as usize),
+        MonitorRef::First => monitors.by_position(0),
+    };
+    found.ok_or_else(|| {
+        let configured: Vec<String> = monitors
+            .iter()
+            .map(|m| format!("\"{}\"", m.spec()))
+            .collect();
+        let what = match wanted {
+            MonitorRef::Key(key) => format!("'{key}'"),
+            MonitorRef::Position(position) => format!("at position {position}"),
+            MonitorRef::First => "first".to_string(),
+        };
+        QueryError::new(
+            ErrorCode::UnknownMonitor,
+            format!(
+                "no monitor {what} (configured, from position 0: {})",
+                configured.join(", ")
+            ),
+        )
+    })
+}
+
+fn not_configured() -> QueryError {
+    QueryError::new(
+        ErrorCode::NotConfigured,
+        "no monitors are configured (add monitors = [\"300,6\"] to the config or --monitor 300,6)",
+    )
+}
+
+fn refuse_cluster(cluster: bool) -> Result<(), QueryError> {
+    if cluster {
+        return Err(QueryError::new(
+            ErrorCode::ClusterDisabled,
+            "cluster-wide counts need clustering, which is not enabled",
+        ));
+    }
+    Ok(())
 }
 
 fn service_slot(
@@ -139,7 +261,7 @@ mod tests {
     fn answer(line: &str) -> String {
         let state = state();
         match parse_request(line.as_bytes()) {
-            Ok(request) => execute(&request, &state).to_line(),
+            Ok(request) => execute(&request, &state, Duration::from_secs(1000)).to_line(),
             Err(error) => Reply::Error(error).to_line(),
         }
     }
@@ -214,5 +336,101 @@ mod tests {
                 answer(line)
             );
         }
+    }
+
+    fn monitored_state() -> SharedState {
+        let config = Config {
+            monitors: vec!["60,2".parse().unwrap(), "300,1".parse().unwrap()],
+            ..Config::default()
+        };
+        SharedState::new(config, HashMap::from([("SMTP".to_string(), 0u8)]))
+    }
+
+    fn ask(state: &SharedState, line: &str, now: u64) -> String {
+        match parse_request(line.as_bytes()) {
+            Ok(request) => execute(&request, state, Duration::from_secs(now)).to_line(),
+            Err(error) => Reply::Error(error).to_line(),
+        }
+    }
+
+    #[test]
+    fn windowed_queries_add_and_show() {
+        let state = monitored_state();
+        assert_eq!(ask(&state, "add receptions 10.0.0.1 3", 100), "OK 3\n");
+        assert_eq!(ask(&state, "add receptions 10.0.0.1", 110), "OK 4\n");
+        assert_eq!(ask(&state, "add rejections 10.0.0.2 2", 130), "OK 2\n");
+        state.lock_monitors().record(
+            Series::Connections,
+            "10.0.0.1".parse().unwrap(),
+            5,
+            Duration::from_secs(125),
+        );
+        let cases = [
+            ("@10.0.0.1 msys.audit.receptions(\"60,2\")", "OK 0\n"),
+            (
+                "@10.0.0.1 msys.audit.receptions(\"60,2\", {endv=1})",
+                "OK 4\n",
+            ),
+            ("@10.0.0.1 msys.audit.receptions(\"300,1\")", "OK 4\n"),
+            ("msys.audit.rejections(\"60,2\", \"10.0.0.0/24\")", "OK 2\n"),
+            (
+                "@10.0.0.1 msys.audit.connections(\"60,2\", {cidr=\"/24\"})",
+                "OK 5\n",
+            ),
+            ("@10.0.0.1 ec_ip_connections {monitor=\"300,1\"}", "OK 5\n"),
+            ("@10.0.0.1 ec_ip_receptions {period_start=1}", "OK 4\n"),
+            // 60,2 at 130 s: window 2 (120..180) holds 5 connections; 10 s in.
+            ("@10.0.0.1 ec_ip_connections 0", "OK 5\n"),
+            ("@10.0.0.1 ec_ip_receptions 0", "OK 3\n"),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(ask(&state, line, 130), expected, "{line}");
+        }
+        let errors = [
+            (
+                "@10.0.0.1 msys.audit.connections(\"60,3\")",
+                "ERR unknown_monitor ",
+            ),
+            ("@10.0.0.1 ec_ip_connections 2", "ERR unknown_monitor "),
+            (
+                "@10.0.0.1 msys.audit.connections(\"60,2\", {cluster=true})",
+                "ERR cluster_disabled ",
+            ),
+            ("msys.audit.connections(\"60,2\")", "ERR no_client "),
+        ];
+        for (line, expected) in errors {
+            assert!(
+                ask(&state, line, 130).starts_with(expected),
+                "{line}: {}",
+                ask(&state, line, 130)
+            );
+        }
+        let show = ask(&state, "show 10.0.0.0/24", 130);
+        let lines: Vec<&str> = show.lines().collect();
+        assert_eq!(lines[0], format!("OK {}", lines.len() - 1));
+        for expected in [
+            "Network 10.0.0.0/24",
+            "Connections 60/0: 5",
+            "Connections 60/1: 0",
+            "Receptions 60/1: 4",
+            "Rejections 60/0: 2",
+            "Connections 300/0: 5",
+            "Receptions 300/1: 0",
+            "Sessions SMTP: 0",
+        ] {
+            assert!(lines.contains(&expected), "{expected} in {lines:?}");
+        }
+    }
+
+    #[test]
+    fn without_monitors_windowed_queries_are_not_configured() {
+        for line in [
+            "@10.0.0.1 msys.audit.connections(\"60,1\")",
+            "add receptions 10.0.0.1",
+            "@10.0.0.1 ec_ip_connections 0",
+        ] {
+            assert!(answer(line).starts_with("ERR not_configured "), "{line}");
+        }
+        assert!(answer("show 10.0.0.1").starts_with("OK "));
     }
 }

@@ -8,11 +8,14 @@ use std::{
 };
 
 use audit_common::MAX_SERVICES;
+
+use crate::monitors::{MonitorSpec, MonitorSpecError};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/inbound-audit/inbound-audit.toml";
 pub const DEFAULT_SOCKET_PATH: &str = "/run/inbound-audit/audit.sock";
 pub const DEFAULT_MAX_CLIENTS: usize = 1024;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/inbound-audit";
 /// Service names are stored NUL-padded in a 32-byte kernel map value.
 const MAX_SERVICE_NAME_LEN: usize = 31;
 
@@ -54,6 +57,13 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub max_clients: usize,
     pub reconcile_interval: Duration,
+    /// Time-windowed monitors ("W,N"), in configuration order.
+    pub monitors: Vec<MonitorSpec>,
+    /// Most (IP, window, series) entries one monitor holds; past it new IPs are
+    /// counted as dropped.
+    pub max_tracked_ips_per_monitor: usize,
+    /// Where monitor state is saved on shutdown and read back on start.
+    pub state_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -70,6 +80,9 @@ impl Default for Config {
             pin_dir: crate::kernel::loader::DEFAULT_PIN_DIR.into(),
             max_clients: DEFAULT_MAX_CLIENTS,
             reconcile_interval: Duration::from_secs(10),
+            monitors: Vec::new(),
+            max_tracked_ips_per_monitor: 1_000_000,
+            state_dir: DEFAULT_STATE_DIR.into(),
         }
     }
 }
@@ -86,6 +99,9 @@ struct ConfigFile {
     pin_dir: Option<PathBuf>,
     max_clients: Option<i64>,
     reconcile_interval_secs: Option<i64>,
+    monitors: Option<Vec<String>>,
+    max_tracked_ips_per_monitor: Option<i64>,
+    state_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -159,8 +175,36 @@ impl Config {
                     )
                 })?;
         }
+        if let Some(monitors) = file.monitors {
+            config.monitors = monitors
+                .iter()
+                .map(|m| {
+                    m.parse()
+                        .map_err(|e: MonitorSpecError| invalid("monitors", e.to_string()))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(cap) = file.max_tracked_ips_per_monitor {
+            config.max_tracked_ips_per_monitor = usize::try_from(cap)
+                .ok()
+                .filter(|&c| c > 0)
+                .ok_or_else(|| {
+                    invalid(
+                        "max_tracked_ips_per_monitor",
+                        format!("{cap} is not a positive number"),
+                    )
+                })?;
+        }
+        if let Some(dir) = file.state_dir {
+            config.state_dir = dir;
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The monitor state file.
+    pub fn monitor_state_path(&self) -> PathBuf {
+        self.state_dir.join("monitors.state")
     }
 
     /// Checks what the file format alone cannot: names, port clashes, counts.
@@ -199,6 +243,14 @@ impl Config {
                         ));
                     }
                 }
+            }
+        }
+        for (i, monitor) in self.monitors.iter().enumerate() {
+            if self.monitors[..i].contains(monitor) {
+                return Err(invalid(
+                    "monitors",
+                    format!("\"{monitor}\" is configured twice"),
+                ));
             }
         }
         if self.socket.as_os_str().is_empty() {
@@ -324,6 +376,12 @@ mod tests {
             ("reconcile_interval_secs = -1", "reconcile_interval_secs"),
             ("[services]\ninbound_cidr = [25]", "services.inbound_cidr"),
             ("[services]\n\"bad name\" = [25]", "services.bad name"),
+            ("monitors = [\"60\"]", "monitors"),
+            ("monitors = [\"60,1\", \"60, 1\"]", "monitors"),
+            (
+                "max_tracked_ips_per_monitor = 0",
+                "max_tracked_ips_per_monitor",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

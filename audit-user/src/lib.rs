@@ -11,6 +11,7 @@ pub mod config;
 pub mod connection;
 pub mod index;
 pub mod kernel;
+pub mod monitors;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;

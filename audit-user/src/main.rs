@@ -27,6 +27,13 @@ enum Command {
     Agent(AgentArgs),
     /// Send one request to a running agent and print its answer.
     Query(QueryArgs),
+    /// Print every monitor's windows and the live sessions per service for a network.
+    Show {
+        #[arg(long, default_value = config::DEFAULT_SOCKET_PATH)]
+        socket: PathBuf,
+        /// An IP or network: 203.0.113.9, 203.0.113.0/24, 2001:db8::/64.
+        network: String,
+    },
     /// Detach the kernel programs and remove all pinned state.
     Cleanup {
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
@@ -57,6 +64,13 @@ struct AgentArgs {
     /// Most simultaneous query clients.
     #[arg(long)]
     max_clients: Option<usize>,
+    /// A time-windowed monitor "W,N" (N windows of W seconds); repeatable;
+    /// replaces the config's monitors.
+    #[arg(long = "monitor", value_name = "W,N")]
+    monitors: Vec<String>,
+    /// Directory for the monitor state saved on shutdown.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Seconds between reconcile passes against the kernel's socket records.
     #[arg(long, value_name = "SECS")]
     reconcile_interval: Option<u64>,
@@ -88,6 +102,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Query(args) => run_query(args),
+        Command::Show { socket, network } => run_show(&socket, &network),
         Command::Cleanup { pin_dir } => match loader::cleanup(&pin_dir) {
             Ok(removed) => {
                 println!(
@@ -135,6 +150,16 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(max) = args.max_clients {
         config.max_clients = max;
     }
+    if !args.monitors.is_empty() {
+        config.monitors = args
+            .monitors
+            .iter()
+            .map(|m| m.parse())
+            .collect::<Result<_, inbound_audit::monitors::MonitorSpecError>>()?;
+    }
+    if let Some(dir) = args.state_dir {
+        config.state_dir = dir;
+    }
     if let Some(secs) = args.reconcile_interval {
         if secs == 0 {
             anyhow::bail!("--reconcile-interval must be at least 1 second");
@@ -153,6 +178,32 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_show(socket: &std::path::Path, network: &str) -> ExitCode {
+    match client::query_report(socket, &format!("show {network}")) {
+        Ok(Ok(lines)) => {
+            for line in lines {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(error_line)) => {
+            println!("{error_line}");
+            ExitCode::from(1)
+        }
+        Err(e) => unreachable_agent(socket, &e),
+    }
+}
+
+fn unreachable_agent(socket: &std::path::Path, error: &std::io::Error) -> ExitCode {
+    eprintln!(
+        "inbound-audit: cannot reach the agent at {}: {error}\n\
+         Is it running? Start it with `inbound-audit agent` (or `cargo xtask run`), \
+         or point --socket at its socket.",
+        socket.display()
+    );
+    ExitCode::from(2)
+}
+
 fn run_query(args: QueryArgs) -> ExitCode {
     let request = client::with_client(args.client.as_deref(), &args.request);
     match client::query(&args.socket, &request) {
@@ -164,14 +215,6 @@ fn run_query(args: QueryArgs) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => {
-            eprintln!(
-                "inbound-audit: cannot reach the agent at {}: {e}\n\
-                 Is it running? Start it with `inbound-audit agent` (or `cargo xtask run`), \
-                 or point --socket at its socket.",
-                args.socket.display()
-            );
-            ExitCode::from(2)
-        }
+        Err(e) => unreachable_agent(&args.socket, &e),
     }
 }

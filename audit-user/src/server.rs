@@ -270,11 +270,18 @@ async fn handle_client(
     }
 }
 
+/// Time since the Unix epoch: monitor windows are aligned on it.
+pub fn unix_now() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
 /// One request line to one reply.
 pub fn answer(line: &[u8], state: &SharedState) -> Reply {
     AgentStats::add(&state.stats.queries, 1);
     match parse_request(line) {
-        Ok(request) => command::execute(&request, state),
+        Ok(request) => command::execute(&request, state, unix_now()),
         Err(error) => Reply::Error(error),
     }
 }

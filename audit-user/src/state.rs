@@ -6,16 +6,17 @@ use std::{
     net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        RwLock,
+        Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
 };
 
 use audit_common::{
-    LiveCounts, SessionEvent, SocketRecord, EVENT_CLOSE, EVENT_OPEN, FAMILY_V4, MAX_SERVICES,
+    LiveCounts, SessionEvent, SocketRecord, EVENT_CLOSE, EVENT_OPEN, EVENT_SEED, FAMILY_V4,
+    MAX_SERVICES,
 };
 use ipnet::IpNet;
 
-use crate::{config::Config, index::CidrIndex};
+use crate::{config::Config, index::CidrIndex, monitors::Monitors};
 
 /// Live session counts per service slot.
 pub struct LiveSessions {
@@ -58,7 +59,7 @@ impl LiveSessions {
 
     pub fn apply(&mut self, event: &SessionEvent, outcome: &mut ApplyOutcome) {
         let delta = match event.kind {
-            EVENT_OPEN => 1,
+            EVENT_OPEN | EVENT_SEED => 1,
             EVENT_CLOSE => -1,
             _ => {
                 outcome.malformed += 1;
@@ -255,17 +256,35 @@ pub struct SharedState {
     /// Service name → kernel slot.
     pub slots: HashMap<String, u8>,
     pub sessions: RwLock<LiveSessions>,
+    pub monitors: Mutex<Monitors>,
     pub stats: AgentStats,
 }
 
 impl SharedState {
     pub fn new(config: Config, slots: HashMap<String, u8>) -> Self {
+        let monitors = Monitors::new(&config.monitors, config.max_tracked_ips_per_monitor);
         Self {
             config,
             slots,
             sessions: RwLock::new(LiveSessions::default()),
+            monitors: Mutex::new(monitors),
             stats: AgentStats::default(),
         }
+    }
+
+    // A panic while holding a lock cannot leave these structures in a state
+    // that is unsafe to read (at worst a count is off until reconciled), so a
+    // poisoned lock is still used rather than taking the agent down.
+    pub fn read_sessions(&self) -> RwLockReadGuard<'_, LiveSessions> {
+        self.sessions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn write_sessions(&self) -> RwLockWriteGuard<'_, LiveSessions> {
+        self.sessions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn lock_monitors(&self) -> MutexGuard<'_, Monitors> {
+        self.monitors.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Service names in configuration order, for error messages.

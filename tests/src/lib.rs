@@ -339,7 +339,9 @@ impl Agent {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // The socket is bound before the kernel program is attached; only
+            // an answer means the agent counts and serves.
+            if inbound_audit::client::query(&self.socket, "show 127.0.0.1").is_ok() {
                 return;
             }
             if let Some(status) = self

@@ -97,6 +97,16 @@ impl<'a> Reader<'a> {
         self.position
     }
 
+    /// The unread rest of the source.
+    pub fn remaining(&self) -> &'a str {
+        &self.source[self.position..]
+    }
+
+    /// Marks everything as read.
+    pub fn skip_to_end(&mut self) {
+        self.position = self.source.len();
+    }
+
     pub fn is_at_end(&self) -> bool {
         self.position >= self.source.len()
     }

@@ -54,4 +54,6 @@ pub mod request;
 
 pub use cidr::CidrArg;
 pub use reply::{ErrorCode, QueryError, Reply};
-pub use request::{parse_request, ClientContext, Query, Request, ServiceArg, MAX_REQUEST_LEN};
+pub use request::{
+    parse_request, ClientContext, MonitorRef, Query, Request, ServiceArg, MAX_REQUEST_LEN,
+};

@@ -20,6 +20,8 @@ pub enum ErrorCode {
     TooLong,
     ClusterDisabled,
     Busy,
+    UnknownMonitor,
+    NotConfigured,
 }
 
 impl ErrorCode {
@@ -34,6 +36,8 @@ impl ErrorCode {
             ErrorCode::TooLong => "too_long",
             ErrorCode::ClusterDisabled => "cluster_disabled",
             ErrorCode::Busy => "busy",
+            ErrorCode::UnknownMonitor => "unknown_monitor",
+            ErrorCode::NotConfigured => "not_configured",
         }
     }
 }
@@ -67,6 +71,8 @@ impl QueryError {
 pub enum Reply {
     Count(u64),
     Error(QueryError),
+    /// A report (`show`): `OK <n>` then n lines; only console commands answer so.
+    Lines(Vec<String>),
 }
 
 impl From<QueryError> for Reply {
@@ -76,10 +82,19 @@ impl From<QueryError> for Reply {
 }
 
 impl Reply {
-    /// The reply as sent: exactly one line, terminated by a single LF.
+    /// The reply as sent: one line terminated by a single LF (a `Lines` report:
+    /// its `OK <n>` line, then n lines).
     pub fn to_line(&self) -> String {
         match self {
             Reply::Count(count) => format!("OK {count}\n"),
+            Reply::Lines(lines) => {
+                let mut out = format!("OK {}\n", lines.len());
+                for line in lines {
+                    out.push_str(&single_line_message(line));
+                    out.push('\n');
+                }
+                out
+            }
             Reply::Error(error) => {
                 let message = single_line_message(&error.message);
                 if message.is_empty() {

@@ -4,8 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::cidr::{parse_cidr, CidrArg};
-use super::lua::{syntax_error, Reader, Value};
+use super::lua::{syntax_error, Reader, TableKey, Value};
 use super::reply::{ErrorCode, QueryError};
+use crate::monitors::Series;
 
 /// Longest accepted request in bytes, not counting the terminating LF.
 pub const MAX_REQUEST_LEN: usize = 4096;
@@ -36,11 +37,42 @@ pub enum ServiceArg {
     Listener,
 }
 
+/// Which monitor a windowed query reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorRef {
+    /// By its "W,N" string, as Lua and the Sieve hash form name it.
+    Key(String),
+    /// By its position in the configuration (Sieve's `{ time_series_index }`).
+    Position(u32),
+    /// The Sieve hash form's default: the first configured monitor.
+    First,
+}
+
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Query {
     /// Sessions currently established from `cidr` to `service`.
     SessionCount { cidr: CidrArg, service: ServiceArg },
+    /// The sum of `series` over windows `first..=last` of a monitor.
+    Windowed {
+        series: Series,
+        monitor: MonitorRef,
+        cidr: CidrArg,
+        first: u32,
+        last: u32,
+        cluster: bool,
+    },
+    /// Sieve form 1: the weighted sliding average of windows 0 and 1.
+    Sliding {
+        series: Series,
+        monitor: u32,
+        cidr: CidrArg,
+        cluster: bool,
+    },
+    /// Console `add receptions|rejections <ip> [n]`: the MTA reports events.
+    Add { series: Series, ip: IpAddr, n: u64 },
+    /// Console `show <ip[/mask]>`: every monitor's windows and live sessions.
+    Show { cidr: CidrArg },
 }
 
 /// One parsed request line.
@@ -75,11 +107,70 @@ pub fn parse_request(line: &[u8]) -> Result<Request, QueryError> {
     } else {
         None
     };
+    if let Some(query) = read_console_command(&mut reader)? {
+        return Ok(Request { client, query });
+    }
     let call = read_call(&mut reader)?;
     Ok(Request {
         client,
         query: query_for_call(call)?,
     })
+}
+
+/// Momentum's console commands, whose arguments are bare words:
+/// `add receptions <ip> [n]`, `add rejections <ip> [n]`, `show <ip[/mask]>`.
+/// Returns None (reading nothing) for anything else.
+fn read_console_command(reader: &mut Reader<'_>) -> Result<Option<Query>, QueryError> {
+    let rest = reader.remaining();
+    let mut words = rest.split_ascii_whitespace();
+    let command = words.next().unwrap_or("");
+    if command != "add" && command != "show" {
+        return Ok(None);
+    }
+    let words: Vec<&str> = words.collect();
+    let query = match (command, words.as_slice()) {
+        ("add", [series, ip, count @ ..]) if count.len() <= 1 => {
+            let series = match *series {
+                "receptions" => Series::Receptions,
+                "rejections" => Series::Rejections,
+                other => {
+                    return Err(syntax_error(format!(
+                        "add: series must be receptions or rejections, got {other:?} \
+                         (connections are counted by the kernel)"
+                    )))
+                }
+            };
+            let ip = ip
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    QueryError::new(ErrorCode::BadCidr, format!("add: bad address {ip:?}"))
+                })?
+                .to_canonical();
+            let n = match count.first() {
+                None => 1,
+                Some(text) => text
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n > 0 && n <= u32::MAX as u64)
+                    .ok_or_else(|| {
+                        syntax_error(format!(
+                            "add: count {text:?} is not a number from 1 to 4294967295"
+                        ))
+                    })?,
+            };
+            Query::Add { series, ip, n }
+        }
+        ("add", _) => return Err(syntax_error("usage: add receptions|rejections <ip> [n]")),
+        ("show", [cidr]) => Query::Show {
+            cidr: parse_cidr(cidr)?,
+        },
+        ("show", _) => return Err(syntax_error("usage: show <ip[/mask]>")),
+        _ => unreachable!("command is add or show"),
+    };
+    reader.skip_to_end();
+    Ok(Some(query))
 }
 
 /// Rejects what could only come from a broken or hostile client before
@@ -262,6 +353,9 @@ fn query_for_call(call: CallSyntax) -> Result<Query, QueryError> {
             match name.as_str() {
                 "msys.audit.inbound_session_count" => msys_audit_inbound_session_count(args),
                 "ac:inbound_session_count" => ac_inbound_session_count(args),
+                "msys.audit.connections" => msys_audit_windowed(args, Series::Connections),
+                "msys.audit.receptions" => msys_audit_windowed(args, Series::Receptions),
+                "msys.audit.rejections" => msys_audit_windowed(args, Series::Rejections),
                 _ => Err(unknown_function(&name)),
             }
         }
@@ -272,6 +366,12 @@ fn query_for_call(call: CallSyntax) -> Result<Query, QueryError> {
                 "audit_connections_on_service" => audit_connections_on(args, service_named_smtp()),
                 "audit_connections_on_listener" => audit_connections_on(args, ServiceArg::Listener),
                 "audit_service" => audit_service(args),
+                "ec_ip_connections" => ec_ip(args, Series::Connections, false),
+                "ec_ip_receptions" => ec_ip(args, Series::Receptions, false),
+                "ec_ip_rejections" => ec_ip(args, Series::Rejections, false),
+                "ec_ip_connections_cluster" => ec_ip(args, Series::Connections, true),
+                "ec_ip_receptions_cluster" => ec_ip(args, Series::Receptions, true),
+                "ec_ip_rejections_cluster" => ec_ip(args, Series::Rejections, true),
                 _ => Err(unknown_function(&name)),
             }
         }
@@ -330,6 +430,133 @@ fn audit_service(args: Arguments<'_>) -> Result<Query, QueryError> {
         cidr,
         service: ServiceArg::Named(service),
     })
+}
+
+/// `msys.audit.connections(monitor, options)` and its receptions/rejections
+/// siblings. `options` is a cidr string or a table {startv, endv, cidr, cluster};
+/// startv and endv default to 0 and name the range in either order.
+fn msys_audit_windowed(args: Arguments<'_>, series: Series) -> Result<Query, QueryError> {
+    const PARAMETERS: [&str; 2] = ["monitor", "options"];
+    args.check_count(&PARAMETERS)?;
+    let Some(monitor) = args.lua_string(0, &PARAMETERS)? else {
+        return Err(syntax_error(format!(
+            "{}: argument 1 (monitor) is required, e.g. \"300,6\"",
+            args.function
+        )));
+    };
+    let (mut first, mut last, mut cidr, mut cluster) = (0, 0, CidrArg::Client, false);
+    match args.values.get(1) {
+        None | Some(Value::Nil) => {}
+        Some(Value::Str(text)) => cidr = parse_cidr(text)?,
+        Some(Value::Table(fields)) => {
+            for (key, value) in fields {
+                let option = args.table_key(key)?;
+                match option {
+                    "startv" => first = args.window_number(option, value)?,
+                    "endv" => last = args.window_number(option, value)?,
+                    "cidr" => match value {
+                        Value::Nil => {}
+                        Value::Str(text) => cidr = parse_cidr(text)?,
+                        other => return Err(args.option_error(option, "a string", other)),
+                    },
+                    "cluster" => match value {
+                        Value::Nil => {}
+                        Value::Bool(flag) => cluster = *flag,
+                        other => return Err(args.option_error(option, "a boolean", other)),
+                    },
+                    other => {
+                        return Err(syntax_error(format!(
+                            "{}: unknown option {other:?} (startv, endv, cidr, cluster)",
+                            args.function
+                        )))
+                    }
+                }
+            }
+        }
+        Some(other) => {
+            return Err(args.type_error(1, &PARAMETERS, "a cidr string or an options table", other))
+        }
+    }
+    Ok(Query::Windowed {
+        series,
+        monitor: MonitorRef::Key(monitor),
+        cidr,
+        first,
+        last,
+        cluster,
+    })
+}
+
+/// Sieve `ec_ip_connections { time_series_index } [ mask ]` (the weighted
+/// sliding average) and `ec_ip_connections { $hash }` with the keys monitor,
+/// period_start, period_end and mask, written as a table literal
+/// `{monitor="300,6", period_start=0, period_end=1, mask=24}`.
+fn ec_ip(args: Arguments<'_>, series: Series, cluster: bool) -> Result<Query, QueryError> {
+    const PARAMETERS: [&str; 2] = ["time_series_index", "mask"];
+    args.check_count(&PARAMETERS)?;
+    let mask_cidr = |mask: Option<u32>| match mask {
+        None => Ok(CidrArg::Client),
+        Some(bits) if bits <= 128 => Ok(CidrArg::ClientPrefix(bits as u8)),
+        Some(bits) => Err(QueryError::new(
+            ErrorCode::BadCidr,
+            format!("mask {bits} is longer than 128"),
+        )),
+    };
+    match args.values.first() {
+        Some(Value::Table(fields)) => {
+            if args.values.len() > 1 {
+                return Err(syntax_error(format!(
+                    "{}: the hash form takes one argument",
+                    args.function
+                )));
+            }
+            let (mut monitor, mut first, mut last, mut mask) = (MonitorRef::First, 0, None, None);
+            for (key, value) in fields {
+                let option = args.table_key(key)?;
+                match option {
+                    "monitor" => match value {
+                        Value::Str(text) => monitor = MonitorRef::Key(text.clone()),
+                        other => return Err(args.option_error(option, "a string", other)),
+                    },
+                    "period_start" => first = args.window_number(option, value)?,
+                    "period_end" => last = Some(args.window_number(option, value)?),
+                    "mask" => mask = Some(args.window_number(option, value)?),
+                    other => {
+                        return Err(syntax_error(format!(
+                            "{}: unknown key {other:?} (monitor, period_start, period_end, mask)",
+                            args.function
+                        )))
+                    }
+                }
+            }
+            Ok(Query::Windowed {
+                series,
+                monitor,
+                cidr: mask_cidr(mask)?,
+                first,
+                last: last.unwrap_or(first),
+                cluster,
+            })
+        }
+        Some(index) => {
+            let monitor = args.window_number("time_series_index", index)?;
+            let mask = args
+                .values
+                .get(1)
+                .map(|mask| args.window_number("mask", mask))
+                .transpose()?;
+            Ok(Query::Sliding {
+                series,
+                monitor,
+                cidr: mask_cidr(mask)?,
+                cluster,
+            })
+        }
+        None => Err(syntax_error(format!(
+            "{}: expected {{ time_series_index }} [ mask ] or a hash",
+            args.function
+        ))),
+    }
 }
 
 fn cidr_or_client(text: Option<String>) -> Result<CidrArg, QueryError> {
@@ -404,6 +631,39 @@ impl<'a> Arguments<'a> {
             },
             Some(other) => Err(self.type_error(index, parameters, "a string", other)),
         }
+    }
+
+    /// A table key that must be a plain name.
+    fn table_key<'k>(&self, key: &'k Option<TableKey>) -> Result<&'k str, QueryError> {
+        match key {
+            Some(TableKey::Name(name)) => Ok(name),
+            Some(TableKey::Value(Value::Str(name))) => Ok(name),
+            _ => Err(syntax_error(format!(
+                "{}: options are named fields like {{startv=0}}",
+                self.function
+            ))),
+        }
+    }
+
+    /// A non-negative integer (window number, index, mask), also accepted as
+    /// a numeric string since Sieve passes strings.
+    fn window_number(&self, option: &str, value: &Value) -> Result<u32, QueryError> {
+        let number = match value {
+            Value::Integer(n) => Some(*n),
+            Value::Str(text) => text.parse::<i64>().ok(),
+            _ => None,
+        };
+        number
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| self.option_error(option, "a non-negative integer", value))
+    }
+
+    fn option_error(&self, option: &str, wanted: &str, got: &Value) -> QueryError {
+        syntax_error(format!(
+            "{}: {option} must be {wanted}, got {}",
+            self.function,
+            got.type_name()
+        ))
     }
 
     fn type_error(
@@ -632,6 +892,194 @@ mod tests {
         );
     }
 
+    fn windowed(
+        series: Series,
+        monitor: MonitorRef,
+        cidr: CidrArg,
+        first: u32,
+        last: u32,
+    ) -> Query {
+        Query::Windowed {
+            series,
+            monitor,
+            cidr,
+            first,
+            last,
+            cluster: false,
+        }
+    }
+
+    fn key(text: &str) -> MonitorRef {
+        MonitorRef::Key(text.to_owned())
+    }
+
+    #[test]
+    fn msys_audit_windowed_forms() {
+        assert_eq!(
+            parse("msys.audit.connections(\"60,1\")").query,
+            windowed(Series::Connections, key("60,1"), CidrArg::Client, 0, 0)
+        );
+        assert_eq!(
+            parse("msys.audit.receptions('300,6', '10.0.0.0/8')").query,
+            windowed(
+                Series::Receptions,
+                key("300,6"),
+                network("10.0.0.0/8"),
+                0,
+                0
+            )
+        );
+        assert_eq!(
+            parse("msys.audit.rejections(\"300,6\", {startv=1, endv=3, cidr=\"/24\"})").query,
+            windowed(
+                Series::Rejections,
+                key("300,6"),
+                CidrArg::ClientPrefix(24),
+                1,
+                3
+            )
+        );
+        assert_eq!(
+            parse("msys.audit.connections(\"300,6\", {cluster=true, [\"endv\"]=2})").query,
+            Query::Windowed {
+                series: Series::Connections,
+                monitor: key("300,6"),
+                cidr: CidrArg::Client,
+                first: 0,
+                last: 2,
+                cluster: true
+            }
+        );
+        for bad in [
+            "msys.audit.connections()",
+            "msys.audit.connections(60)",
+            "msys.audit.connections(\"60,1\", 5)",
+            "msys.audit.connections(\"60,1\", {startv=-1})",
+            "msys.audit.connections(\"60,1\", {start=1})",
+            "msys.audit.connections(\"60,1\", {cidr=5})",
+            "msys.audit.connections(\"60,1\", {cluster=\"yes\"})",
+            "msys.audit.connections(\"60,1\", {1})",
+            "msys.audit.connections(\"60,1\", nil, 3)",
+        ] {
+            assert_eq!(rejected(bad).code, ErrorCode::Syntax, "{bad}");
+        }
+        assert_eq!(
+            rejected("msys.audit.connections(\"60,1\", \"10.0.0.300\")").code,
+            ErrorCode::BadCidr
+        );
+    }
+
+    #[test]
+    fn sieve_ec_ip_forms() {
+        assert_eq!(
+            parse("ec_ip_connections \"0\"").query,
+            Query::Sliding {
+                series: Series::Connections,
+                monitor: 0,
+                cidr: CidrArg::Client,
+                cluster: false
+            }
+        );
+        assert_eq!(
+            parse("ec_ip_rejections 1 24").query,
+            Query::Sliding {
+                series: Series::Rejections,
+                monitor: 1,
+                cidr: CidrArg::ClientPrefix(24),
+                cluster: false
+            }
+        );
+        assert_eq!(
+            parse("ec_ip_receptions {monitor=\"300,6\", period_start=1, period_end=4, mask=16}")
+                .query,
+            windowed(
+                Series::Receptions,
+                key("300,6"),
+                CidrArg::ClientPrefix(16),
+                1,
+                4
+            )
+        );
+        assert_eq!(
+            parse("ec_ip_connections {period_start=\"2\"}").query,
+            windowed(
+                Series::Connections,
+                MonitorRef::First,
+                CidrArg::Client,
+                2,
+                2
+            )
+        );
+        assert!(matches!(
+            parse("ec_ip_connections_cluster \"0\"").query,
+            Query::Sliding { cluster: true, .. }
+        ));
+        assert_eq!(rejected("ec_ip_connections").code, ErrorCode::Syntax);
+        assert_eq!(
+            rejected("ec_ip_connections {colour=1}").code,
+            ErrorCode::Syntax
+        );
+        assert_eq!(
+            rejected("ec_ip_connections {mask=24} 3").code,
+            ErrorCode::Syntax
+        );
+        assert_eq!(rejected("ec_ip_connections 0 129").code, ErrorCode::BadCidr);
+    }
+
+    #[test]
+    fn console_add_and_show() {
+        assert_eq!(
+            parse("add receptions 10.0.0.1").query,
+            Query::Add {
+                series: Series::Receptions,
+                ip: "10.0.0.1".parse().unwrap(),
+                n: 1
+            }
+        );
+        assert_eq!(
+            parse("add rejections ::ffff:10.0.0.1 7").query,
+            Query::Add {
+                series: Series::Rejections,
+                ip: "10.0.0.1".parse().unwrap(),
+                n: 7
+            }
+        );
+        assert_eq!(
+            parse("@10.0.0.9 show /24"),
+            Request {
+                client: context("10.0.0.9", None),
+                query: Query::Show {
+                    cidr: CidrArg::ClientPrefix(24)
+                }
+            }
+        );
+        assert_eq!(
+            parse("show 2001:db8::/64").query,
+            Query::Show {
+                cidr: network("2001:db8::/64")
+            }
+        );
+        for bad in [
+            "add",
+            "add receptions",
+            "add connections 10.0.0.1",
+            "add receptions 10.0.0.1 0",
+            "add receptions 10.0.0.1 x",
+            "add receptions 10.0.0.1 1 2",
+            "show",
+            "show a b",
+        ] {
+            assert_eq!(rejected(bad).code, ErrorCode::Syntax, "{bad}");
+        }
+        assert_eq!(
+            rejected("add receptions 10.0.0.256").code,
+            ErrorCode::BadCidr
+        );
+        assert_eq!(rejected("show 10.0.0.0/33").code, ErrorCode::BadCidr);
+        // Only whole words are console commands.
+        assert_eq!(rejected("address").code, ErrorCode::UnknownFunction);
+    }
+
     #[test]
     fn unknown_functions() {
         let unknown = |name: &str| {
@@ -641,8 +1089,8 @@ mod tests {
             )
         };
         assert_eq!(
-            rejected("msys.audit.connections(\"60,1\")"),
-            unknown("msys.audit.connections")
+            rejected("msys.audit.connection(\"60,1\")"),
+            unknown("msys.audit.connection")
         );
         assert_eq!(rejected("print()"), unknown("print"));
         assert_eq!(rejected("ac:session_count()"), unknown("ac:session_count"));
@@ -651,8 +1099,8 @@ mod tests {
             unknown("audit_service")
         );
         assert_eq!(
-            rejected("ec_ip_connections \"/24\""),
-            unknown("ec_ip_connections")
+            rejected("ec_ip_connection \"0\""),
+            unknown("ec_ip_connection")
         );
         assert_eq!(rejected("foo"), unknown("foo"));
         assert_eq!(rejected("foo;"), unknown("foo"));
@@ -762,7 +1210,9 @@ mod tests {
     #[test]
     fn no_client_surfaces_when_resolving() {
         let request = parse("audit_connections_on_service \"/24\"");
-        let Query::SessionCount { cidr, .. } = request.query;
+        let Query::SessionCount { cidr, .. } = request.query else {
+            panic!("a session count")
+        };
         assert_eq!(
             cidr.resolve(request.client.map(|client| client.ip)),
             Err(QueryError::new(
@@ -771,7 +1221,9 @@ mod tests {
             ))
         );
         let request = parse("@::ffff:203.0.113.9 audit_connections_on_service \"/24\"");
-        let Query::SessionCount { cidr, .. } = request.query;
+        let Query::SessionCount { cidr, .. } = request.query else {
+            panic!("a session count")
+        };
         assert_eq!(
             cidr.resolve(request.client.map(|client| client.ip)),
             Ok("203.0.113.0/24".parse().unwrap())
