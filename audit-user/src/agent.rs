@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use crate::{
+    adapters::postfix,
     config::Config,
     kernel::{
         cgroup,
@@ -73,6 +74,17 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         config.socket_mode,
         config.socket_group.as_deref(),
     )?;
+    let policy_socket = config
+        .policy_socket
+        .as_deref()
+        .map(|path| {
+            QuerySocket::bind(
+                path,
+                config.policy_socket_mode,
+                config.policy_socket_group.as_deref(),
+            )
+        })
+        .transpose()?;
     let mut program = KernelProgram::load(&LoadOptions {
         pin_dir: &config.pin_dir,
         cgroup: &cgroup_path,
@@ -126,11 +138,28 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
 
     log::info!("serving queries on {}", socket.path().display());
     let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone()));
+    let policy_task = policy_socket.map(|socket| {
+        log::info!(
+            "serving Postfix policy requests on {} with {} limits",
+            socket.path().display(),
+            state.config.policy_limits.len()
+        );
+        let limits = Arc::new(state.config.policy_limits.clone());
+        tokio::spawn(postfix::serve(
+            socket,
+            limits,
+            state.clone(),
+            shutdown.clone(),
+        ))
+    });
 
     signals.wait().await;
     log::info!("shutting down");
     trigger.trigger();
     let _ = server_task.await;
+    if let Some(task) = policy_task {
+        let _ = task.await;
+    }
     let _ = events_task.await;
     let _ = reconcile_task.await;
 

@@ -9,7 +9,10 @@ use std::{
 
 use audit_common::MAX_SERVICES;
 
-use crate::monitors::{MonitorSpec, MonitorSpecError};
+use crate::{
+    adapters::postfix::{Limit, LimitConfig},
+    monitors::{MonitorSpec, MonitorSpecError},
+};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/inbound-audit/inbound-audit.toml";
@@ -64,6 +67,12 @@ pub struct Config {
     pub max_tracked_ips_per_monitor: usize,
     /// Where monitor state is saved on shutdown and read back on start.
     pub state_dir: PathBuf,
+    /// Postfix policy delegation socket; None: no policy server.
+    pub policy_socket: Option<PathBuf>,
+    pub policy_socket_mode: u32,
+    /// Postfix's smtpd runs as user postfix: give it the socket's group.
+    pub policy_socket_group: Option<String>,
+    pub policy_limits: Vec<Limit>,
 }
 
 impl Default for Config {
@@ -83,6 +92,10 @@ impl Default for Config {
             monitors: Vec::new(),
             max_tracked_ips_per_monitor: 1_000_000,
             state_dir: DEFAULT_STATE_DIR.into(),
+            policy_socket: None,
+            policy_socket_mode: 0o660,
+            policy_socket_group: None,
+            policy_limits: Vec::new(),
         }
     }
 }
@@ -102,6 +115,10 @@ struct ConfigFile {
     monitors: Option<Vec<String>>,
     max_tracked_ips_per_monitor: Option<i64>,
     state_dir: Option<PathBuf>,
+    policy_socket: Option<PathBuf>,
+    policy_socket_mode: Option<String>,
+    policy_socket_group: Option<String>,
+    policy_limits: Option<Vec<LimitConfig>>,
 }
 
 impl Config {
@@ -198,6 +215,24 @@ impl Config {
         if let Some(dir) = file.state_dir {
             config.state_dir = dir;
         }
+        config.policy_socket = file.policy_socket.or(config.policy_socket);
+        if let Some(mode) = file.policy_socket_mode {
+            config.policy_socket_mode =
+                parse_mode(&mode).map_err(|reason| invalid("policy_socket_mode", reason))?;
+        }
+        config.policy_socket_group = file.policy_socket_group.or(config.policy_socket_group);
+        if let Some(limits) = file.policy_limits {
+            let services: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+            config.policy_limits = limits
+                .into_iter()
+                .enumerate()
+                .map(|(i, limit)| {
+                    limit
+                        .check(&services, &config.monitors)
+                        .map_err(|reason| invalid(&format!("policy_limits[{i}]"), reason))
+                })
+                .collect::<Result<_, _>>()?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -251,6 +286,26 @@ impl Config {
                     "monitors",
                     format!("\"{monitor}\" is configured twice"),
                 ));
+            }
+        }
+        // Flags may replace services and monitors after the file was read.
+        for (i, limit) in self.policy_limits.iter().enumerate() {
+            let key = format!("policy_limits[{i}]");
+            if let Some(service) = &limit.service {
+                if !self.services.iter().any(|s| &s.name == service) {
+                    return Err(invalid(
+                        &key,
+                        format!("service {service:?} is not configured"),
+                    ));
+                }
+            }
+            if let Some(monitor) = &limit.monitor {
+                if !self.monitors.contains(monitor) {
+                    return Err(invalid(
+                        &key,
+                        format!("monitor \"{monitor}\" is not configured"),
+                    ));
+                }
             }
         }
         if self.socket.as_os_str().is_empty() {

@@ -4,6 +4,7 @@
 //! Data path: kernel (ring buffer, maps) → index/state → protocol → connection
 //! → command → server.
 
+pub mod adapters;
 pub mod agent;
 pub mod client;
 pub mod command;

@@ -71,6 +71,12 @@ struct AgentArgs {
     /// Directory for the monitor state saved on shutdown.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve Postfix policy delegation (check_policy_service) on this socket.
+    #[arg(long)]
+    policy_socket: Option<PathBuf>,
+    /// Group owning the policy socket (Postfix's smtpd runs as user postfix).
+    #[arg(long)]
+    policy_socket_group: Option<String>,
     /// Seconds between reconcile passes against the kernel's socket records.
     #[arg(long, value_name = "SECS")]
     reconcile_interval: Option<u64>,
@@ -156,6 +162,12 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             .iter()
             .map(|m| m.parse())
             .collect::<Result<_, inbound_audit::monitors::MonitorSpecError>>()?;
+    }
+    if let Some(path) = args.policy_socket {
+        config.policy_socket = Some(path);
+    }
+    if let Some(group) = args.policy_socket_group {
+        config.policy_socket_group = Some(group);
     }
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;

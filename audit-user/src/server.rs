@@ -139,6 +139,10 @@ impl QuerySocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    pub async fn accept(&self) -> io::Result<UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
+    }
 }
 
 impl Drop for QuerySocket {
@@ -198,8 +202,8 @@ pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutd
     loop {
         let stream = tokio::select! {
             _ = stop.wait() => break,
-            accepted = socket.listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            accepted = socket.accept() => match accepted {
+                Ok(stream) => stream,
                 Err(e) => {
                     log::warn!("accept on {}: {e}", socket.path.display());
                     // EMFILE and friends: give other tasks a chance to free descriptors.

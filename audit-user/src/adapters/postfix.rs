@@ -1,0 +1,670 @@
+//! Postfix policy delegation (SMTPD_POLICY_README): `check_policy_service`
+//! sends `name=value` lines ending with an empty line; we answer one
+//! `action=...` line and an empty line. Connections are persistent. On trouble
+//! (a malformed or oversized request) the server logs a warning and disconnects
+//! without replying, as the protocol asks, and Postfix applies its default action.
+//!
+//! Each request is judged against the configured limits, from the same counts
+//! the query socket serves: live sessions from the client's prefix, or
+//! connections/receptions/rejections in a monitor's windows. At END-OF-MESSAGE a
+//! reception is recorded; whenever the answer rejects or defers, a rejection.
+
+use std::{collections::HashMap, io, net::IpAddr, sync::Arc, time::Duration};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::UnixStream,
+    sync::Semaphore,
+};
+
+use crate::{
+    monitors::{MonitorSpec, Series},
+    server::{unix_now, QuerySocket},
+    shutdown::Shutdown,
+    state::SharedState,
+};
+
+/// Longest attribute line; Postfix's own are far shorter (a long client_name
+/// or ccert field is well under this).
+const MAX_LINE_LEN: usize = 4096;
+/// Most attributes in one request; Postfix 3.7 sends about 30.
+const MAX_ATTRIBUTES: usize = 128;
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitCount {
+    /// Live sessions now.
+    Sessions,
+    Connections,
+    Receptions,
+    Rejections,
+}
+
+/// One limit as written in the config file (`[[policy_limits]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    pub count: LimitCount,
+    /// Sessions only: the service; default the service of the client's
+    /// server_port, else SMTP.
+    pub service: Option<String>,
+    /// Windowed counts only: the monitor ("W,N") and its windows (default 0..0).
+    pub monitor: Option<String>,
+    pub startv: Option<u32>,
+    pub endv: Option<u32>,
+    /// Prefix lengths the client's address is masked to (default /32 and /128).
+    pub ipv4_prefix: Option<u8>,
+    pub ipv6_prefix: Option<u8>,
+    /// The limit fires when the count is above this.
+    pub max: u64,
+    /// The access(5) action, e.g. "421 4.7.0", "defer_if_permit", "reject",
+    /// "450 4.7.1"; our explanation follows it.
+    pub action: String,
+}
+
+/// A checked limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    pub count: LimitCount,
+    pub service: Option<String>,
+    pub monitor: Option<MonitorSpec>,
+    pub first: u32,
+    pub last: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub max: u64,
+    pub action: String,
+}
+
+impl LimitConfig {
+    /// Checks the limit against the configured services and monitors; the
+    /// error names what is wrong.
+    pub fn check(self, services: &[&str], monitors: &[MonitorSpec]) -> Result<Limit, String> {
+        let windowed = self.count != LimitCount::Sessions;
+        let monitor = match (&self.monitor, windowed) {
+            (Some(text), true) => {
+                let spec: MonitorSpec = text
+                    .parse()
+                    .map_err(|e: crate::monitors::MonitorSpecError| e.to_string())?;
+                if !monitors.contains(&spec) {
+                    return Err(format!(
+                        "monitor \"{spec}\" is not configured in `monitors`"
+                    ));
+                }
+                Some(spec)
+            }
+            (None, true) => return Err("windowed limits need `monitor`".into()),
+            (Some(_), false) => {
+                return Err("`monitor` only applies to connections, receptions, rejections".into())
+            }
+            (None, false) => None,
+        };
+        if !windowed && (self.startv.is_some() || self.endv.is_some()) {
+            return Err("`startv`/`endv` only apply to windowed limits".into());
+        }
+        if windowed && self.service.is_some() {
+            return Err("`service` only applies to session limits".into());
+        }
+        if let Some(service) = &self.service {
+            if !services.contains(&service.as_str()) {
+                return Err(format!("service {service:?} is not configured"));
+            }
+        }
+        let ipv4_prefix = self.ipv4_prefix.unwrap_or(32);
+        let ipv6_prefix = self.ipv6_prefix.unwrap_or(128);
+        if ipv4_prefix > 32 || ipv6_prefix > 128 {
+            return Err("ipv4_prefix is at most 32 and ipv6_prefix at most 128".into());
+        }
+        let action = self.action.trim().to_string();
+        if action.is_empty() || action.contains(['\n', '\r']) {
+            return Err(
+                "`action` must be one line, e.g. \"421 4.7.0\" or \"defer_if_permit\"".into(),
+            );
+        }
+        Ok(Limit {
+            count: self.count,
+            service: self.service,
+            monitor,
+            first: self.startv.unwrap_or(0),
+            last: self.endv.unwrap_or(0),
+            ipv4_prefix,
+            ipv6_prefix,
+            max: self.max,
+            action,
+        })
+    }
+}
+
+/// Why a request could not be read; the connection is then dropped unanswered.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("attribute line longer than {MAX_LINE_LEN} bytes")]
+    LineTooLong,
+    #[error("more than {MAX_ATTRIBUTES} attributes in one request")]
+    TooManyAttributes,
+    #[error("malformed attribute line {line:?} (expected name=value)")]
+    Malformed { line: String },
+    #[error("request without a usable client_address")]
+    NoClientAddress,
+    #[error("unsupported request type {0:?} (expected smtpd_access_policy)")]
+    RequestType(String),
+    #[error("connection closed in the middle of a request")]
+    Truncated,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// One policy request: its attributes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PolicyRequest {
+    pub attributes: HashMap<String, String>,
+}
+
+impl PolicyRequest {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.attributes.get(name).map(String::as_str)
+    }
+
+    fn client(&self) -> Result<IpAddr, PolicyError> {
+        self.get("client_address")
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            .map(|ip| ip.to_canonical())
+            .ok_or(PolicyError::NoClientAddress)
+    }
+}
+
+/// Reads requests off one connection; returns Ok(None) at a clean EOF between requests.
+pub struct PolicyReader<R> {
+    reader: R,
+}
+
+impl<R: tokio::io::AsyncBufRead + Unpin> PolicyReader<R> {
+    pub fn new(reader: R) -> Self {
+        Self { reader }
+    }
+
+    pub async fn next_request(&mut self) -> Result<Option<PolicyRequest>, PolicyError> {
+        let mut request = PolicyRequest::default();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut self.reader)
+                .take(MAX_LINE_LEN as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .await?;
+            if n == 0 {
+                return if request.attributes.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(PolicyError::Truncated)
+                };
+            }
+            if line.last() != Some(&b'\n') {
+                return Err(if line.len() > MAX_LINE_LEN {
+                    PolicyError::LineTooLong
+                } else {
+                    PolicyError::Truncated
+                });
+            }
+            line.pop();
+            if line.is_empty() {
+                if request.attributes.is_empty() {
+                    // Stray empty lines between requests are harmless.
+                    continue;
+                }
+                if let Some(kind) = request.get("request") {
+                    if kind != "smtpd_access_policy" {
+                        return Err(PolicyError::RequestType(kind.to_string()));
+                    }
+                }
+                return Ok(Some(request));
+            }
+            let text = String::from_utf8_lossy(&line);
+            let Some((name, value)) = text.split_once('=') else {
+                return Err(PolicyError::Malformed {
+                    line: text.chars().take(80).collect(),
+                });
+            };
+            if name.is_empty() {
+                return Err(PolicyError::Malformed {
+                    line: text.chars().take(80).collect(),
+                });
+            }
+            if request.attributes.len() >= MAX_ATTRIBUTES {
+                return Err(PolicyError::TooManyAttributes);
+            }
+            request
+                .attributes
+                .insert(name.to_string(), value.to_string());
+        }
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Without the `action=` prefix.
+    pub action: String,
+    /// The answer refuses (reject or defer): counted as a rejection.
+    pub refuses: bool,
+}
+
+/// Judges `request` against `limits`; records receptions and rejections.
+pub fn decide(
+    request: &PolicyRequest,
+    limits: &[Limit],
+    state: &SharedState,
+    now: Duration,
+) -> Result<Decision, PolicyError> {
+    let client = request.client()?;
+    let end_of_message = request.get("protocol_state") == Some("END-OF-MESSAGE");
+    let mut decision = Decision {
+        action: "dunno".into(),
+        refuses: false,
+    };
+    if end_of_message {
+        record(state, Series::Receptions, client, now);
+        return Ok(decision);
+    }
+    for limit in limits {
+        let prefix = if client.is_ipv4() {
+            limit.ipv4_prefix
+        } else {
+            limit.ipv6_prefix
+        };
+        let net = IpNet::new(client, prefix)
+            .expect("prefix checked at load")
+            .trunc();
+        let (count, what) = match limit.count {
+            LimitCount::Sessions => {
+                let service = limit
+                    .service
+                    .clone()
+                    .or_else(|| {
+                        request
+                            .get("server_port")
+                            .and_then(|p| p.parse().ok())
+                            .and_then(|port| state.config.service_of_port(port))
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_else(|| crate::command::DEFAULT_SERVICE.to_string());
+                let count = state
+                    .slots
+                    .get(&service)
+                    .map_or(0, |&slot| state.read_sessions().count(slot, &net));
+                (count, format!("{service} sessions"))
+            }
+            windowed => {
+                let series = match windowed {
+                    LimitCount::Connections => Series::Connections,
+                    LimitCount::Receptions => Series::Receptions,
+                    _ => Series::Rejections,
+                };
+                let spec = limit.monitor.expect("checked at load");
+                let monitors = state.lock_monitors();
+                let count = monitors
+                    .by_key(&spec.to_string())
+                    .map_or(0, |m| m.sum(series, &net, limit.first, limit.last, now));
+                let windows = if limit.first == limit.last {
+                    format!("window {}", limit.first)
+                } else {
+                    format!("windows {}-{}", limit.first, limit.last)
+                };
+                (count, format!("{} in \"{spec}\" {windows}", series.name()))
+            }
+        };
+        if count > limit.max {
+            decision = Decision {
+                action: format!(
+                    "{} Too many {what} from {net}: {count} (limit {}) [inbound-audit]",
+                    limit.action, limit.max
+                ),
+                refuses: refuses(&limit.action),
+            };
+            break;
+        }
+    }
+    if decision.refuses {
+        record(state, Series::Rejections, client, now);
+    }
+    Ok(decision)
+}
+
+/// Whether an access(5) action refuses the mail (a 4xx/5xx code, reject, defer).
+fn refuses(action: &str) -> bool {
+    let word = action
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    word.starts_with('4')
+        || word.starts_with('5')
+        || matches!(
+            word.as_str(),
+            "reject"
+                | "defer"
+                | "defer_if_permit"
+                | "defer_if_reject"
+                | "reject_unauth_destination"
+        )
+}
+
+fn record(state: &SharedState, series: Series, client: IpAddr, now: Duration) {
+    let mut monitors = state.lock_monitors();
+    if !monitors.is_empty() {
+        monitors.record(series, client, 1, now);
+    }
+}
+
+/// Serves policy requests until `shutdown` fires.
+pub async fn serve(
+    socket: QuerySocket,
+    limits: Arc<Vec<Limit>>,
+    state: Arc<SharedState>,
+    shutdown: Shutdown,
+) {
+    let slots = Arc::new(Semaphore::new(state.config.max_clients));
+    let mut stop = shutdown.clone();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.wait() => break,
+            accepted = socket.accept() => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    log::warn!("policy socket accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            log::warn!(
+                "policy socket: too many clients (max_clients = {}); dropping one",
+                state.config.max_clients
+            );
+            continue;
+        };
+        let (limits, state, stop) = (limits.clone(), state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &limits, &state, stop).await {
+                log::warn!("postfix policy client dropped: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    limits: &[Limit],
+    state: &SharedState,
+    mut stop: Shutdown,
+) -> Result<(), PolicyError> {
+    let (read, mut write) = stream.into_split();
+    let mut requests = PolicyReader::new(BufReader::new(read));
+    loop {
+        let request = tokio::select! {
+            _ = stop.wait() => return Ok(()),
+            request = requests.next_request() => request?,
+        };
+        let Some(request) = request else {
+            return Ok(());
+        };
+        let decision = decide(&request, limits, state, unix_now())?;
+        if decision.refuses {
+            log::info!(
+                "postfix policy: {} {} -> {}",
+                request.get("client_address").unwrap_or("?"),
+                request.get("protocol_state").unwrap_or("?"),
+                decision.action
+            );
+        }
+        write
+            .write_all(format!("action={}\n\n", decision.action).as_bytes())
+            .await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use audit_common::{SessionEvent, EVENT_OPEN, FAMILY_V4};
+
+    use super::*;
+    use crate::{
+        config::{Config, ServicePorts},
+        state::ApplyOutcome,
+    };
+
+    fn state() -> SharedState {
+        let config = Config {
+            services: vec![ServicePorts {
+                name: "SMTP".into(),
+                ports: vec![25],
+            }],
+            monitors: vec!["60,1".parse().unwrap()],
+            ..Config::default()
+        };
+        let state = SharedState::new(config, HashMap::from([("SMTP".to_string(), 0u8)]));
+        let mut outcome = ApplyOutcome::default();
+        for last in [1u8, 2, 3] {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&[192, 0, 2, last]);
+            let event = SessionEvent {
+                cookie: 0,
+                addr,
+                kind: EVENT_OPEN,
+                family: FAMILY_V4,
+                service: 0,
+                _pad: [0; 5],
+            };
+            state.write_sessions().apply(&event, &mut outcome);
+        }
+        state
+    }
+
+    fn limits(state: &SharedState) -> Vec<Limit> {
+        let configs: Vec<LimitConfig> = toml::from_str::<HashMap<String, Vec<LimitConfig>>>(
+            r#"
+            limits = [
+              { count = "sessions", ipv4_prefix = 24, ipv6_prefix = 64, max = 2, action = "421 4.7.0" },
+              { count = "connections", monitor = "60,1", max = 4, action = "defer_if_permit" },
+            ]
+            "#,
+        )
+        .unwrap()
+        .remove("limits")
+        .unwrap();
+        let services = vec!["SMTP"];
+        configs
+            .into_iter()
+            .map(|c| c.check(&services, &state.config.monitors).unwrap())
+            .collect()
+    }
+
+    fn request(pairs: &[(&str, &str)]) -> PolicyRequest {
+        PolicyRequest {
+            attributes: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn limits_fire_with_their_text_and_count_rejections() {
+        let state = state();
+        let limits = limits(&state);
+        let now = Duration::from_secs(1000);
+        let from = |ip: &str| {
+            request(&[
+                ("request", "smtpd_access_policy"),
+                ("protocol_state", "RCPT"),
+                ("client_address", ip),
+            ])
+        };
+        let decision = decide(&from("192.0.2.7"), &limits, &state, now).unwrap();
+        assert_eq!(
+            decision.action,
+            "421 4.7.0 Too many SMTP sessions from 192.0.2.0/24: 3 (limit 2) [inbound-audit]"
+        );
+        assert!(decision.refuses);
+        let decision = decide(&from("198.51.100.1"), &limits, &state, now).unwrap();
+        assert_eq!(
+            decision,
+            Decision {
+                action: "dunno".into(),
+                refuses: false
+            }
+        );
+        for _ in 0..5 {
+            state.lock_monitors().record(
+                Series::Connections,
+                "198.51.100.1".parse().unwrap(),
+                1,
+                now,
+            );
+        }
+        let decision = decide(&from("198.51.100.1"), &limits, &state, now).unwrap();
+        assert_eq!(
+            decision.action,
+            "defer_if_permit Too many connections in \"60,1\" window 0 from 198.51.100.1/32: 5 (limit 4) [inbound-audit]"
+        );
+        let monitors = state.lock_monitors();
+        let monitor = monitors.by_position(0).unwrap();
+        assert_eq!(
+            monitor.sum(
+                Series::Rejections,
+                &"192.0.2.7/32".parse().unwrap(),
+                0,
+                0,
+                now
+            ),
+            1
+        );
+        assert_eq!(
+            monitor.sum(
+                Series::Rejections,
+                &"198.51.100.1/32".parse().unwrap(),
+                0,
+                0,
+                now
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn end_of_message_records_a_reception() {
+        let state = state();
+        let limits = limits(&state);
+        let now = Duration::from_secs(1000);
+        let eom = request(&[
+            ("protocol_state", "END-OF-MESSAGE"),
+            ("client_address", "192.0.2.1"),
+        ]);
+        assert_eq!(decide(&eom, &limits, &state, now).unwrap().action, "dunno");
+        let monitors = state.lock_monitors();
+        assert_eq!(
+            monitors.by_position(0).unwrap().sum(
+                Series::Receptions,
+                &"192.0.2.0/24".parse().unwrap(),
+                0,
+                0,
+                now
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn limit_config_errors_name_the_problem() {
+        let monitors: Vec<MonitorSpec> = vec!["60,1".parse().unwrap()];
+        let check = |text: &str| {
+            toml::from_str::<LimitConfig>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.check(&["SMTP"], &monitors))
+        };
+        assert!(check("count = \"sessions\"\nmax = 1\naction = \"reject\"").is_ok());
+        for (text, needle) in [
+            (
+                "count = \"connections\"\nmax = 1\naction = \"reject\"",
+                "need `monitor`",
+            ),
+            (
+                "count = \"connections\"\nmonitor = \"300,6\"\nmax = 1\naction = \"reject\"",
+                "not configured",
+            ),
+            (
+                "count = \"sessions\"\nmonitor = \"60,1\"\nmax = 1\naction = \"reject\"",
+                "only applies",
+            ),
+            (
+                "count = \"sessions\"\nservice = \"Control\"\nmax = 1\naction = \"reject\"",
+                "not configured",
+            ),
+            (
+                "count = \"sessions\"\nipv4_prefix = 33\nmax = 1\naction = \"reject\"",
+                "at most 32",
+            ),
+            ("count = \"sessions\"\nmax = 1\naction = \"\"", "one line"),
+            (
+                "count = \"bytes\"\nmax = 1\naction = \"reject\"",
+                "unknown variant",
+            ),
+            (
+                "count = \"sessions\"\nmax = 1\naction = \"reject\"\ncolour = 1",
+                "unknown field",
+            ),
+        ] {
+            let error = check(text).unwrap_err();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reader_follows_the_wire_rules() {
+        let input: &[u8] = b"request=smtpd_access_policy\nclient_address=192.0.2.1\nfoo=a=b\n\n\nclient_address=::1\n\n";
+        let mut reader = PolicyReader::new(BufReader::new(input));
+        let first = reader.next_request().await.unwrap().unwrap();
+        assert_eq!(first.get("client_address"), Some("192.0.2.1"));
+        assert_eq!(first.get("foo"), Some("a=b"));
+        let second = reader.next_request().await.unwrap().unwrap();
+        assert_eq!(second.get("client_address"), Some("::1"));
+        assert!(reader.next_request().await.unwrap().is_none());
+
+        for (bad, expected) in [
+            (&b"no equals sign\n\n"[..], "malformed"),
+            (b"request=junk\n\n", "unsupported request type"),
+            (b"client_address=1.2.3.4\n", "closed in the middle"),
+        ] {
+            let mut reader = PolicyReader::new(BufReader::new(bad));
+            let error = reader.next_request().await.unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        let long = [b"x=".as_slice(), &vec![b'y'; 5000], b"\n\n"].concat();
+        let mut reader = PolicyReader::new(BufReader::new(long.as_slice()));
+        assert!(matches!(
+            reader.next_request().await,
+            Err(PolicyError::LineTooLong)
+        ));
+        let many: Vec<u8> = (0..200)
+            .flat_map(|i| format!("a{i}=1\n").into_bytes())
+            .collect();
+        let mut reader = PolicyReader::new(BufReader::new(many.as_slice()));
+        assert!(matches!(
+            reader.next_request().await,
+            Err(PolicyError::TooManyAttributes)
+        ));
+        let state = state();
+        let no_client = request(&[("protocol_state", "RCPT")]);
+        assert!(matches!(
+            decide(&no_client, &[], &state, Duration::ZERO),
+            Err(PolicyError::NoClientAddress)
+        ));
+    }
+}
