@@ -57,6 +57,7 @@ fn main() -> Result<()> {
             run(&mut command)
         }
         Task::Test { args } => {
+            ensure_test_packages()?;
             let binary = build(&root)?;
             let object = ebpf_object(&root);
             let mut command = cargo(&root);
@@ -256,6 +257,45 @@ fn ensure_bpf_linker(root: &Path) -> Result<PathBuf> {
         .env("LLVM_PREFIX", &prefix);
     run(&mut install).context("building bpf-linker")?;
     Ok(bin_dir)
+}
+
+/// Debian packages the adapter tests drive for real: a Lua host with
+/// LuaSocket, and Postfix (installed, never started as a service: the tests run
+/// private instances). Installed when missing and we can; otherwise those tests
+/// skip and say so. INBOUND_AUDIT_NO_APT=1 leaves the system alone.
+const TEST_PACKAGES: [&str; 3] = ["lua5.4", "lua-socket", "postfix"];
+
+fn ensure_test_packages() -> Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .into_iter()
+        .filter(|package| {
+            let status = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", package])
+                .output();
+            !matches!(status, Ok(out) if String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if std::env::var_os("INBOUND_AUDIT_NO_APT").is_some()
+        || require_root("install packages").is_err()
+    {
+        println!(
+            "not installing {} (tests that need them will skip)",
+            missing.join(" ")
+        );
+        return Ok(());
+    }
+    println!(
+        "installing the packages the adapter tests use: {}",
+        missing.join(" ")
+    );
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn require_root(what: &str) -> Result<()> {
