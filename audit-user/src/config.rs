@@ -73,6 +73,40 @@ pub struct Config {
     /// Postfix's smtpd runs as user postfix: give it the socket's group.
     pub policy_socket_group: Option<String>,
     pub policy_limits: Vec<Limit>,
+    /// How long a client may stay connected without starting a request.
+    pub client_idle_timeout: Duration,
+    /// How long one request may take from its first byte to its LF.
+    pub request_timeout: Duration,
+    pub access: Access,
+}
+
+/// Which local users may use the query socket, from its peer credentials.
+/// Root is always allowed. Empty query lists: whoever can open the socket (its
+/// mode and group decide). `add` (writes) needs the add lists; empty: root only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    pub query_uids: Vec<u32>,
+    pub query_gids: Vec<u32>,
+    pub add_uids: Vec<u32>,
+    pub add_gids: Vec<u32>,
+}
+
+impl Access {
+    pub fn allows(&self, uid: Option<u32>, gid: Option<u32>, writes: bool) -> bool {
+        if uid == Some(0) {
+            return true;
+        }
+        let member = |uids: &[u32], gids: &[u32]| {
+            uid.is_some_and(|u| uids.contains(&u)) || gid.is_some_and(|g| gids.contains(&g))
+        };
+        let may_add = member(&self.add_uids, &self.add_gids);
+        if writes {
+            return may_add;
+        }
+        (self.query_uids.is_empty() && self.query_gids.is_empty())
+            || may_add
+            || member(&self.query_uids, &self.query_gids)
+    }
 }
 
 impl Default for Config {
@@ -96,6 +130,9 @@ impl Default for Config {
             policy_socket_mode: 0o660,
             policy_socket_group: None,
             policy_limits: Vec::new(),
+            client_idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(10),
+            access: Access::default(),
         }
     }
 }
@@ -119,6 +156,67 @@ struct ConfigFile {
     policy_socket_mode: Option<String>,
     policy_socket_group: Option<String>,
     policy_limits: Option<Vec<LimitConfig>>,
+    client_idle_timeout_secs: Option<i64>,
+    request_timeout_secs: Option<i64>,
+    access: Option<AccessFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessFile {
+    #[serde(default)]
+    query_users: Vec<IdOrName>,
+    #[serde(default)]
+    query_groups: Vec<IdOrName>,
+    #[serde(default)]
+    add_users: Vec<IdOrName>,
+    #[serde(default)]
+    add_groups: Vec<IdOrName>,
+}
+
+/// A user or group as a number or a name.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum IdOrName {
+    Id(i64),
+    Name(String),
+}
+
+impl IdOrName {
+    fn resolve(&self, key: &str, lookup: fn(&str) -> Option<u32>) -> Result<u32, ConfigError> {
+        match self {
+            IdOrName::Id(id) => {
+                u32::try_from(*id).map_err(|_| invalid(key, format!("{id} is not a valid id")))
+            }
+            IdOrName::Name(name) => {
+                lookup(name).ok_or_else(|| invalid(key, format!("no such user or group {name:?}")))
+            }
+        }
+    }
+}
+
+fn resolve_all(
+    key: &str,
+    ids: &[IdOrName],
+    lookup: fn(&str) -> Option<u32>,
+) -> Result<Vec<u32>, ConfigError> {
+    ids.iter().map(|id| id.resolve(key, lookup)).collect()
+}
+
+fn user_id(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    // SAFETY: non-null result of getpwnam.
+    (!entry.is_null()).then(|| unsafe { (*entry).pw_uid })
+}
+
+pub fn group_id(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam returns NULL or a pointer to static storage, read at once.
+    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+    // SAFETY: non-null result of getgrnam.
+    (!entry.is_null()).then(|| unsafe { (*entry).gr_gid })
 }
 
 impl Config {
@@ -232,6 +330,27 @@ impl Config {
                         .map_err(|reason| invalid(&format!("policy_limits[{i}]"), reason))
                 })
                 .collect::<Result<_, _>>()?;
+        }
+        let seconds = |key: &str, value: i64| {
+            u64::try_from(value)
+                .ok()
+                .filter(|&s| s > 0)
+                .map(Duration::from_secs)
+                .ok_or_else(|| invalid(key, format!("{value} is not a positive number of seconds")))
+        };
+        if let Some(secs) = file.client_idle_timeout_secs {
+            config.client_idle_timeout = seconds("client_idle_timeout_secs", secs)?;
+        }
+        if let Some(secs) = file.request_timeout_secs {
+            config.request_timeout = seconds("request_timeout_secs", secs)?;
+        }
+        if let Some(access) = file.access {
+            config.access = Access {
+                query_uids: resolve_all("access.query_users", &access.query_users, user_id)?,
+                query_gids: resolve_all("access.query_groups", &access.query_groups, group_id)?,
+                add_uids: resolve_all("access.add_users", &access.add_users, user_id)?,
+                add_gids: resolve_all("access.add_groups", &access.add_groups, group_id)?,
+            };
         }
         config.validate()?;
         Ok(config)
@@ -446,6 +565,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn access_lists() {
+        let config = Config::from_toml(
+            "[access]\nquery_users = [1000, \"root\"]\nadd_groups = [\"root\", 50]\n",
+        )
+        .unwrap();
+        let access = &config.access;
+        assert_eq!(access.query_uids, vec![1000, 0]);
+        assert_eq!(access.add_gids, vec![0, 50]);
+        assert!(access.allows(Some(0), Some(999), true), "root always");
+        assert!(access.allows(Some(1000), Some(1000), false));
+        assert!(!access.allows(Some(1000), Some(1000), true));
+        assert!(
+            access.allows(Some(1001), Some(50), true),
+            "add implies query"
+        );
+        assert!(access.allows(Some(1001), Some(50), false));
+        assert!(!access.allows(Some(1002), Some(1002), false));
+        assert!(!access.allows(None, None, false));
+        let open = Access::default();
+        assert!(open.allows(Some(1234), Some(1234), false));
+        assert!(!open.allows(Some(1234), Some(1234), true));
+        let err = Config::from_toml("[access]\nadd_users = [\"no-such-user-here\"]").unwrap_err();
+        assert!(err.to_string().contains("access.add_users"), "{err}");
+        let err = Config::from_toml("request_timeout_secs = 0").unwrap_err();
+        assert!(err.to_string().contains("request_timeout_secs"), "{err}");
     }
 
     #[test]

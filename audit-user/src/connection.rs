@@ -2,7 +2,12 @@
 //! `MAX_REQUEST_LEN` bytes; a final request may instead end at EOF (Exim's
 //! ${readsocket} writes the request, shuts down its side and reads the answer).
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    time::Instant,
+};
 
 use crate::protocol::{Reply, MAX_REQUEST_LEN};
 
@@ -42,6 +47,10 @@ impl LineBuffer {
     }
 
     /// What is left when the peer closed its side: a last request without LF.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     pub fn take_rest(&mut self) -> Option<Vec<u8>> {
         if self.buf.is_empty() {
             None
@@ -66,6 +75,10 @@ pub enum Incoming {
     LastRequest(Vec<u8>),
     TooLong,
     Closed,
+    /// No request began within the idle limit.
+    Idle,
+    /// A request began but did not end in time.
+    TimedOut,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -77,8 +90,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    pub async fn read_request(&mut self) -> std::io::Result<Incoming> {
+    /// The next request. `idle` bounds the wait for a request to begin;
+    /// `partial` bounds the time from its first byte to its end, so a client
+    /// that trickles bytes cannot hold its place (or memory) for long.
+    pub async fn read_request(
+        &mut self,
+        idle: Duration,
+        partial: Duration,
+    ) -> std::io::Result<Incoming> {
         let mut chunk = [0u8; 4096];
+        let mut deadline = (!self.lines.is_empty()).then(|| Instant::now() + partial);
         loop {
             if let Some(frame) = self.lines.next_frame() {
                 return Ok(match frame {
@@ -92,21 +113,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     None => Incoming::Closed,
                 });
             }
-            let n = self.stream.read(&mut chunk).await?;
+            let limit = match deadline {
+                Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+                None => idle,
+            };
+            let n = match tokio::time::timeout(limit, self.stream.read(&mut chunk)).await {
+                Ok(read) => read?,
+                Err(_) => {
+                    return Ok(if deadline.is_some() {
+                        Incoming::TimedOut
+                    } else {
+                        Incoming::Idle
+                    })
+                }
+            };
             if n == 0 {
                 self.eof = true;
             } else {
                 self.lines.extend(&chunk[..n]);
+                deadline.get_or_insert_with(|| Instant::now() + partial);
             }
         }
     }
 
-    pub async fn write_reply(&mut self, reply: &Reply) -> std::io::Result<()> {
-        self.stream.write_all(reply.to_line().as_bytes()).await
-    }
-
-    pub async fn write_line(&mut self, line: &str) -> std::io::Result<()> {
-        self.stream.write_all(line.as_bytes()).await
+    /// Writes a reply; a client that does not read its answers for `limit`
+    /// gets a TimedOut error (and is dropped by the caller).
+    pub async fn write_reply(&mut self, reply: &Reply, limit: Duration) -> std::io::Result<()> {
+        match tokio::time::timeout(limit, self.stream.write_all(reply.to_line().as_bytes())).await {
+            Ok(written) => written,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client is not reading its answers",
+            )),
+        }
     }
 
     pub async fn close(mut self) -> std::io::Result<()> {
@@ -154,14 +193,68 @@ mod tests {
         client.write_all(b"first\nlast").await.unwrap();
         client.shutdown().await.unwrap();
         let mut connection = Connection::new(server);
+        let limit = Duration::from_secs(5);
         assert_eq!(
-            connection.read_request().await.unwrap(),
+            connection.read_request(limit, limit).await.unwrap(),
             Incoming::Request(b"first".to_vec())
         );
         assert_eq!(
-            connection.read_request().await.unwrap(),
+            connection.read_request(limit, limit).await.unwrap(),
             Incoming::LastRequest(b"last".to_vec())
         );
-        assert_eq!(connection.read_request().await.unwrap(), Incoming::Closed);
+        assert_eq!(
+            connection.read_request(limit, limit).await.unwrap(),
+            Incoming::Closed
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_and_trickling_clients_time_out() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut connection = Connection::new(server);
+        let (idle, partial) = (Duration::from_secs(300), Duration::from_secs(10));
+        assert_eq!(
+            connection.read_request(idle, partial).await.unwrap(),
+            Incoming::Idle
+        );
+        // One byte a second never finishes a line within 10 s.
+        let trickle = tokio::spawn(async move {
+            for _ in 0..60 {
+                if client.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let started = Instant::now();
+        assert_eq!(
+            connection.read_request(idle, partial).await.unwrap(),
+            Incoming::TimedOut
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited <= Duration::from_secs(11),
+            "{waited:?}"
+        );
+        drop(connection);
+        trickle.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_cannot_block_a_writer() {
+        // A 64-byte pipe the client never drains.
+        let (_client, server) = tokio::io::duplex(64);
+        let mut connection = Connection::new(server);
+        let reply = Reply::Count(u64::MAX);
+        let mut result = Ok(());
+        for _ in 0..10 {
+            result = connection
+                .write_reply(&reply, Duration::from_secs(10))
+                .await;
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
     }
 }

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the kernel program and serve queries (needs root or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Send one request to a running agent and print its answer.
     Query(QueryArgs),
     /// Print every monitor's windows and the live sessions per service for a network.
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent(args) => match run_agent(args) {
+        Command::Agent(args) => match run_agent(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("inbound-audit: {e}");

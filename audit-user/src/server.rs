@@ -10,6 +10,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::{
@@ -20,7 +21,7 @@ use tokio::{
 use crate::{
     command,
     connection::{Connection, Incoming},
-    protocol::{parse_request, ErrorCode, QueryError, Reply},
+    protocol::{parse_request, ErrorCode, Query, QueryError, Reply},
     shutdown::Shutdown,
     state::{AgentStats, SharedState},
 };
@@ -33,6 +34,11 @@ pub enum SocketError {
     NotASocket { path: PathBuf },
     #[error("cannot create directory {path}: {source}")]
     Directory { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is writable by every user, who could replace the socket; \
+         put the socket in a directory only root (or its group) can write"
+    )]
+    WorldWritable { path: PathBuf },
     #[error("unknown group {group} for the query socket")]
     UnknownGroup { group: String },
     #[error("{action} {path}: {source}")]
@@ -65,6 +71,16 @@ impl QuerySocket {
                 path: dir.to_path_buf(),
                 source,
             })?;
+            // Anyone who can write the directory can replace the socket with
+            // their own and answer the MTA's questions.
+            let mode = std::fs::metadata(dir)
+                .map_err(io_error("inspecting"))?
+                .permissions();
+            if std::os::unix::fs::PermissionsExt::mode(&mode) & 0o002 != 0 {
+                return Err(SocketError::WorldWritable {
+                    path: dir.to_path_buf(),
+                });
+            }
         }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
@@ -179,20 +195,12 @@ fn unix_sockaddr(path: &Path) -> io::Result<libc::sockaddr_un> {
 }
 
 fn group_id(name: &str) -> Result<u32, SocketError> {
-    if let Ok(gid) = name.parse::<u32>() {
-        return Ok(gid);
-    }
-    let unknown = || SocketError::UnknownGroup {
-        group: name.to_string(),
-    };
-    let c_name = CString::new(name).map_err(|_| unknown())?;
-    // SAFETY: getgrnam returns NULL or a pointer to static storage, read at once.
-    let group = unsafe { libc::getgrnam(c_name.as_ptr()) };
-    if group.is_null() {
-        return Err(unknown());
-    }
-    // SAFETY: non-null result of getgrnam.
-    Ok(unsafe { (*group).gr_gid })
+    name.parse::<u32>()
+        .ok()
+        .or_else(|| crate::config::group_id(name))
+        .ok_or_else(|| SocketError::UnknownGroup {
+            group: name.to_string(),
+        })
 }
 
 /// Serves queries until `shutdown` fires.
@@ -233,31 +241,32 @@ async fn refuse_busy(stream: UnixStream, max: usize) {
         ErrorCode::Busy,
         format!("too many clients (max_clients = {max}); try again later"),
     ));
-    let _ = connection.write_reply(&reply).await;
+    let _ = connection.write_reply(&reply, WRITE_TIMEOUT).await;
     let _ = connection.close().await;
 }
+
+/// How long a client may take to read one answer before it is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn handle_client(
     stream: UnixStream,
     state: &SharedState,
     mut stop: Shutdown,
 ) -> io::Result<()> {
+    let peer = Peer::of(&stream);
+    let (idle, partial) = (
+        state.config.client_idle_timeout,
+        state.config.request_timeout,
+    );
     let mut connection = Connection::new(stream);
     loop {
         let incoming = tokio::select! {
             _ = stop.wait() => return Ok(()),
-            incoming = connection.read_request() => incoming?,
+            incoming = connection.read_request(idle, partial) => incoming?,
         };
-        match incoming {
-            Incoming::Request(line) => {
-                let reply = answer(&line, state);
-                connection.write_reply(&reply).await?;
-            }
-            Incoming::LastRequest(line) => {
-                let reply = answer(&line, state);
-                connection.write_reply(&reply).await?;
-                return connection.close().await;
-            }
+        let (line, last) = match incoming {
+            Incoming::Request(line) => (line, false),
+            Incoming::LastRequest(line) => (line, true),
             Incoming::TooLong => {
                 let reply = Reply::Error(QueryError::new(
                     ErrorCode::TooLong,
@@ -266,10 +275,68 @@ async fn handle_client(
                         crate::protocol::MAX_REQUEST_LEN
                     ),
                 ));
-                connection.write_reply(&reply).await?;
+                connection.write_reply(&reply, WRITE_TIMEOUT).await?;
                 return connection.close().await;
             }
             Incoming::Closed => return Ok(()),
+            Incoming::Idle => {
+                log::debug!("dropping {peer}: no request for {} s", idle.as_secs());
+                return Ok(());
+            }
+            Incoming::TimedOut => {
+                log::info!(
+                    "dropping {peer}: a request took longer than {} s to arrive",
+                    partial.as_secs()
+                );
+                return Ok(());
+            }
+        };
+        let reply = answer_as(&line, state, &peer);
+        connection.write_reply(&reply, WRITE_TIMEOUT).await?;
+        if last {
+            return connection.close().await;
+        }
+    }
+}
+
+/// Who is on the other end, from SO_PEERCRED (None if the kernel would not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Self {
+        match stream.peer_cred() {
+            Ok(cred) => Self {
+                uid: Some(cred.uid()),
+                gid: Some(cred.gid()),
+                pid: cred.pid(),
+            },
+            Err(_) => Self {
+                uid: None,
+                gid: None,
+                pid: None,
+            },
+        }
+    }
+
+    /// A peer the tests and in-process callers use: root.
+    pub const ROOT: Peer = Peer {
+        uid: Some(0),
+        gid: Some(0),
+        pid: None,
+    };
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.uid, self.pid) {
+            (Some(uid), Some(pid)) => write!(f, "uid {uid} (pid {pid})"),
+            (Some(uid), None) => write!(f, "uid {uid}"),
+            _ => f.write_str("an unidentified peer"),
         }
     }
 }
@@ -281,11 +348,34 @@ pub fn unix_now() -> std::time::Duration {
         .unwrap_or_default()
 }
 
-/// One request line to one reply.
-pub fn answer(line: &[u8], state: &SharedState) -> Reply {
+/// One request line from `peer` to one reply; reports (`add`) need the
+/// narrower write permission.
+pub fn answer_as(line: &[u8], state: &SharedState, peer: &Peer) -> Reply {
     AgentStats::add(&state.stats.queries, 1);
-    match parse_request(line) {
-        Ok(request) => command::execute(&request, state, unix_now()),
-        Err(error) => Reply::Error(error),
+    let request = match parse_request(line) {
+        Ok(request) => request,
+        Err(error) => return Reply::Error(error),
+    };
+    let writes = matches!(request.query, Query::Add { .. });
+    if !state.config.access.allows(peer.uid, peer.gid, writes) {
+        log::warn!(
+            "refused {} from {peer} (gid {}): not in the configured {} access",
+            if writes { "a report (add)" } else { "a query" },
+            peer.gid.map_or("?".to_string(), |g| g.to_string()),
+            if writes { "add" } else { "query" }
+        );
+        return Reply::Error(QueryError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "uid {} may not {}",
+                peer.uid.map_or("?".to_string(), |u| u.to_string()),
+                if writes {
+                    "report events (add)"
+                } else {
+                    "query"
+                }
+            ),
+        ));
     }
+    command::execute(&request, state, unix_now())
 }

@@ -304,6 +304,12 @@ impl Agent {
             args.push(service.clone());
         }
         args.extend(options.extra_args.iter().cloned());
+        // Monitor state would otherwise go to /var/lib/inbound-audit, shared by
+        // every test agent (and a real one).
+        if !options.extra_args.iter().any(|a| a == "--state-dir") {
+            args.push("--state-dir".into());
+            args.push(dir.path().join("state").display().to_string());
+        }
         let log = dir.path().join("agent.log");
         let mut agent = Self {
             child: None,

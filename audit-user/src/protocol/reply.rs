@@ -22,6 +22,7 @@ pub enum ErrorCode {
     Busy,
     UnknownMonitor,
     NotConfigured,
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -38,6 +39,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::UnknownMonitor => "unknown_monitor",
             ErrorCode::NotConfigured => "not_configured",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

@@ -1,0 +1,179 @@
+//! End to end, as root: who may use the query socket, and clients that trickle
+//! or idle cannot hold the agent.
+
+use std::{
+    io::{Read, Write},
+    os::unix::{net::UnixStream, process::CommandExt},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    agent_binary, require_ebpf, Agent, AgentOptions, TempDir, TestCgroup, TestServer,
+};
+
+/// Debian's nobody/nogroup.
+const NOBODY: u32 = 65534;
+const NOGROUP: u32 = 65534;
+
+fn start(name: &str, extra_args: &[&str]) -> (TestCgroup, TestServer, Agent) {
+    let cgroup = TestCgroup::new(name);
+    let server = TestServer::start(env!("CARGO_BIN_EXE_test-server"), &cgroup, &["127.0.0.1:0"]);
+    let agent = Agent::start(AgentOptions {
+        name,
+        cgroup: &cgroup,
+        services: vec![format!("SMTP={}", server.ports[0])],
+        extra_args: extra_args.iter().map(ToString::to_string).collect(),
+    });
+    (cgroup, server, agent)
+}
+
+/// Runs `inbound-audit query` as `uid`/`gid`; returns (exit code, stdout).
+fn query_as(agent: &Agent, uid: u32, gid: u32, request: &str) -> (Option<i32>, String) {
+    let output = Command::new(agent_binary())
+        .args(["query", "--socket"])
+        .arg(&agent.socket)
+        .arg(request)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn peer_credentials_decide_who_queries_and_who_reports() {
+    require_ebpf!();
+    let dir = TempDir::new("access-config");
+    let config = dir.path().join("access.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "monitors = [\"60,1\"]\n[access]\nquery_users = [{NOBODY}]\nadd_users = [{}]\n",
+            NOBODY - 1
+        ),
+    )
+    .unwrap();
+    let (_cgroup, _server, agent) = start(
+        "access",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--socket-group",
+            &NOGROUP.to_string(),
+        ],
+    );
+    let query = "msys.audit.inbound_session_count(\"127.0.0.0/8\", \"SMTP\")";
+    // nobody may query but not report.
+    assert_eq!(
+        query_as(&agent, NOBODY, NOGROUP, query),
+        (Some(0), "OK 0\n".into())
+    );
+    let (code, out) = query_as(&agent, NOBODY, NOGROUP, "add receptions 127.0.0.1 2");
+    assert_eq!(code, Some(1));
+    assert!(out.starts_with("ERR forbidden uid 65534 "), "{out}");
+    // 65533 may report (and so query); 65532 may do neither.
+    assert_eq!(
+        query_as(&agent, NOBODY - 1, NOGROUP, "add receptions 127.0.0.1 2"),
+        (Some(0), "OK 2\n".into())
+    );
+    assert_eq!(
+        query_as(&agent, NOBODY - 1, NOGROUP, query),
+        (Some(0), "OK 0\n".into())
+    );
+    let (code, out) = query_as(&agent, NOBODY - 2, NOGROUP, query);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.starts_with("ERR forbidden uid 65532 may not query"),
+        "{out}"
+    );
+    // Root always may; the refusal is logged with the uid.
+    assert_eq!(agent.query("add receptions 127.0.0.1"), "OK 3");
+    assert!(
+        agent.log_text().contains("from uid 65532"),
+        "{}",
+        agent.log_text()
+    );
+
+    // Without the socket's group a user cannot even connect.
+    let (code, _) = query_as(&agent, NOBODY, NOBODY - 10, query);
+    assert_eq!(code, Some(2));
+}
+
+#[test]
+fn trickling_and_silent_clients_are_dropped_and_cannot_stall_others() {
+    require_ebpf!();
+    let dir = TempDir::new("timeouts-config");
+    let config = dir.path().join("timeouts.toml");
+    std::fs::write(
+        &config,
+        "client_idle_timeout_secs = 2\nrequest_timeout_secs = 1\n",
+    )
+    .unwrap();
+    let (_cgroup, _server, agent) = start("timeouts", &["--config", config.to_str().unwrap()]);
+
+    let mut idle = UnixStream::connect(&agent.socket).unwrap();
+    let mut trickle = UnixStream::connect(&agent.socket).unwrap();
+    let started = Instant::now();
+    // One byte every 200 ms: never a whole line within the 1 s request limit.
+    let mut dropped = false;
+    for byte in b"msys.audit.inbound_session_count()"
+        .iter()
+        .cycle()
+        .take(40)
+    {
+        // Meanwhile everyone else is served at once.
+        assert_eq!(
+            agent.query("audit_service \"SMTP\" \"127.0.0.0/8\""),
+            "OK 0"
+        );
+        if trickle.write_all(&[*byte]).is_err() {
+            dropped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(dropped, "the trickling client was never dropped");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The silent client is closed after the idle limit, unanswered.
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(started.elapsed() >= Duration::from_secs(2));
+}
+
+#[test]
+fn a_socket_directory_writable_by_everyone_is_refused() {
+    require_ebpf!();
+    let dir = TempDir::new("world-writable");
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(
+        &open_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let output = Command::new(agent_binary())
+        .args(["agent", "--socket"])
+        .arg(open_dir.join("audit.sock"))
+        .args(["--pin-dir", "/sys/fs/bpf/inbound-audit-test-world-writable"])
+        .output()
+        .unwrap();
+    let _ = inbound_audit::kernel::loader::cleanup(std::path::Path::new(
+        "/sys/fs/bpf/inbound-audit-test-world-writable",
+    ));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("writable by every user"), "{stderr}");
+    assert!(!open_dir.join("audit.sock").exists());
+}
