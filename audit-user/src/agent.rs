@@ -88,6 +88,8 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let mut program = KernelProgram::load(&LoadOptions {
         pin_dir: &config.pin_dir,
         cgroup: &cgroup_path,
+        max_tracked_ips: config.max_tracked_ips,
+        max_tracked_sessions: config.max_tracked_sessions,
     })?;
 
     // A slot whose service is gone can be reused only once no session holds it.
@@ -357,7 +359,10 @@ fn save_monitor_state(state: &SharedState) {
 /// What one reconcile pass read from the kernel, and did to it.
 struct KernelPass {
     truth: Tally,
+    sessions: u64,
     lost: u64,
+    ip_table_full: u64,
+    socket_table_full: u64,
     collected: usize,
     healed: usize,
 }
@@ -382,7 +387,10 @@ fn kernel_pass(
     let collected = program.collect_zero_entries(&live);
     Ok(KernelPass {
         truth,
+        sessions: records.len() as u64,
         lost: program.stat(stat::EVENTS_LOST),
+        ip_table_full: program.stat(stat::IP_TABLE_FULL),
+        socket_table_full: program.stat(stat::SOCKET_TABLE_FULL),
         collected,
         healed,
     })
@@ -454,6 +462,23 @@ async fn reconcile(
             );
         }
         state.lock_monitors().expire(server::unix_now());
+        let stats = &state.stats;
+        let full_before = stats.saturated();
+        AgentStats::set(&stats.kernel_sessions, pass.sessions);
+        AgentStats::set(&stats.kernel_events_lost, pass.lost);
+        AgentStats::set(&stats.kernel_ip_table_full, pass.ip_table_full);
+        AgentStats::set(&stats.kernel_socket_table_full, pass.socket_table_full);
+        if stats.saturated() > full_before {
+            // Once per pass, not once per refused session.
+            log::warn!(
+                "kernel tables full: {} new sessions not counted since the last pass \
+                 ({} in all; per-IP table {}, socket table {}); raise max_tracked_ips",
+                stats.saturated() - full_before,
+                stats.saturated(),
+                pass.ip_table_full,
+                pass.socket_table_full
+            );
+        }
         quick_passes = quick_passes.saturating_sub(1);
         if pass.lost > lost_seen {
             log::warn!(

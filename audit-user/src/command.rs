@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use crate::{
     monitors::{Monitor, Monitors, Series},
     protocol::{ErrorCode, MonitorRef, Query, QueryError, Reply, Request, ServiceArg},
-    state::SharedState,
+    state::{AgentStats, SharedState},
 };
 
 /// Momentum's default service when a call names none.
@@ -64,7 +64,41 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
             Ok(Reply::Count(monitors.record(*series, *ip, *n, now)))
         }
         Query::Show { cidr } => Ok(Reply::Lines(show(state, &cidr.resolve(client)?, now))),
+        Query::Stats => Ok(Reply::Lines(stats(state))),
     }
+}
+
+/// The agent's counters, `name value` per line, stable names for scripts.
+fn stats(state: &SharedState) -> Vec<String> {
+    let s = &state.stats;
+    let get = AgentStats::get;
+    let sessions = state.read_sessions();
+    let monitors = state.lock_monitors();
+    vec![
+        format!("tracked_ips {}", sessions.tracked_ips()),
+        format!("kernel_sessions {}", get(&s.kernel_sessions)),
+        format!("events_applied {}", get(&s.events)),
+        format!("index_repairs {}", get(&s.repairs)),
+        format!("kernel_repairs {}", get(&s.kernel_repairs)),
+        format!("zero_entries_collected {}", get(&s.collected)),
+        format!("closes_without_open {}", get(&s.underflows)),
+        format!("queries {}", get(&s.queries)),
+        format!("kernel_events_lost {}", get(&s.kernel_events_lost)),
+        format!("kernel_ip_table_full {}", get(&s.kernel_ip_table_full)),
+        format!(
+            "kernel_socket_table_full {}",
+            get(&s.kernel_socket_table_full)
+        ),
+        format!(
+            "kernel_tables_saturated {}",
+            if s.saturated() > 0 { "yes" } else { "no" }
+        ),
+        format!(
+            "monitor_entries {}",
+            monitors.iter().map(|m| m.tracked()).sum::<usize>()
+        ),
+        format!("monitor_dropped {}", monitors.dropped()),
+    ]
 }
 
 /// Momentum's console `show ip` layout (`Connections 300/0: 30`), every window
@@ -93,6 +127,12 @@ fn show(state: &SharedState, net: &IpNet, now: Duration) -> Vec<String> {
         ));
     }
     drop(monitors);
+    let saturated = state.stats.saturated();
+    if saturated > 0 {
+        lines.push(format!(
+            "Kernel tables saturated: {saturated} sessions were not counted (raise max_tracked_ips)"
+        ));
+    }
     let sessions = state.read_sessions();
     for service in &state.config.services {
         let count = state

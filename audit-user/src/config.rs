@@ -78,6 +78,10 @@ pub struct Config {
     /// How long one request may take from its first byte to its LF.
     pub request_timeout: Duration,
     pub access: Access,
+    /// Kernel per-IP entries per family (set when the maps are created).
+    pub max_tracked_ips: u32,
+    /// Kernel socket records: live sessions tracked at once.
+    pub max_tracked_sessions: u32,
 }
 
 /// Which local users may use the query socket, from its peer credentials.
@@ -133,6 +137,8 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(10),
             access: Access::default(),
+            max_tracked_ips: 1 << 20,
+            max_tracked_sessions: 1 << 20,
         }
     }
 }
@@ -159,6 +165,8 @@ struct ConfigFile {
     client_idle_timeout_secs: Option<i64>,
     request_timeout_secs: Option<i64>,
     access: Option<AccessFile>,
+    max_tracked_ips: Option<i64>,
+    max_tracked_sessions: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -343,6 +351,18 @@ impl Config {
         }
         if let Some(secs) = file.request_timeout_secs {
             config.request_timeout = seconds("request_timeout_secs", secs)?;
+        }
+        let table_size = |key: &str, value: i64| {
+            u32::try_from(value)
+                .ok()
+                .filter(|&n| n > 0 && n <= 1 << 26)
+                .ok_or_else(|| invalid(key, format!("{value} is not between 1 and {}", 1u32 << 26)))
+        };
+        if let Some(n) = file.max_tracked_ips {
+            config.max_tracked_ips = table_size("max_tracked_ips", n)?;
+        }
+        if let Some(n) = file.max_tracked_sessions {
+            config.max_tracked_sessions = table_size("max_tracked_sessions", n)?;
         }
         if let Some(access) = file.access {
             config.access = Access {

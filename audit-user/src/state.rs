@@ -242,11 +242,30 @@ pub struct AgentStats {
     pub collected: AtomicU64,
     pub underflows: AtomicU64,
     pub queries: AtomicU64,
+    /// The kernel's own counters (audit_common::stat), as of the last reconcile.
+    pub kernel_events_lost: AtomicU64,
+    pub kernel_ip_table_full: AtomicU64,
+    pub kernel_socket_table_full: AtomicU64,
+    /// Sessions the kernel tracks, as of the last reconcile.
+    pub kernel_sessions: AtomicU64,
 }
 
 impl AgentStats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(counter: &AtomicU64, n: u64) {
+        counter.store(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Sessions the kernel could not count because a table was full.
+    pub fn saturated(&self) -> u64 {
+        Self::get(&self.kernel_ip_table_full) + Self::get(&self.kernel_socket_table_full)
     }
 }
 

@@ -177,3 +177,49 @@ fn a_socket_directory_writable_by_everyone_is_refused() {
     assert!(stderr.contains("writable by every user"), "{stderr}");
     assert!(!open_dir.join("audit.sock").exists());
 }
+
+#[test]
+fn a_full_kernel_table_refuses_new_ips_keeps_existing_counts_exact_and_says_so() {
+    require_ebpf!();
+    let dir = TempDir::new("full-config");
+    let config = dir.path().join("full.toml");
+    std::fs::write(
+        &config,
+        "max_tracked_ips = 2\nreconcile_interval_secs = 1\n",
+    )
+    .unwrap();
+    let (_cgroup, server, agent) = start("full", &["--config", config.to_str().unwrap()]);
+    let smtp = std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[0]);
+    let from = |ip: &str| integration_tests::connect_from(ip.parse().unwrap(), smtp);
+    let a = [from("127.0.0.51"), from("127.0.0.51")];
+    let b = from("127.0.0.52");
+    agent.expect_count("127.0.0.0/8", "SMTP", 3);
+    // A third IP does not fit: not counted, and nothing else changes.
+    let c = from("127.0.0.53");
+    let a2 = from("127.0.0.51");
+    agent.expect_count("127.0.0.51", "SMTP", 3);
+    agent.expect_count("127.0.0.52", "SMTP", 1);
+    agent.expect_count("127.0.0.53", "SMTP", 0);
+    integration_tests::eventually("stats report the saturation", || {
+        let report = inbound_audit::client::query_report(&agent.socket, "stats")
+            .unwrap()
+            .unwrap();
+        report.contains(&"kernel_ip_table_full 1".to_string())
+            && report.contains(&"kernel_tables_saturated yes".to_string())
+    });
+    let show = inbound_audit::client::query_report(&agent.socket, "show 127.0.0.0/8")
+        .unwrap()
+        .unwrap();
+    assert!(
+        show.iter()
+            .any(|l| l.starts_with("Kernel tables saturated: 1 ")),
+        "{show:?}"
+    );
+    assert!(
+        agent.log_text().contains("kernel tables full"),
+        "{}",
+        agent.log_text()
+    );
+    drop((a, b, c, a2));
+    agent.expect_count("127.0.0.0/8", "SMTP", 0);
+}

@@ -101,6 +101,10 @@ pub struct KernelProgram {
 pub struct LoadOptions<'a> {
     pub pin_dir: &'a Path,
     pub cgroup: &'a Path,
+    /// Per-IP entries per family; a new IP beyond it is not counted (STATS).
+    pub max_tracked_ips: u32,
+    /// Tracked sessions (socket records).
+    pub max_tracked_sessions: u32,
 }
 
 impl KernelProgram {
@@ -119,9 +123,13 @@ impl KernelProgram {
             source,
         })?;
         let btf = Btf::from_sys_fs()?;
+        // Sizes apply when the maps are created; pinned maps keep theirs.
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .default_map_pin_directory(&pin_dir)
+            .map_max_entries(map_names::LIVE_V4, options.max_tracked_ips)
+            .map_max_entries(map_names::LIVE_V6, options.max_tracked_ips)
+            .map_max_entries(map_names::SOCKETS, options.max_tracked_sessions)
             .load(EBPF_OBJECT)?;
 
         check_layout(&mut ebpf, &pin_dir)?;

@@ -73,6 +73,8 @@ pub enum Query {
     Add { series: Series, ip: IpAddr, n: u64 },
     /// Console `show <ip[/mask]>`: every monitor's windows and live sessions.
     Show { cidr: CidrArg },
+    /// Console `stats`: the agent's own counters.
+    Stats,
 }
 
 /// One parsed request line.
@@ -124,7 +126,7 @@ fn read_console_command(reader: &mut Reader<'_>) -> Result<Option<Query>, QueryE
     let rest = reader.remaining();
     let mut words = rest.split_ascii_whitespace();
     let command = words.next().unwrap_or("");
-    if command != "add" && command != "show" {
+    if command != "add" && command != "show" && command != "stats" {
         return Ok(None);
     }
     let words: Vec<&str> = words.collect();
@@ -167,7 +169,9 @@ fn read_console_command(reader: &mut Reader<'_>) -> Result<Option<Query>, QueryE
             cidr: parse_cidr(cidr)?,
         },
         ("show", _) => return Err(syntax_error("usage: show <ip[/mask]>")),
-        _ => unreachable!("command is add or show"),
+        ("stats", []) => Query::Stats,
+        ("stats", _) => return Err(syntax_error("usage: stats")),
+        _ => unreachable!("command is add, show or stats"),
     };
     reader.skip_to_end();
     Ok(Some(query))
@@ -1076,6 +1080,8 @@ mod tests {
             ErrorCode::BadCidr
         );
         assert_eq!(rejected("show 10.0.0.0/33").code, ErrorCode::BadCidr);
+        assert_eq!(parse("stats").query, Query::Stats);
+        assert_eq!(rejected("stats now").code, ErrorCode::Syntax);
         // Only whole words are console commands.
         assert_eq!(rejected("address").code, ErrorCode::UnknownFunction);
     }
