@@ -401,6 +401,20 @@ impl Agent {
         }
     }
 
+    /// SIGKILL, as a crash or the OOM killer would: no shutdown work at all.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again after `stop` or `kill`.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the agent is still running");
+        self.spawn();
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
