@@ -29,7 +29,7 @@ use crate::{
     shutdown::{self, Shutdown},
     state::{
         diff_tallies, event_ip, tally_live, tally_records, AgentStats, ApplyOutcome, Reconciler,
-        SharedState, Tally,
+        Setup, SharedState, Tally,
     },
 };
 
@@ -50,16 +50,22 @@ pub enum AgentError {
     },
 }
 
+/// Reads the configuration again (file and flags), for SIGHUP.
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
 pub struct AgentOptions {
     pub config: Config,
     /// Remove pinned programs and maps on exit (otherwise counting goes on).
     pub detach_on_exit: bool,
+    /// Where SIGHUP reads the new configuration; None: SIGHUP is ignored.
+    pub reload: Option<ConfigSource>,
 }
 
 pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let AgentOptions {
         config,
         detach_on_exit,
+        reload,
     } = options;
     // Installed first: a SIGTERM during start-up must still mean a clean stop.
     let signals = Signals::install()?;
@@ -124,11 +130,11 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
 
     // Seeded sessions reach the index as ordinary open events.
-    let report = seed::seed_existing(&program, &ports, state.config.cgroup.as_deref())?;
+    let report = seed::seed_existing(&program, &ports, state.setup().config.cgroup.as_deref())?;
     log::info!(
         "watching cgroup {}; services {}; {} sessions from pinned state; start-up sync: {} seeded, {} already tracked, {} closed meanwhile",
         cgroup_path.display(),
-        state.config.services.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+        state.setup().config.services.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
         records.len(),
         report.seeded,
         report.already_tracked,
@@ -144,18 +150,18 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         log::info!(
             "serving Postfix policy requests on {} with {} limits",
             socket.path().display(),
-            state.config.policy_limits.len()
+            state.setup().config.policy_limits.len()
         );
-        let limits = Arc::new(state.config.policy_limits.clone());
-        tokio::spawn(postfix::serve(
-            socket,
-            limits,
-            state.clone(),
-            shutdown.clone(),
-        ))
+        tokio::spawn(postfix::serve(socket, state.clone(), shutdown.clone()))
     });
 
-    signals.wait().await;
+    let mut signals = signals;
+    while signals.next().await == Signal::Reload {
+        match &reload {
+            Some(source) => apply_reload(source, &program, &state),
+            None => log::info!("SIGHUP ignored: no configuration source to read again"),
+        }
+    }
     log::info!("shutting down");
     trigger.trigger();
     let _ = server_task.await;
@@ -166,7 +172,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let _ = reconcile_task.await;
 
     save_monitor_state(&state);
-    let pin_dir = state.config.pin_dir.clone();
+    let pin_dir = state.setup().config.pin_dir.clone();
     drop(program);
     if detach_on_exit {
         let removed = loader::cleanup(&pin_dir).map_err(|source| AgentError::Io {
@@ -187,9 +193,18 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     Ok(())
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGHUP.
+    Reload,
+}
+
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -201,15 +216,77 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate()).map_err(io)?,
             int: signal(SignalKind::interrupt()).map_err(io)?,
+            hup: signal(SignalKind::hangup()).map_err(io)?,
         })
     }
 
-    async fn wait(mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
+}
+
+/// SIGHUP: services, monitors, limits, access and timeouts take effect without
+/// losing a count; an invalid configuration leaves the running one in place.
+fn apply_reload(source: &ConfigSource, program: &Mutex<KernelProgram>, state: &SharedState) {
+    let mut config = match source() {
+        Ok(config) => config,
+        Err(e) => {
+            log::error!("SIGHUP: new configuration refused, the running one stays: {e}");
+            return;
+        }
+    };
+    let running = state.setup();
+    let fixed = config.keep_restart_only(&running.config);
+    if !fixed.is_empty() {
+        log::warn!(
+            "SIGHUP: {} change only on restart; keeping the running values",
+            fixed.join(", ")
+        );
+    }
+    let slots = {
+        let mut program = program.lock().unwrap_or_else(|p| p.into_inner());
+        let in_use = match program.snapshot_records() {
+            Ok(records) => records
+                .iter()
+                .map(|r| r.service)
+                .collect::<std::collections::HashSet<u8>>(),
+            Err(e) => {
+                log::error!("SIGHUP: reading the kernel's records failed, the running configuration stays: {e}");
+                return;
+            }
+        };
+        match program.configure_services(&config.services, |slot| in_use.contains(&slot)) {
+            Ok(slots) => slots,
+            Err(e) => {
+                log::error!("SIGHUP: services not applied, the running configuration stays: {e}");
+                return;
+            }
+        }
+    };
+    state
+        .lock_monitors()
+        .reconfigure(&config.monitors, config.max_tracked_ips_per_monitor);
+    log::info!(
+        "SIGHUP: configuration reloaded: services {}; monitors [{}]; {} policy limits",
+        config
+            .services
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+        config
+            .monitors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+        config.policy_limits.len()
+    );
+    state.replace_setup(Setup { config, slots });
 }
 
 async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: Shutdown) {
@@ -305,8 +382,8 @@ async fn follow_events(events: RingBuf<MapData>, state: Arc<SharedState>, mut st
 /// Reads back the monitor windows saved at the last shutdown. A file that does
 /// not check out is set aside (renamed) with a message, never half-loaded.
 fn load_monitor_state(state: &SharedState) {
-    let path = state.config.monitor_state_path();
-    if state.config.monitors.is_empty() || !path.exists() {
+    let path = state.setup().config.monitor_state_path();
+    if state.setup().config.monitors.is_empty() || !path.exists() {
         return;
     }
     let result = state.lock_monitors().load(&path, server::unix_now());
@@ -346,10 +423,10 @@ fn load_monitor_state(state: &SharedState) {
 }
 
 fn save_monitor_state(state: &SharedState) {
-    if state.config.monitors.is_empty() {
+    if state.setup().config.monitors.is_empty() {
         return;
     }
-    let path = state.config.monitor_state_path();
+    let path = state.setup().config.monitor_state_path();
     match state.lock_monitors().save(&path) {
         Ok(()) => log::info!("monitor state saved to {}", path.display()),
         Err(e) => log::error!("monitor state not saved: {e}"),
@@ -415,7 +492,7 @@ async fn reconcile(
         let pause = if quick_passes > 0 {
             QUICK
         } else {
-            state.config.reconcile_interval
+            state.setup().config.reconcile_interval
         };
         tokio::select! {
             _ = stop.wait() => return,

@@ -134,8 +134,9 @@ fn show(state: &SharedState, net: &IpNet, now: Duration) -> Vec<String> {
         ));
     }
     let sessions = state.read_sessions();
-    for service in &state.config.services {
-        let count = state
+    let setup = state.setup();
+    for service in &setup.config.services {
+        let count = setup
             .slots
             .get(&service.name)
             .map_or(0, |&slot| sessions.count(slot, net));
@@ -198,16 +199,17 @@ fn service_slot(
     service: &ServiceArg,
     state: &SharedState,
 ) -> Result<u8, QueryError> {
+    let setup = state.setup();
     let name = match service {
         ServiceArg::Named(name) => name.as_str(),
         ServiceArg::Listener => match request.client.and_then(|c| c.port) {
             None => DEFAULT_SERVICE,
-            Some(port) => state.config.service_of_port(port).ok_or_else(|| {
+            Some(port) => setup.config.service_of_port(port).ok_or_else(|| {
                 QueryError::new(
                     ErrorCode::UnknownService,
                     format!(
                         "local port {port} belongs to no configured service (configured: {})",
-                        state.service_names().join(", ")
+                        setup.service_names().join(", ")
                     ),
                 )
             })?,
@@ -219,12 +221,12 @@ fn service_slot(
             "inbound_cidr is the cluster-wide count and clustering is not enabled",
         ));
     }
-    state.slots.get(name).copied().ok_or_else(|| {
+    setup.slots.get(name).copied().ok_or_else(|| {
         QueryError::new(
             ErrorCode::UnknownService,
             format!(
                 "unknown service '{name}' (configured: {}; names are case-sensitive)",
-                state.service_names().join(", ")
+                setup.service_names().join(", ")
             ),
         )
     })

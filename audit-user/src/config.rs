@@ -376,6 +376,36 @@ impl Config {
         Ok(config)
     }
 
+    /// Makes the settings that only a restart can change (sockets, cgroup,
+    /// pinned state, table sizes) equal to `running`'s; returns their keys
+    /// where they differed.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($($field:ident),*) => {$(
+                if self.$field != running.$field {
+                    kept.push(stringify!($field));
+                    self.$field = running.$field.clone();
+                }
+            )*};
+        }
+        keep!(
+            socket,
+            socket_mode,
+            socket_group,
+            policy_socket,
+            policy_socket_mode,
+            policy_socket_group,
+            cgroup,
+            pin_dir,
+            max_clients,
+            max_tracked_ips,
+            max_tracked_sessions,
+            state_dir
+        );
+        kept
+    }
+
     /// The monitor state file.
     pub fn monitor_state_path(&self) -> PathBuf {
         self.state_dir.join("monitors.state")

@@ -41,7 +41,7 @@ enum Command {
     },
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct AgentArgs {
     /// TOML config file (default: /etc/inbound-audit/inbound-audit.toml when present).
     #[arg(long)]
@@ -126,7 +126,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+/// The configuration: the file, then the flags over it. Run again on SIGHUP.
+fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None if std::path::Path::new(config::DEFAULT_CONFIG_PATH).exists() => {
@@ -141,16 +142,16 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             .map(|s| config::parse_service_flag(s))
             .collect::<Result<_, _>>()?;
     }
-    if let Some(socket) = args.socket {
+    if let Some(socket) = args.socket.clone() {
         config.socket = socket;
     }
-    if let Some(group) = args.socket_group {
+    if let Some(group) = args.socket_group.clone() {
         config.socket_group = Some(group);
     }
-    if let Some(cgroup) = args.cgroup {
+    if let Some(cgroup) = args.cgroup.clone() {
         config.cgroup = Some(cgroup);
     }
-    if let Some(pin_dir) = args.pin_dir {
+    if let Some(pin_dir) = args.pin_dir.clone() {
         config.pin_dir = pin_dir;
     }
     if let Some(max) = args.max_clients {
@@ -163,13 +164,13 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             .map(|m| m.parse())
             .collect::<Result<_, inbound_audit::monitors::MonitorSpecError>>()?;
     }
-    if let Some(path) = args.policy_socket {
+    if let Some(path) = args.policy_socket.clone() {
         config.policy_socket = Some(path);
     }
-    if let Some(group) = args.policy_socket_group {
+    if let Some(group) = args.policy_socket_group.clone() {
         config.policy_socket_group = Some(group);
     }
-    if let Some(dir) = args.state_dir {
+    if let Some(dir) = args.state_dir.clone() {
         config.state_dir = dir;
     }
     if let Some(secs) = args.reconcile_interval {
@@ -179,13 +180,22 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         config.reconcile_interval = std::time::Duration::from_secs(secs);
     }
     config.validate()?;
+    Ok(config)
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = build_config(&args)?;
+    let detach_on_exit = args.detach_on_exit;
+    let reload: agent::ConfigSource =
+        Box::new(move || build_config(&args).map_err(|e| e.to_string()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
     runtime.block_on(agent::run(AgentOptions {
         config,
-        detach_on_exit: args.detach_on_exit,
+        detach_on_exit,
+        reload: Some(reload),
     }))?;
     Ok(())
 }

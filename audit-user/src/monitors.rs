@@ -236,6 +236,20 @@ impl Monitors {
         self.monitors.is_empty()
     }
 
+    /// A new configuration: monitors that stay keep their windows, new ones
+    /// start empty, removed ones are freed.
+    pub fn reconfigure(&mut self, specs: &[MonitorSpec], cap: usize) {
+        let mut old = std::mem::take(&mut self.monitors);
+        self.monitors = specs
+            .iter()
+            .map(|spec| match old.iter().position(|m| m.spec == *spec) {
+                Some(i) => old.swap_remove(i),
+                None => Monitor::new(*spec),
+            })
+            .collect();
+        self.cap = cap;
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Monitor> {
         self.monitors.iter()
     }
@@ -611,6 +625,26 @@ mod tests {
         );
         assert!(monitors.by_key("60,2").is_none());
         assert!(monitors.by_key(" 60, 1").is_some());
+    }
+
+    #[test]
+    fn reconfigure_keeps_surviving_windows() {
+        let mut monitors = Monitors::new(&[spec("60,1"), spec("300,6")], 100);
+        monitors.record(Series::Receptions, ip("10.0.0.1"), 3, at(10));
+        monitors.reconfigure(&[spec("300,6"), spec("10,2")], 50);
+        assert!(monitors.by_key("60,1").is_none());
+        assert_eq!(monitors.by_position(0).unwrap().spec(), spec("300,6"));
+        assert_eq!(
+            monitors.by_key("300,6").unwrap().sum(
+                Series::Receptions,
+                &net("10.0.0.0/8"),
+                0,
+                0,
+                at(20)
+            ),
+            3
+        );
+        assert_eq!(monitors.by_key("10,2").unwrap().tracked(), 0);
     }
 
     #[test]

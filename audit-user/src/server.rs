@@ -205,7 +205,7 @@ fn group_id(name: &str) -> Result<u32, SocketError> {
 
 /// Serves queries until `shutdown` fires.
 pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutdown) {
-    let limit = Arc::new(Semaphore::new(state.config.max_clients));
+    let limit = Arc::new(Semaphore::new(state.setup().config.max_clients));
     let mut stop = shutdown.clone();
     loop {
         let stream = tokio::select! {
@@ -221,7 +221,7 @@ pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutd
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream, state.config.max_clients));
+            tokio::spawn(refuse_busy(stream, state.setup().config.max_clients));
             continue;
         };
         let state = state.clone();
@@ -255,8 +255,8 @@ async fn handle_client(
 ) -> io::Result<()> {
     let peer = Peer::of(&stream);
     let (idle, partial) = (
-        state.config.client_idle_timeout,
-        state.config.request_timeout,
+        state.setup().config.client_idle_timeout,
+        state.setup().config.request_timeout,
     );
     let mut connection = Connection::new(stream);
     loop {
@@ -357,7 +357,12 @@ pub fn answer_as(line: &[u8], state: &SharedState, peer: &Peer) -> Reply {
         Err(error) => return Reply::Error(error),
     };
     let writes = matches!(request.query, Query::Add { .. });
-    if !state.config.access.allows(peer.uid, peer.gid, writes) {
+    if !state
+        .setup()
+        .config
+        .access
+        .allows(peer.uid, peer.gid, writes)
+    {
         log::warn!(
             "refused {} from {peer} (gid {}): not in the configured {} access",
             if writes { "a report (add)" } else { "a query" },

@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
 };
 
@@ -269,11 +269,28 @@ impl AgentStats {
     }
 }
 
-/// Everything the query side needs, shared by all connections.
-pub struct SharedState {
+/// The configuration in force and the kernel slots of its services. SIGHUP
+/// replaces it whole, so each request sees one consistent version.
+pub struct Setup {
     pub config: Config,
     /// Service name → kernel slot.
     pub slots: HashMap<String, u8>,
+}
+
+impl Setup {
+    /// Service names in configuration order, for error messages.
+    pub fn service_names(&self) -> Vec<&str> {
+        self.config
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+}
+
+/// Everything the query side needs, shared by all connections.
+pub struct SharedState {
+    setup: RwLock<Arc<Setup>>,
     pub sessions: RwLock<LiveSessions>,
     pub monitors: Mutex<Monitors>,
     pub stats: AgentStats,
@@ -283,12 +300,19 @@ impl SharedState {
     pub fn new(config: Config, slots: HashMap<String, u8>) -> Self {
         let monitors = Monitors::new(&config.monitors, config.max_tracked_ips_per_monitor);
         Self {
-            config,
-            slots,
+            setup: RwLock::new(Arc::new(Setup { config, slots })),
             sessions: RwLock::new(LiveSessions::default()),
             monitors: Mutex::new(monitors),
             stats: AgentStats::default(),
         }
+    }
+
+    pub fn setup(&self) -> Arc<Setup> {
+        self.setup.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace_setup(&self, setup: Setup) {
+        *self.setup.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(setup);
     }
 
     // A panic while holding a lock cannot leave these structures in a state
@@ -304,15 +328,6 @@ impl SharedState {
 
     pub fn lock_monitors(&self) -> MutexGuard<'_, Monitors> {
         self.monitors.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Service names in configuration order, for error messages.
-    pub fn service_names(&self) -> Vec<&str> {
-        self.config
-            .services
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect()
     }
 }
 

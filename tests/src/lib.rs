@@ -401,6 +401,13 @@ impl Agent {
         }
     }
 
+    /// Sends `signal` (e.g. libc::SIGHUP) to the running agent.
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("the agent is running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
     /// SIGKILL, as a crash or the OOM killer would: no shutdown work at all.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

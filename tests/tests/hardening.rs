@@ -223,3 +223,79 @@ fn a_full_kernel_table_refuses_new_ips_keeps_existing_counts_exact_and_says_so()
     drop((a, b, c, a2));
     agent.expect_count("127.0.0.0/8", "SMTP", 0);
 }
+
+#[test]
+fn sighup_reloads_services_monitors_and_limits_without_losing_counts() {
+    require_ebpf!();
+    let cgroup = TestCgroup::new("reload");
+    let server = TestServer::start(
+        env!("CARGO_BIN_EXE_test-server"),
+        &cgroup,
+        &["127.0.0.1:0", "127.0.0.1:0"],
+    );
+    let dir = TempDir::new("reload-config");
+    let config = dir.path().join("reload.toml");
+    let write_config = |text: &str| std::fs::write(&config, text).unwrap();
+    write_config(&format!(
+        "monitors = [\"60,1\"]\n[services]\nSMTP = [{}]\n",
+        server.ports[0]
+    ));
+    let agent = Agent::start(AgentOptions {
+        name: "reload",
+        cgroup: &cgroup,
+        services: Vec::new(),
+        extra_args: vec!["--config".into(), config.display().to_string()],
+    });
+    let smtp = std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[0]);
+    let control = std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[1]);
+    let from = |ip: &str, to| integration_tests::connect_from(ip.parse().unwrap(), to);
+    let held = [from("127.0.0.61", smtp), from("127.0.0.61", smtp)];
+    agent.expect_count("127.0.0.61", "SMTP", 2);
+    assert_eq!(agent.query("add receptions 127.0.0.61 3"), "OK 3");
+    assert!(agent
+        .query("msys.audit.inbound_session_count('127.0.0.61', 'Control')")
+        .starts_with("ERR unknown_service "));
+
+    // A new service and a new monitor; the running ones keep their counts.
+    write_config(&format!(
+        "monitors = [\"60,1\", \"300,2\"]\n[services]\nSMTP = [{}]\nControl = [{}]\n",
+        server.ports[0], server.ports[1]
+    ));
+    agent.signal(libc::SIGHUP);
+    agent.expect(
+        "msys.audit.inbound_session_count('127.0.0.61', 'Control')",
+        "OK 0",
+    );
+    let c = from("127.0.0.61", control);
+    agent.expect_count("127.0.0.61", "Control", 1);
+    agent.expect_count("127.0.0.61", "SMTP", 2);
+    agent.expect(
+        "@127.0.0.61 msys.audit.receptions('60,1', {endv=1})",
+        "OK 3",
+    );
+    agent.expect("@127.0.0.61 msys.audit.receptions('300,2')", "OK 0");
+
+    // An invalid file is refused whole; the running configuration stays.
+    write_config("monitors = [\"sixty\"]\n");
+    agent.signal(libc::SIGHUP);
+    integration_tests::eventually("the refusal is logged", || {
+        agent.log_text().contains("new configuration refused")
+    });
+    agent.expect_count("127.0.0.61", "Control", 1);
+    agent.expect("@127.0.0.61 msys.audit.receptions('300,2')", "OK 0");
+    // A restart-only key is kept as it runs, and said so.
+    write_config(&format!(
+        "max_clients = 7\nmonitors = [\"60,1\"]\n[services]\nSMTP = [{}]\n",
+        server.ports[0]
+    ));
+    agent.signal(libc::SIGHUP);
+    integration_tests::eventually("the kept key is logged", || {
+        agent.log_text().contains("max_clients change only on restart")
+    });
+    assert!(agent
+        .query("@127.0.0.61 msys.audit.receptions('300,2')")
+        .starts_with("ERR unknown_monitor "));
+    agent.expect_count("127.0.0.61", "SMTP", 2);
+    drop((held, c));
+    agent.expect_count("127.0.0.61", "SMTP", 0);
+}

@@ -280,6 +280,7 @@ pub fn decide(
             .trunc();
         let (count, what) = match limit.count {
             LimitCount::Sessions => {
+                let setup = state.setup();
                 let service = limit
                     .service
                     .clone()
@@ -287,11 +288,11 @@ pub fn decide(
                         request
                             .get("server_port")
                             .and_then(|p| p.parse().ok())
-                            .and_then(|port| state.config.service_of_port(port))
+                            .and_then(|port| setup.config.service_of_port(port))
                             .map(str::to_string)
                     })
                     .unwrap_or_else(|| crate::command::DEFAULT_SERVICE.to_string());
-                let count = state
+                let count = setup
                     .slots
                     .get(&service)
                     .map_or(0, |&slot| state.read_sessions().count(slot, &net));
@@ -360,13 +361,8 @@ fn record(state: &SharedState, series: Series, client: IpAddr, now: Duration) {
 }
 
 /// Serves policy requests until `shutdown` fires.
-pub async fn serve(
-    socket: QuerySocket,
-    limits: Arc<Vec<Limit>>,
-    state: Arc<SharedState>,
-    shutdown: Shutdown,
-) {
-    let slots = Arc::new(Semaphore::new(state.config.max_clients));
+pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutdown) {
+    let slots = Arc::new(Semaphore::new(state.setup().config.max_clients));
     let mut stop = shutdown.clone();
     loop {
         let stream = tokio::select! {
@@ -383,13 +379,13 @@ pub async fn serve(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             log::warn!(
                 "policy socket: too many clients (max_clients = {}); dropping one",
-                state.config.max_clients
+                state.setup().config.max_clients
             );
             continue;
         };
-        let (limits, state, stop) = (limits.clone(), state.clone(), shutdown.clone());
+        let (state, stop) = (state.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &limits, &state, stop).await {
+            if let Err(e) = handle(stream, &state, stop).await {
                 log::warn!("postfix policy client dropped: {e}");
             }
             drop(permit);
@@ -399,7 +395,6 @@ pub async fn serve(
 
 async fn handle(
     stream: UnixStream,
-    limits: &[Limit],
     state: &SharedState,
     mut stop: Shutdown,
 ) -> Result<(), PolicyError> {
@@ -413,7 +408,9 @@ async fn handle(
         let Some(request) = request else {
             return Ok(());
         };
-        let decision = decide(&request, limits, state, unix_now())?;
+        // Limits are read per request, so a SIGHUP reload applies at once.
+        let setup = state.setup();
+        let decision = decide(&request, &setup.config.policy_limits, state, unix_now())?;
         if decision.refuses {
             log::info!(
                 "postfix policy: {} {} -> {}",
@@ -482,7 +479,7 @@ mod tests {
         let services = vec!["SMTP"];
         configs
             .into_iter()
-            .map(|c| c.check(&services, &state.config.monitors).unwrap())
+            .map(|c| c.check(&services, &state.setup().config.monitors).unwrap())
             .collect()
     }
 
