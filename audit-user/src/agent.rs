@@ -25,6 +25,7 @@ use crate::{
         seed::{self, SeedError},
     },
     monitors::{Series, StateError},
+    privileges,
     server::{self, QuerySocket, SocketError},
     shutdown::{self, Shutdown},
     state::{
@@ -141,6 +142,11 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         report.vanished,
     );
 
+    // Everything that needed more than CAP_BPF is done.
+    match privileges::keep_only(&[privileges::CAP_BPF]) {
+        Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
+        Err(e) => log::warn!("could not drop capabilities: {e}"),
+    }
     let program = Arc::new(Mutex::new(program));
     let reconcile_task = tokio::spawn(reconcile(program.clone(), state.clone(), shutdown.clone()));
 

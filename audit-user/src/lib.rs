@@ -13,6 +13,7 @@ pub mod connection;
 pub mod index;
 pub mod kernel;
 pub mod monitors;
+pub mod privileges;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;

@@ -290,7 +290,9 @@ fn sighup_reloads_services_monitors_and_limits_without_losing_counts() {
     ));
     agent.signal(libc::SIGHUP);
     integration_tests::eventually("the kept key is logged", || {
-        agent.log_text().contains("max_clients change only on restart")
+        agent
+            .log_text()
+            .contains("max_clients change only on restart")
     });
     assert!(agent
         .query("@127.0.0.61 msys.audit.receptions('300,2')")
@@ -298,4 +300,62 @@ fn sighup_reloads_services_monitors_and_limits_without_losing_counts() {
     agent.expect_count("127.0.0.61", "SMTP", 2);
     drop((held, c));
     agent.expect_count("127.0.0.61", "SMTP", 0);
+}
+
+#[test]
+fn the_agent_keeps_only_cap_bpf_and_still_does_its_work() {
+    require_ebpf!();
+    let (_cgroup, server, agent) =
+        start("caps", &["--monitor", "60,1", "--reconcile-interval", "1"]);
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| cmd.contains("inbound-audit-test-caps"))
+        })
+        .expect("the agent's process");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap()
+    };
+    let cap_bpf = 1u64 << inbound_audit::privileges::CAP_BPF;
+    integration_tests::eventually("capabilities are dropped after start-up", || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .any(|l| l == format!("CapEff:\t{cap_bpf:016x}"))
+    });
+    assert_eq!(field("CapBnd:"), cap_bpf, "{status}");
+    assert_eq!(field("CapInh:"), 0);
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");
+    // Counting, reconciling, reporting and reloading still work.
+    let smtp = std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[0]);
+    let conn = integration_tests::connect_from("127.0.0.71".parse().unwrap(), smtp);
+    agent.expect_count("127.0.0.71", "SMTP", 1);
+    assert_eq!(agent.query("add receptions 127.0.0.71 2"), "OK 2");
+    agent.signal(libc::SIGHUP);
+    agent.expect_count("127.0.0.71", "SMTP", 1);
+    drop(conn);
+    agent.expect_count("127.0.0.71", "SMTP", 0);
+    // Zero entries are still collected from the kernel map (a bpf() call).
+    integration_tests::eventually("the agent collects zero entries", || {
+        inbound_audit::client::query_report(&agent.socket, "stats")
+            .unwrap()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("zero_entries_collected ") && l != "zero_entries_collected 0")
+    });
+    assert!(agent
+        .log_text()
+        .contains("dropped every capability but CAP_BPF"));
+    assert!(
+        !agent.log_text().contains("SIGHUP: services not applied"),
+        "{}",
+        agent.log_text()
+    );
 }
