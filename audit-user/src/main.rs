@@ -34,6 +34,11 @@ enum Command {
         /// An IP or network: 203.0.113.9, 203.0.113.0/24, 2001:db8::/64.
         network: String,
     },
+    /// Print the agent's counters (repairs, lost events, saturation, ...).
+    Stats {
+        #[arg(long, default_value = config::DEFAULT_SOCKET_PATH)]
+        socket: PathBuf,
+    },
     /// Detach the kernel programs and remove all pinned state.
     Cleanup {
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
@@ -108,7 +113,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Query(args) => run_query(args),
-        Command::Show { socket, network } => run_show(&socket, &network),
+        Command::Show { socket, network } => run_report(&socket, &format!("show {network}")),
+        Command::Stats { socket } => run_report(&socket, "stats"),
         Command::Cleanup { pin_dir } => match loader::cleanup(&pin_dir) {
             Ok(removed) => {
                 println!(
@@ -200,8 +206,8 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_show(socket: &std::path::Path, network: &str) -> ExitCode {
-    match client::query_report(socket, &format!("show {network}")) {
+fn run_report(socket: &std::path::Path, request: &str) -> ExitCode {
+    match client::query_report(socket, request) {
         Ok(Ok(lines)) => {
             for line in lines {
                 println!("{line}");

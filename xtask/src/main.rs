@@ -42,6 +42,15 @@ enum Task {
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
+    /// Fuzz the query and policy parsers with libFuzzer (cargo fuzz, nightly).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (query_request or policy_request).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -74,6 +83,7 @@ fn main() -> Result<()> {
                 .env("INBOUND_AUDIT_BIN", &binary);
             run(&mut command)
         }
+        Task::Fuzz { seconds, target } => fuzz(&root, seconds, target.as_deref()),
         Task::Lint => {
             run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
             run(cargo(&root).args([
@@ -257,6 +267,93 @@ fn ensure_bpf_linker(root: &Path) -> Result<PathBuf> {
         .env("LLVM_PREFIX", &prefix);
     run(&mut install).context("building bpf-linker")?;
     Ok(bin_dir)
+}
+
+const FUZZ_TARGETS: [&str; 2] = ["query_request", "policy_request"];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Runs each fuzz target for `seconds` from the committed seeds (fuzz/seeds)
+/// plus a corpus kept under target/, then prints the executions each made.
+fn fuzz(root: &Path, seconds: u64, only: Option<&str>) -> Result<()> {
+    let tools = target_dir(root)
+        .join("tools")
+        .join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    if !tools.join("bin/cargo-fuzz").exists() {
+        println!(
+            "installing cargo-fuzz {CARGO_FUZZ_VERSION} into {} (once)",
+            tools.display()
+        );
+        run(cargo(root)
+            .args([
+                "install",
+                &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+                "--locked",
+                "--root",
+            ])
+            .arg(&tools))?;
+    }
+    let path = std::env::join_paths(std::iter::once(tools.join("bin")).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
+    let targets: Vec<&str> = match only {
+        Some(target) if FUZZ_TARGETS.contains(&target) => vec![target],
+        Some(target) => bail!(
+            "unknown fuzz target {target}; targets: {}",
+            FUZZ_TARGETS.join(", ")
+        ),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    let mut summary = Vec::new();
+    for target in targets {
+        let corpus = target_dir(root).join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let log = target_dir(root).join(format!("fuzz-{target}.log"));
+        println!("fuzzing {target} for {seconds} s (log: {})", log.display());
+        let mut command = Command::new("cargo");
+        command
+            .current_dir(root.join("fuzz"))
+            .arg(format!("+{NIGHTLY}"))
+            .args(["fuzz", "run", "-O", target])
+            .arg(&corpus)
+            .arg(root.join("fuzz/seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            // A request over this could only test the length check again.
+            .args([
+                "-max_len=8192",
+                "-timeout=5",
+                "-rss_limit_mb=2048",
+                "-print_final_stats=1",
+            ])
+            .env("PATH", &path)
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::options().append(true).open(&log)?);
+        clean_toolchain_env(&mut command);
+        let status = command.status().context("running cargo fuzz")?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let runs = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Done ")
+                    .and_then(|r| r.split_whitespace().next())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "?".into());
+        if !status.success() {
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            bail!(
+                "fuzz target {target} failed ({status}); the crash input is under fuzz/artifacts/{target}/\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        summary.push(format!(
+            "{target}: {runs} executions in {seconds} s, no crash, hang or leak"
+        ));
+    }
+    for line in summary {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// Debian packages the adapter tests drive for real: a Lua host with
