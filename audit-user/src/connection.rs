@@ -151,6 +151,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn close(mut self) -> std::io::Result<()> {
         self.stream.shutdown().await
     }
+
+    /// Closes after an answer the client may not have read yet while it is
+    /// still sending (a too-long line): closing with unread input makes the
+    /// kernel send a RST, which can destroy the answer in flight. So: shut our
+    /// side, then discard what still comes, briefly and boundedly.
+    pub async fn close_draining(mut self) -> std::io::Result<()> {
+        self.stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut budget = 1 << 20;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while budget > 0 {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => budget -= n.min(budget),
+                _ => break,
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -242,7 +242,7 @@ async fn refuse_busy(stream: UnixStream, max: usize) {
         format!("too many clients (max_clients = {max}); try again later"),
     ));
     let _ = connection.write_reply(&reply, WRITE_TIMEOUT).await;
-    let _ = connection.close().await;
+    let _ = connection.close_draining().await;
 }
 
 /// How long a client may take to read one answer before it is dropped.
@@ -276,7 +276,7 @@ async fn handle_client(
                     ),
                 ));
                 connection.write_reply(&reply, WRITE_TIMEOUT).await?;
-                return connection.close().await;
+                return connection.close_draining().await;
             }
             Incoming::Closed => return Ok(()),
             Incoming::Idle => {

@@ -206,7 +206,26 @@ fn bad_requests_get_errors_and_the_connection_stays_usable() {
         std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
         line
     };
-    let cases: [(&[u8], &str); 10] = [
+    let deep_nesting = format!("msys.audit.connections('60,1', {})", "{".repeat(10_000));
+    let cases: [(&[u8], &str); 15] = [
+        // 4000-deep nesting fits in a line and is refused past depth 32.
+        (&deep_nesting.as_bytes()[..4000], "ERR syntax "),
+        (
+            b"msys.audit.inbound_session_count(\"10.0.0.0/8\0\", \"SMTP\")",
+            "ERR syntax ",
+        ),
+        (
+            b"msys.audit.connections('60,1', {startv=99999999999999999999999})",
+            "ERR syntax ",
+        ),
+        (
+            b"msys.audit.inbound_session_count(\"10.0.0.0/8",
+            "ERR syntax ",
+        ),
+        (
+            b"@10.0.0.1:99999 ac:inbound_session_count()",
+            "ERR bad_cidr ",
+        ),
         (b"msys.audit.inbound_session_count(", "ERR syntax "),
         (
             b"msys.audit.inbound_session_count('10.0.0.300/8', 'SMTP')",
@@ -238,7 +257,8 @@ fn bad_requests_get_errors_and_the_connection_stays_usable() {
         );
     }
     // too_long answers and closes.
-    let mut long = vec![b'x'; 5000];
+    // 10k-deep nesting cannot fit in a request line: too_long, then closed.
+    let mut long = deep_nesting.into_bytes();
     long.push(b'\n');
     stream.write_all(&long).unwrap();
     let mut rest = String::new();
