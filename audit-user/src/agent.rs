@@ -62,14 +62,45 @@ pub struct AgentOptions {
     pub reload: Option<ConfigSource>,
 }
 
-pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
+/// Runs the agent until SIGTERM/SIGINT. Start-up (sockets, loading, attaching,
+/// seeding) runs on this thread alone, so that dropping capabilities afterwards
+/// covers every thread the runtime then creates: capabilities are per thread.
+pub fn run(options: AgentOptions) -> Result<(), AgentError> {
+    // Held back, not lost, while the handlers are not installed yet: a stop
+    // requested during start-up is still a clean stop.
+    let held = HeldSignals::block();
+    let prepared = prepare(options)?;
+    match privileges::keep_only(&[privileges::CAP_BPF]) {
+        Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
+        Err(e) => log::warn!("could not drop capabilities: {e}"),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::Io {
+            what: "starting the async runtime",
+            source,
+        })?;
+    runtime.block_on(serve(prepared, held))
+}
+
+/// Everything start-up produced, handed to the runtime.
+struct Prepared {
+    socket: QuerySocket,
+    policy_socket: Option<QuerySocket>,
+    program: KernelProgram,
+    events: RingBuf<MapData>,
+    state: Arc<SharedState>,
+    detach_on_exit: bool,
+    reload: Option<ConfigSource>,
+}
+
+fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
     let AgentOptions {
         config,
         detach_on_exit,
         reload,
     } = options;
-    // Installed first: a SIGTERM during start-up must still mean a clean stop.
-    let signals = Signals::install()?;
     let cgroup_path: PathBuf = match &config.cgroup {
         Some(path) => path.clone(),
         None => cgroup::cgroup2_root().map_err(AgentError::Cgroup)?,
@@ -124,13 +155,8 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     state.write_sessions().load(&tally_records(&records));
     load_monitor_state(&state);
 
-    let (trigger, shutdown) = shutdown::channel();
-    if let Some(logger) = program.take_logger() {
-        tokio::spawn(forward_kernel_logs(logger, shutdown.clone()));
-    }
-    let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
-
-    // Seeded sessions reach the index as ordinary open events.
+    // Seeded sessions reach the index as ordinary events, read once the
+    // runtime follows the ring buffer.
     let report = seed::seed_existing(&program, &ports, state.setup().config.cgroup.as_deref())?;
     log::info!(
         "watching cgroup {}; services {}; {} sessions from pinned state; start-up sync: {} seeded, {} already tracked, {} closed meanwhile",
@@ -141,12 +167,35 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         report.already_tracked,
         report.vanished,
     );
+    Ok(Prepared {
+        socket,
+        policy_socket,
+        program,
+        events,
+        state,
+        detach_on_exit,
+        reload,
+    })
+}
 
-    // Everything that needed more than CAP_BPF is done.
-    match privileges::keep_only(&[privileges::CAP_BPF]) {
-        Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
-        Err(e) => log::warn!("could not drop capabilities: {e}"),
+async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> {
+    let Prepared {
+        socket,
+        policy_socket,
+        mut program,
+        events,
+        state,
+        detach_on_exit,
+        reload,
+    } = prepared;
+    let mut signals = Signals::install()?;
+    held.release();
+
+    let (trigger, shutdown) = shutdown::channel();
+    if let Some(logger) = program.take_logger() {
+        tokio::spawn(forward_kernel_logs(logger, shutdown.clone()));
     }
+    let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
     let program = Arc::new(Mutex::new(program));
     let reconcile_task = tokio::spawn(reconcile(program.clone(), state.clone(), shutdown.clone()));
 
@@ -161,7 +210,6 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         tokio::spawn(postfix::serve(socket, state.clone(), shutdown.clone()))
     });
 
-    let mut signals = signals;
     while signals.next().await == Signal::Reload {
         match &reload {
             Some(source) => apply_reload(source, &program, &state),
@@ -197,6 +245,31 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         );
     }
     Ok(())
+}
+
+/// SIGTERM, SIGINT and SIGHUP blocked on this thread (and so on every thread
+/// created from it) until the runtime's handlers exist; then unblocked here, on
+/// the thread that runs `block_on`, so pending ones are delivered to them.
+struct HeldSignals(libc::sigset_t);
+
+impl HeldSignals {
+    fn block() -> Self {
+        // SAFETY: sigset_t is plain data, filled by sigemptyset/sigaddset.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, signal);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Self(set)
+        }
+    }
+
+    fn release(self) {
+        // SAFETY: unblocks the set blocked in `block`.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut()) };
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -328,13 +328,12 @@ impl Config {
         }
         config.policy_socket_group = file.policy_socket_group.or(config.policy_socket_group);
         if let Some(limits) = file.policy_limits {
-            let services: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
             config.policy_limits = limits
                 .into_iter()
                 .enumerate()
                 .map(|(i, limit)| {
                     limit
-                        .check(&services, &config.monitors)
+                        .check()
                         .map_err(|reason| invalid(&format!("policy_limits[{i}]"), reason))
                 })
                 .collect::<Result<_, _>>()?;
@@ -374,6 +373,32 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Checks what refers to other keys (a policy limit's service and
+    /// monitor), once flags have had their say: a flag may add the monitor a
+    /// file's limit names.
+    pub fn check_references(&self) -> Result<(), ConfigError> {
+        for (i, limit) in self.policy_limits.iter().enumerate() {
+            let key = format!("policy_limits[{i}]");
+            if let Some(service) = &limit.service {
+                if !self.services.iter().any(|s| &s.name == service) {
+                    return Err(invalid(
+                        &key,
+                        format!("service {service:?} is not configured"),
+                    ));
+                }
+            }
+            if let Some(monitor) = &limit.monitor {
+                if !self.monitors.contains(monitor) {
+                    return Err(invalid(
+                        &key,
+                        format!("monitor \"{monitor}\" is not configured"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes the settings that only a restart can change (sockets, cgroup,
@@ -455,26 +480,6 @@ impl Config {
                     "monitors",
                     format!("\"{monitor}\" is configured twice"),
                 ));
-            }
-        }
-        // Flags may replace services and monitors after the file was read.
-        for (i, limit) in self.policy_limits.iter().enumerate() {
-            let key = format!("policy_limits[{i}]");
-            if let Some(service) = &limit.service {
-                if !self.services.iter().any(|s| &s.name == service) {
-                    return Err(invalid(
-                        &key,
-                        format!("service {service:?} is not configured"),
-                    ));
-                }
-            }
-            if let Some(monitor) = &limit.monitor {
-                if !self.monitors.contains(monitor) {
-                    return Err(invalid(
-                        &key,
-                        format!("monitor \"{monitor}\" is not configured"),
-                    ));
-                }
             }
         }
         if self.socket.as_os_str().is_empty() {
@@ -615,6 +620,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn limits_may_name_monitors_that_flags_add() {
+        let mut config = Config::from_toml(
+            "[[policy_limits]]\ncount = \"connections\"\nmonitor = \"60,1\"\nmax = 5\naction = \"reject\"\n",
+        )
+        .unwrap();
+        let err = config.check_references().unwrap_err().to_string();
+        assert!(
+            err.contains("policy_limits[0]") && err.contains("60,1"),
+            "{err}"
+        );
+        config.monitors = vec!["60,1".parse().unwrap()];
+        config.check_references().unwrap();
     }
 
     #[test]

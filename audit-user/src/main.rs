@@ -186,6 +186,7 @@ fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
         config.reconcile_interval = std::time::Duration::from_secs(secs);
     }
     config.validate()?;
+    config.check_references()?;
     Ok(config)
 }
 
@@ -194,15 +195,11 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let detach_on_exit = args.detach_on_exit;
     let reload: agent::ConfigSource =
         Box::new(move || build_config(&args).map_err(|e| e.to_string()));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
-    runtime.block_on(agent::run(AgentOptions {
+    agent::run(AgentOptions {
         config,
         detach_on_exit,
         reload: Some(reload),
-    }))?;
+    })?;
     Ok(())
 }
 

@@ -51,7 +51,10 @@ pub enum SocketError {
 
 /// The bound socket; the file is removed when this is dropped.
 pub struct QuerySocket {
-    listener: UnixListener,
+    /// Bound and listening from the start; registered with the runtime on the
+    /// first accept, since binding happens before the runtime exists.
+    listener: std::os::unix::net::UnixListener,
+    registered: std::sync::OnceLock<UnixListener>,
     path: PathBuf,
 }
 
@@ -143,11 +146,10 @@ impl QuerySocket {
         if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 1024) } != 0 {
             return Err(io_error("listening on")(io::Error::last_os_error()));
         }
-        let std_listener = std::os::unix::net::UnixListener::from(fd);
-        let listener = UnixListener::from_std(std_listener).map_err(io_error("registering"))?;
         remove_on_error.0 = None;
         Ok(Self {
-            listener,
+            listener: std::os::unix::net::UnixListener::from(fd),
+            registered: std::sync::OnceLock::new(),
             path: path.to_path_buf(),
         })
     }
@@ -156,8 +158,16 @@ impl QuerySocket {
         &self.path
     }
 
+    /// The next client; must be called inside the runtime.
     pub async fn accept(&self) -> io::Result<UnixStream> {
-        self.listener.accept().await.map(|(stream, _)| stream)
+        let listener = match self.registered.get() {
+            Some(listener) => listener,
+            None => {
+                let listener = UnixListener::from_std(self.listener.try_clone()?)?;
+                self.registered.get_or_init(|| listener)
+            }
+        };
+        listener.accept().await.map(|(stream, _)| stream)
     }
 }
 

@@ -23,7 +23,7 @@ fn state() -> &'static SharedState {
         .map(|text| {
             toml::from_str::<LimitConfig>(text)
                 .expect("limit syntax")
-                .check(&["SMTP"], &monitors)
+                .check()
                 .expect("valid limit")
         })
         .collect();

@@ -324,12 +324,28 @@ fn the_agent_keeps_only_cap_bpf_and_still_does_its_work() {
             .unwrap()
     };
     let cap_bpf = 1u64 << inbound_audit::privileges::CAP_BPF;
-    integration_tests::eventually("capabilities are dropped after start-up", || {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .any(|l| l == format!("CapEff:\t{cap_bpf:016x}"))
+    // Capabilities are per thread: every thread of the agent must have dropped them.
+    integration_tests::eventually("every thread keeps only CAP_BPF", || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .all(|task| {
+                let status = std::fs::read_to_string(task.unwrap().path().join("status"))
+                    .unwrap_or_default();
+                status
+                    .lines()
+                    .any(|l| l == format!("CapEff:\t{cap_bpf:016x}"))
+                    && status
+                        .lines()
+                        .any(|l| l == format!("CapPrm:\t{cap_bpf:016x}"))
+            })
     });
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert!(
+        threads > 1,
+        "the runtime's worker threads are there too ({threads})"
+    );
     assert_eq!(field("CapBnd:"), cap_bpf, "{status}");
     assert_eq!(field("CapInh:"), 0);
     assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");

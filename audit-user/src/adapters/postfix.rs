@@ -80,20 +80,16 @@ pub struct Limit {
 }
 
 impl LimitConfig {
-    /// Checks the limit against the configured services and monitors; the
-    /// error names what is wrong.
-    pub fn check(self, services: &[&str], monitors: &[MonitorSpec]) -> Result<Limit, String> {
+    /// Checks the limit on its own; whether its service and monitor are
+    /// configured is checked with the whole configuration (flags may add them),
+    /// in `Config::validate`. The error names what is wrong.
+    pub fn check(self) -> Result<Limit, String> {
         let windowed = self.count != LimitCount::Sessions;
         let monitor = match (&self.monitor, windowed) {
             (Some(text), true) => {
                 let spec: MonitorSpec = text
                     .parse()
                     .map_err(|e: crate::monitors::MonitorSpecError| e.to_string())?;
-                if !monitors.contains(&spec) {
-                    return Err(format!(
-                        "monitor \"{spec}\" is not configured in `monitors`"
-                    ));
-                }
                 Some(spec)
             }
             (None, true) => return Err("windowed limits need `monitor`".into()),
@@ -107,11 +103,6 @@ impl LimitConfig {
         }
         if windowed && self.service.is_some() {
             return Err("`service` only applies to session limits".into());
-        }
-        if let Some(service) = &self.service {
-            if !services.contains(&service.as_str()) {
-                return Err(format!("service {service:?} is not configured"));
-            }
         }
         let ipv4_prefix = self.ipv4_prefix.unwrap_or(32);
         let ipv6_prefix = self.ipv6_prefix.unwrap_or(128);
@@ -477,10 +468,7 @@ mod tests {
         .remove("limits")
         .unwrap();
         let services = vec!["SMTP"];
-        configs
-            .into_iter()
-            .map(|c| c.check(&services, &state.setup().config.monitors).unwrap())
-            .collect()
+        configs.into_iter().map(|c| c.check().unwrap()).collect()
     }
 
     fn request(pairs: &[(&str, &str)]) -> PolicyRequest {
@@ -580,11 +568,10 @@ mod tests {
 
     #[test]
     fn limit_config_errors_name_the_problem() {
-        let monitors: Vec<MonitorSpec> = vec!["60,1".parse().unwrap()];
         let check = |text: &str| {
             toml::from_str::<LimitConfig>(text)
                 .map_err(|e| e.to_string())
-                .and_then(|c| c.check(&["SMTP"], &monitors))
+                .and_then(|c| c.check())
         };
         assert!(check("count = \"sessions\"\nmax = 1\naction = \"reject\"").is_ok());
         for (text, needle) in [
@@ -593,16 +580,12 @@ mod tests {
                 "need `monitor`",
             ),
             (
-                "count = \"connections\"\nmonitor = \"300,6\"\nmax = 1\naction = \"reject\"",
-                "not configured",
+                "count = \"connections\"\nmonitor = \"300\"\nmax = 1\naction = \"reject\"",
+                "expected \"W,N\"",
             ),
             (
                 "count = \"sessions\"\nmonitor = \"60,1\"\nmax = 1\naction = \"reject\"",
                 "only applies",
-            ),
-            (
-                "count = \"sessions\"\nservice = \"Control\"\nmax = 1\naction = \"reject\"",
-                "not configured",
             ),
             (
                 "count = \"sessions\"\nipv4_prefix = 33\nmax = 1\naction = \"reject\"",
