@@ -5,7 +5,7 @@
 use std::{collections::HashMap, sync::OnceLock, time::Duration};
 
 use inbound_audit::{
-    adapters::postfix::{decide, LimitConfig, PolicyReader},
+    adapters::postfix::{decide, LimitConfig, PolicyMemory, PolicyReader},
     config::{Config, ServicePorts},
     state::SharedState,
 };
@@ -48,11 +48,12 @@ fuzz_target!(|data: &[u8]| {
         let mut reader = PolicyReader::new(tokio::io::BufReader::new(data));
         let state = state();
         let limits = state.setup().config.policy_limits.clone();
+        let mut memory = PolicyMemory::default();
         // At most as many requests as bytes: each consumes at least one line.
         for _ in 0..=data.len() {
             match reader.next_request().await {
                 Ok(Some(request)) => {
-                    if let Ok(decision) = decide(&request, &limits, state, Duration::from_secs(1_700_000_000)) {
+                    if let Ok(decision) = decide(&request, &limits, state, Duration::from_secs(1_700_000_000), &mut memory) {
                         assert!(!decision.action.contains('\n'));
                     }
                 }

@@ -249,7 +249,9 @@ pub fn decide(
     limits: &[Limit],
     state: &SharedState,
     now: Duration,
+    memory: &mut PolicyMemory,
 ) -> Result<Decision, PolicyError> {
+    let last_refused = &mut memory.last_refused;
     let client = request.client()?;
     let end_of_message = request.get("protocol_state") == Some("END-OF-MESSAGE");
     let mut decision = Decision {
@@ -320,9 +322,21 @@ pub fn decide(
         }
     }
     if decision.refuses {
-        record(state, Series::Rejections, client, now);
+        // One message refused at several recipients is one rejection: Postfix
+        // names the transaction in `instance`.
+        let instance = request.get("instance").map(str::to_string);
+        if instance.is_none() || instance != *last_refused {
+            record(state, Series::Rejections, client, now);
+        }
+        *last_refused = instance;
     }
     Ok(decision)
+}
+
+/// What one policy connection remembers between requests.
+#[derive(Debug, Default)]
+pub struct PolicyMemory {
+    last_refused: Option<String>,
 }
 
 /// Whether an access(5) action refuses the mail (a 4xx/5xx code, reject, defer).
@@ -391,6 +405,7 @@ async fn handle(
 ) -> Result<(), PolicyError> {
     let (read, mut write) = stream.into_split();
     let mut requests = PolicyReader::new(BufReader::new(read));
+    let mut memory = PolicyMemory::default();
     loop {
         let request = tokio::select! {
             _ = stop.wait() => return Ok(()),
@@ -401,7 +416,13 @@ async fn handle(
         };
         // Limits are read per request, so a SIGHUP reload applies at once.
         let setup = state.setup();
-        let decision = decide(&request, &setup.config.policy_limits, state, unix_now())?;
+        let decision = decide(
+            &request,
+            &setup.config.policy_limits,
+            state,
+            unix_now(),
+            &mut memory,
+        )?;
         if decision.refuses {
             log::info!(
                 "postfix policy: {} {} -> {}",
@@ -492,13 +513,14 @@ mod tests {
                 ("client_address", ip),
             ])
         };
-        let decision = decide(&from("192.0.2.7"), &limits, &state, now).unwrap();
+        let mut memory = PolicyMemory::default();
+        let decision = decide(&from("192.0.2.7"), &limits, &state, now, &mut memory).unwrap();
         assert_eq!(
             decision.action,
             "421 4.7.0 Too many SMTP sessions from 192.0.2.0/24: 3 (limit 2) [inbound-audit]"
         );
         assert!(decision.refuses);
-        let decision = decide(&from("198.51.100.1"), &limits, &state, now).unwrap();
+        let decision = decide(&from("198.51.100.1"), &limits, &state, now, &mut memory).unwrap();
         assert_eq!(
             decision,
             Decision {
@@ -514,7 +536,7 @@ mod tests {
                 now,
             );
         }
-        let decision = decide(&from("198.51.100.1"), &limits, &state, now).unwrap();
+        let decision = decide(&from("198.51.100.1"), &limits, &state, now, &mut memory).unwrap();
         assert_eq!(
             decision.action,
             "defer_if_permit Too many connections in \"60,1\" window 0 from 198.51.100.1/32: 5 (limit 4) [inbound-audit]"
@@ -544,6 +566,37 @@ mod tests {
     }
 
     #[test]
+    fn a_message_refused_at_several_recipients_is_one_rejection() {
+        let state = state();
+        let limits = limits(&state);
+        let now = Duration::from_secs(1000);
+        let mut memory = PolicyMemory::default();
+        let rcpt = |instance: &str| {
+            request(&[
+                ("protocol_state", "RCPT"),
+                ("client_address", "192.0.2.9"),
+                ("instance", instance),
+            ])
+        };
+        for instance in ["a.1", "a.1", "a.1", "b.2"] {
+            assert!(
+                decide(&rcpt(instance), &limits, &state, now, &mut memory)
+                    .unwrap()
+                    .refuses
+            );
+        }
+        let monitors = state.lock_monitors();
+        let net = "192.0.2.9/32".parse().unwrap();
+        assert_eq!(
+            monitors
+                .by_position(0)
+                .unwrap()
+                .sum(Series::Rejections, &net, 0, 0, now),
+            2
+        );
+    }
+
+    #[test]
     fn end_of_message_records_a_reception() {
         let state = state();
         let limits = limits(&state);
@@ -552,7 +605,13 @@ mod tests {
             ("protocol_state", "END-OF-MESSAGE"),
             ("client_address", "192.0.2.1"),
         ]);
-        assert_eq!(decide(&eom, &limits, &state, now).unwrap().action, "dunno");
+        let mut memory = PolicyMemory::default();
+        assert_eq!(
+            decide(&eom, &limits, &state, now, &mut memory)
+                .unwrap()
+                .action,
+            "dunno"
+        );
         let monitors = state.lock_monitors();
         assert_eq!(
             monitors.by_position(0).unwrap().sum(
@@ -643,7 +702,13 @@ mod tests {
         let state = state();
         let no_client = request(&[("protocol_state", "RCPT")]);
         assert!(matches!(
-            decide(&no_client, &[], &state, Duration::ZERO),
+            decide(
+                &no_client,
+                &[],
+                &state,
+                Duration::ZERO,
+                &mut PolicyMemory::default()
+            ),
             Err(PolicyError::NoClientAddress)
         ));
     }
