@@ -476,7 +476,7 @@ mod tests {
         state
     }
 
-    fn limits(state: &SharedState) -> Vec<Limit> {
+    fn limits() -> Vec<Limit> {
         let configs: Vec<LimitConfig> = toml::from_str::<HashMap<String, Vec<LimitConfig>>>(
             r#"
             limits = [
@@ -488,7 +488,6 @@ mod tests {
         .unwrap()
         .remove("limits")
         .unwrap();
-        let services = vec!["SMTP"];
         configs.into_iter().map(|c| c.check().unwrap()).collect()
     }
 
@@ -504,7 +503,7 @@ mod tests {
     #[test]
     fn limits_fire_with_their_text_and_count_rejections() {
         let state = state();
-        let limits = limits(&state);
+        let limits = limits();
         let now = Duration::from_secs(1000);
         let from = |ip: &str| {
             request(&[
@@ -568,7 +567,7 @@ mod tests {
     #[test]
     fn a_message_refused_at_several_recipients_is_one_rejection() {
         let state = state();
-        let limits = limits(&state);
+        let limits = limits();
         let now = Duration::from_secs(1000);
         let mut memory = PolicyMemory::default();
         let rcpt = |instance: &str| {
@@ -599,7 +598,7 @@ mod tests {
     #[test]
     fn end_of_message_records_a_reception() {
         let state = state();
-        let limits = limits(&state);
+        let limits = limits();
         let now = Duration::from_secs(1000);
         let eom = request(&[
             ("protocol_state", "END-OF-MESSAGE"),
