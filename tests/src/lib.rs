@@ -145,6 +145,31 @@ impl Drop for TestCgroup {
     }
 }
 
+/// Makes `command`'s process join the cgroup at `dir` before it execs, so every
+/// socket it creates (listeners included, and the sessions they accept)
+/// belongs to that cgroup.
+pub fn join_cgroup_on_exec(command: &mut Command, dir: &Path) {
+    let procs = std::ffi::CString::new(dir.join("cgroup.procs").to_str().expect("utf-8 path"))
+        .expect("no NUL");
+    // SAFETY: the closure only calls async-signal-safe functions (open, write,
+    // close) on memory prepared before the fork.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The stand-in MTA (src/bin/test-server.rs), started inside a cgroup.
 pub struct TestServer {
     child: Child,
@@ -158,38 +183,12 @@ impl TestServer {
     /// integration test) listening on each address (port 0: a free port) from
     /// inside `cgroup`.
     pub fn start(binary: &str, cgroup: &TestCgroup, addrs: &[&str]) -> Self {
-        let procs = std::ffi::CString::new(
-            cgroup
-                .path()
-                .join("cgroup.procs")
-                .to_str()
-                .expect("utf-8 path"),
-        )
-        .expect("no NUL");
         let mut command = Command::new(binary);
         command
             .args(addrs)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        // SAFETY: the closure only calls async-signal-safe functions (open, write,
-        // close) on memory prepared before the fork.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(move || {
-                // Joining the cgroup before exec means every socket the server
-                // creates belongs to it.
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        join_cgroup_on_exec(&mut command, cgroup.path());
         let mut child = command.spawn().expect("start test-server");
         let stdin = child.stdin.take().expect("piped");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));

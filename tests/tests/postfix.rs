@@ -203,36 +203,13 @@ impl Postfix {
     /// listener (and smtpd's accepted sessions) belong to it; returns once
     /// smtpd answers with its banner.
     fn start(&mut self) {
-        let procs = std::ffi::CString::new(
-            self.cgroup_dir
-                .join("cgroup.procs")
-                .to_str()
-                .expect("utf-8 path"),
-        )
-        .expect("no NUL");
         let out = std::fs::File::create(self.dir.join("start-fg.out")).unwrap();
         let mut command = self.command(&["start-fg"]);
         command
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
-        // SAFETY: only async-signal-safe calls (open, write, close) on memory
-        // prepared before the fork, as TestServer::start does.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        integration_tests::join_cgroup_on_exec(&mut command, &self.cgroup_dir);
         self.child = Some(command.spawn().expect("start postfix"));
         let server = SocketAddr::new(ip("127.0.0.1"), self.port);
         let deadline = Instant::now() + Duration::from_secs(20);
