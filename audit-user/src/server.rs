@@ -215,8 +215,40 @@ fn group_id(name: &str) -> Result<u32, SocketError> {
 
 /// Serves queries until `shutdown` fires.
 pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutdown) {
-    let limit = Arc::new(Semaphore::new(state.setup().config.max_clients));
-    let mut stop = shutdown.clone();
+    let max = state.setup().config.max_clients;
+    let stop = shutdown.clone();
+    accept_loop(
+        &socket,
+        max,
+        shutdown,
+        move |stream| refuse_busy(stream, max),
+        move |stream| {
+            let (state, stop) = (state.clone(), stop.clone());
+            async move {
+                if let Err(e) = handle_client(stream, &state, stop).await {
+                    log::debug!("client connection ended: {e}");
+                }
+            }
+        },
+    )
+    .await;
+}
+
+/// Accepts clients on `socket` until shutdown, each served by its own task;
+/// at most `max` at once, the others are handed to `refuse`.
+pub async fn accept_loop<Handle, Handled, Refuse, Refused>(
+    socket: &QuerySocket,
+    max: usize,
+    mut stop: Shutdown,
+    refuse: Refuse,
+    handle: Handle,
+) where
+    Handle: Fn(UnixStream) -> Handled,
+    Handled: std::future::Future<Output = ()> + Send + 'static,
+    Refuse: Fn(UnixStream) -> Refused,
+    Refused: std::future::Future<Output = ()> + Send + 'static,
+{
+    let places = Arc::new(Semaphore::new(max));
     loop {
         let stream = tokio::select! {
             _ = stop.wait() => break,
@@ -225,22 +257,19 @@ pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutd
                 Err(e) => {
                     log::warn!("accept on {}: {e}", socket.path.display());
                     // EMFILE and friends: give other tasks a chance to free descriptors.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream, state.setup().config.max_clients));
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
             continue;
         };
-        let state = state.clone();
-        let stop = shutdown.clone();
+        let served = handle(stream);
         tokio::spawn(async move {
-            if let Err(e) = handle_client(stream, &state, stop).await {
-                log::debug!("client connection ended: {e}");
-            }
-            drop(permit);
+            served.await;
+            drop(place);
         });
     }
 }

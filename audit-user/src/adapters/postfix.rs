@@ -16,12 +16,11 @@ use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixStream,
-    sync::Semaphore,
 };
 
 use crate::{
     monitors::{MonitorSpec, Series},
-    server::{unix_now, QuerySocket},
+    server::{accept_loop, unix_now, QuerySocket},
     shutdown::Shutdown,
     state::SharedState,
 };
@@ -367,35 +366,21 @@ fn record(state: &SharedState, series: Series, client: IpAddr, now: Duration) {
 
 /// Serves policy requests until `shutdown` fires.
 pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutdown) {
-    let slots = Arc::new(Semaphore::new(state.setup().config.max_clients));
-    let mut stop = shutdown.clone();
-    loop {
-        let stream = tokio::select! {
-            _ = stop.wait() => break,
-            accepted = socket.accept() => match accepted {
-                Ok(stream) => stream,
-                Err(e) => {
-                    log::warn!("policy socket accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            log::warn!(
-                "policy socket: too many clients (max_clients = {}); dropping one",
-                state.setup().config.max_clients
-            );
-            continue;
-        };
-        let (state, stop) = (state.clone(), shutdown.clone());
-        tokio::spawn(async move {
+    let max = state.setup().config.max_clients;
+    let stop = shutdown.clone();
+    let refuse = move |_stream| async move {
+        // The protocol has no busy answer: Postfix applies its default action.
+        log::warn!("policy socket: too many clients (max_clients = {max}); dropping one");
+    };
+    accept_loop(&socket, max, shutdown, refuse, move |stream| {
+        let (state, stop) = (state.clone(), stop.clone());
+        async move {
             if let Err(e) = handle(stream, &state, stop).await {
                 log::warn!("postfix policy client dropped: {e}");
             }
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn handle(
