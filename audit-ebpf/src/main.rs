@@ -294,8 +294,14 @@ fn forget(cookie: u64) -> Result<u32, ()> {
 /// The per-IP counters, created zeroed when `create` is set. Entries that fall back
 /// to zero are left in place: deleting here could race a concurrent increment.
 fn live_counts(family: u8, addr: &[u8; 16], create: bool) -> Option<*mut LiveCounts> {
+    // Look up before inserting: an LPM insert allocates a node and takes the
+    // trie's lock even when the entry exists, and most accepts are from IPs
+    // already tracked.
     if family == FAMILY_V4 {
         let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
+        if let Some(counts) = LIVE_V4.get(&key) {
+            return Some(counts as *const LiveCounts as *mut LiveCounts);
+        }
         if create {
             let _ = LIVE_V4.insert(&key, LiveCounts::default(), BPF_NOEXIST as u64);
         }
@@ -304,6 +310,9 @@ fn live_counts(family: u8, addr: &[u8; 16], create: bool) -> Option<*mut LiveCou
             .map(|counts| counts as *const LiveCounts as *mut LiveCounts)
     } else {
         let key = Key::new(128, *addr);
+        if let Some(counts) = LIVE_V6.get(&key) {
+            return Some(counts as *const LiveCounts as *mut LiveCounts);
+        }
         if create {
             let _ = LIVE_V6.insert(&key, LiveCounts::default(), BPF_NOEXIST as u64);
         }
