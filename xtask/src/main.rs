@@ -1,4 +1,4 @@
-//! Build, run and test inbound-audit: `cargo xtask build|run|test|lint`.
+//! Build, run and test inbound-audit: `cargo xtask build|run|test|lint|bench`.
 //!
 //! The kernel program needs a nightly toolchain with rust-src and bpf-linker
 //! built against the same LLVM major as rustc; both are set up here on first use
@@ -42,6 +42,12 @@ enum Task {
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
+    /// Build, then run the benchmark suite (as root); writes bench/results/latest.md
+    /// and .json. `--quick` is a smoke run; `--only sizes,churn` runs some measurements.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Fuzz the query and policy parsers with libFuzzer (cargo fuzz, nightly).
     Fuzz {
         /// Seconds per target.
@@ -77,13 +83,32 @@ fn main() -> Result<()> {
                     "--workspace",
                     "--exclude",
                     "audit-ebpf",
+                    // The benchmark suite runs with `cargo xtask bench` only.
+                    "--exclude",
+                    "bench",
                 ])
                 .args(args)
                 .env("INBOUND_AUDIT_EBPF_OBJECT", &object)
                 .env("INBOUND_AUDIT_BIN", &binary);
+            if let Some(exim) = ensure_exim(&root) {
+                command.env("INBOUND_AUDIT_EXIM", exim);
+            }
             run(&mut command)
         }
         Task::Fuzz { seconds, target } => fuzz(&root, seconds, target.as_deref()),
+        Task::Bench { args } => {
+            let binary = build(&root)?;
+            require_root("run the benchmarks")?;
+            // The runner is its own crate (bench/, not a default member), so
+            // `cargo test` never builds it or criterion.
+            let mut command = cargo(&root);
+            command
+                .args(["run", "--release", "--package", "bench", "--bin", "bench"])
+                .args(["--", "run", "--agent"])
+                .arg(&binary)
+                .args(args);
+            run(&mut command)
+        }
         Task::Lint => {
             run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
             run(cargo(&root).args([
@@ -393,6 +418,68 @@ fn ensure_test_packages() -> Result<()> {
         .args(["install", "-y", "-qq"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// An Exim binary for the ${readsocket} test. Exim and Postfix are both mail
+/// transport agents and cannot be installed together, so unless Exim is the
+/// system's MTA, Debian's exim4-daemon-light is unpacked (not installed) under
+/// target/tools and run through a wrapper. Its binary insists on its compiled-in
+/// user, so that system user is created. None: the Exim test skips.
+fn ensure_exim(root: &Path) -> Option<PathBuf> {
+    if Path::new("/usr/sbin/exim4").exists() {
+        return Some("/usr/sbin/exim4".into());
+    }
+    let dir = target_dir(root).join("tools").join("exim");
+    let wrapper = dir.join("exim");
+    if wrapper.exists() {
+        return Some(wrapper);
+    }
+    if std::env::var_os("INBOUND_AUDIT_NO_APT").is_some() || require_root("unpack Exim").is_err() {
+        return None;
+    }
+    let unpack = || -> Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        let download = |dir: &Path| {
+            Command::new("apt-get")
+                .args(["download", "-qq", "exim4-daemon-light", "libidn12"])
+                .current_dir(dir)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !download(&dir) {
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            if !download(&dir) {
+                bail!("apt-get download exim4-daemon-light libidn12 failed");
+            }
+        }
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "deb") {
+                run(Command::new("dpkg-deb").arg("-x").arg(&path).arg(dir.join("root")))?;
+            }
+        }
+        let has_user = Command::new("id").args(["-u", "Debian-exim"]).output().is_ok_and(|o| o.status.success());
+        if !has_user {
+            run(Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "Debian-exim"]))?;
+        }
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nLD_LIBRARY_PATH={lib} exec {exim} \"$@\"\n",
+                lib = dir.join("root/usr/lib/x86_64-linux-gnu").display(),
+                exim = dir.join("root/usr/sbin/exim4").display()
+            ),
+        )?;
+        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        Ok(())
+    };
+    match unpack() {
+        Ok(()) => Some(wrapper),
+        Err(e) => {
+            println!("no Exim for the ${{readsocket}} test ({e:#}); it will skip");
+            None
+        }
+    }
 }
 
 fn require_root(what: &str) -> Result<()> {

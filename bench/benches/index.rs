@@ -1,0 +1,59 @@
+//! In-process query cost of the CIDR index (`inbound_audit::index::CidrIndex`)
+//! at 1k, 100k and 1M tracked IPs, for /32, /24, /16 and IPv6 /64 queries.
+//!
+//! Each iteration answers the next query of a fixed, pre-generated list (each
+//! the prefix of a tracked IP), so the measured figure is one query, with the
+//! cache behaviour of a random walk over the trie rather than of one hot path.
+//!
+//! `cargo xtask bench` runs this and reads the medians from
+//! target/criterion/index_count/*/*/new/estimates.json. Set
+//! INBOUND_BENCH_SIZES=1000,10000 to choose sizes, INBOUND_BENCH_QUICK=1 for
+//! a smoke run.
+
+use std::{hint::black_box, time::Duration};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use inbound_audit::index::CidrIndex;
+use inbound_bench::synthetic::{QueryKind, SyntheticSet};
+
+const QUERIES: usize = 4096;
+
+fn sizes() -> Vec<usize> {
+    std::env::var("INBOUND_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 100_000, 1_000_000])
+}
+
+fn index_count(c: &mut Criterion) {
+    // INBOUND_BENCH_QUICK=1 (the runner's --quick): a smoke run in seconds.
+    let quick = std::env::var_os("INBOUND_BENCH_QUICK").is_some();
+    let mut group = c.benchmark_group("index_count");
+    group
+        .warm_up_time(Duration::from_millis(if quick { 100 } else { 500 }))
+        .measurement_time(Duration::from_millis(if quick { 300 } else { 2000 }))
+        .sample_size(if quick { 10 } else { 100 })
+        .throughput(Throughput::Elements(1));
+    for size in sizes() {
+        let set = SyntheticSet::generate(size);
+        let mut index = CidrIndex::new();
+        for ip in set.iter() {
+            index.add(ip, 1).expect("a fresh index cannot underflow");
+        }
+        for kind in QueryKind::ALL {
+            let queries = set.queries(kind, QUERIES, 42);
+            let mut next = 0usize;
+            group.bench_with_input(BenchmarkId::new(kind.slug(), size), &index, |b, index| {
+                b.iter(|| {
+                    let net = &queries[next % QUERIES];
+                    next = next.wrapping_add(1);
+                    black_box(index.count(black_box(net)))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, index_count);
+criterion_main!(benches);

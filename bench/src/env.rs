@@ -1,0 +1,288 @@
+//! The machine: what it is (for the report), its limits (fds, ports), the
+//! bench's child cgroup, sysctls and per-process figures read from /proc.
+
+use std::{
+    ffi::CString,
+    fs,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Facts about the machine, written at the top of every report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Machine {
+    pub date_utc: String,
+    pub kernel: String,
+    pub cpu_model: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub git_commit: String,
+    pub load_average_at_start: String,
+    pub rlimit_nofile: u64,
+    /// The guest idle driver and its halt-polling window: with no polling a
+    /// woken vCPU costs a VM exit, which shows in every socket round trip.
+    pub cpuidle: String,
+}
+
+impl Machine {
+    pub fn describe(workspace: &Path) -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let memory_kib: f64 = fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        Self {
+            date_utc: utc_now(),
+            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+            cpu_model,
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            memory_gib: (memory_kib / (1024.0 * 1024.0) * 10.0).round() / 10.0,
+            git_commit: git_commit(workspace).unwrap_or_else(|| "unknown".into()),
+            load_average_at_start: read_trimmed("/proc/loadavg"),
+            rlimit_nofile: nofile_limit().1,
+            cpuidle: format!(
+                "{} (guest_halt_poll_ns {})",
+                read_trimmed("/sys/devices/system/cpu/cpuidle/current_driver"),
+                read_trimmed("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+            ),
+        }
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The current time as `YYYY-MM-DD HH:MM:SS UTC`, without a date crate.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// HEAD's commit, read from .git directly (the bench never runs git).
+fn git_commit(workspace: &Path) -> Option<String> {
+    let git = workspace.join(".git");
+    let head = fs::read_to_string(git.join("HEAD")).ok()?;
+    let head = head.trim();
+    let Some(reference) = head.strip_prefix("ref: ") else {
+        return Some(head.to_string());
+    };
+    if let Ok(commit) = fs::read_to_string(git.join(reference)) {
+        return Some(commit.trim().to_string());
+    }
+    fs::read_to_string(git.join("packed-refs"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let (commit, name) = l.split_once(' ')?;
+            (name == reference).then(|| commit.to_string())
+        })
+}
+
+/// (soft, hard) RLIMIT_NOFILE.
+pub fn nofile_limit() -> (u64, u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (limit.rlim_cur, limit.rlim_max)
+}
+
+/// Raises the soft fd limit to the hard one (root here lacks CAP_SYS_RESOURCE,
+/// so the hard limit itself cannot grow); returns the new soft limit.
+pub fn raise_fd_limit() -> u64 {
+    let (_, hard) = nofile_limit();
+    let limit = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct we own.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    nofile_limit().0
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A sysctl set for the duration of a measurement and restored on drop.
+pub struct Sysctl {
+    path: PathBuf,
+    previous: String,
+}
+
+impl Sysctl {
+    pub fn set(name: &str, value: &str) -> Result<Self> {
+        let path = PathBuf::from("/proc/sys").join(name.replace('.', "/"));
+        let previous = fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_string();
+        fs::write(&path, value).with_context(|| format!("setting {name}={value}"))?;
+        Ok(Self { path, previous })
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.path, &self.previous);
+    }
+}
+
+pub fn sysctl(name: &str) -> String {
+    read_trimmed(&format!("/proc/sys/{}", name.replace('.', "/")))
+}
+
+/// The bench's child cgroup: servers run in it, the agent watches it, so the
+/// agent sees only the bench's connections, whatever else runs on the box.
+pub struct BenchCgroup(PathBuf);
+
+impl BenchCgroup {
+    pub fn create() -> Result<Self> {
+        let root = inbound_audit::kernel::cgroup::cgroup2_root().context("finding cgroup2")?;
+        let path = root.join(format!("inbound-audit-bench-{}", std::process::id()));
+        if !path.exists() {
+            fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        }
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Makes `command`'s process join this cgroup before exec, so every
+    /// socket it creates (listeners, and so accepted sockets) belongs to it.
+    pub fn enter_on_spawn(&self, command: &mut Command) {
+        let procs = CString::new(
+            self.0
+                .join("cgroup.procs")
+                .to_str()
+                .expect("cgroup path is UTF-8"),
+        )
+        .expect("no NUL in path");
+        // SAFETY: the closure runs between fork and exec and only calls
+        // async-signal-safe functions (open, write, close) on memory prepared
+        // before the fork.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        // Only an empty cgroup can go; the servers may take a moment to exit.
+        for _ in 0..100 {
+            if fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A TCP port below the ephemeral range that nothing listens on now, so
+/// client sockets (which take ephemeral ports) never share its number.
+pub fn free_port(avoid: &[u16]) -> Result<u16> {
+    let low: u16 = sysctl("net.ipv4.ip_local_port_range")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(32_768);
+    let start = 20_000u16.min(low.saturating_sub(2_000));
+    for port in start..low {
+        if avoid.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port below {low}")
+}
+
+/// Resident memory of a process in bytes (VmRSS).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
+/// CPU time (user + system, all threads) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields follow the last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process_figures() {
+        let pid = std::process::id();
+        assert!(rss_bytes(pid).unwrap() > 0);
+        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        let now = utc_now();
+        assert!(now.ends_with("UTC") && now.len() == 23, "{now}");
+    }
+}

@@ -1,0 +1,399 @@
+//! Measurement 4: what the agent costs the connections it watches.
+//!
+//! - Kernel run time per accepted connection: `kernel.bpf_stats_enabled=1`
+//!   during one run, then run_time_ns / run_cnt of our two attached programs
+//!   (found through our pinned links, not by name: other agents may run).
+//! - Accept+close rate with and without the agent attached, alternating runs
+//!   (stats off, since they cost time themselves), as a ratio.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Barrier,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use inbound_bench::stats::{median, quantile};
+use serde_json::json;
+
+use crate::{
+    agent::BenchAgent,
+    env::{self, Sysctl},
+    kernel,
+    net::{connect_from, ServerProcess},
+    report::{fmt_count, Report, Section},
+    Ctx,
+};
+
+/// Client threads: two saturate this 2-core machine together with the server.
+const CLIENTS: usize = 2;
+
+/// Source addresses for the rate runs: 127.20.0.0/16 less .0 and .255.
+const MANY_SOURCES: u32 = 256 * 254;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Running,
+    NoReader,
+}
+
+struct KernelCost {
+    label: &'static str,
+    connections: u64,
+    /// (program, run_time_ns, run_cnt) deltas over the run.
+    programs: Vec<(String, u64, u64)>,
+}
+
+fn cost_row(run: &str, program: &str, ns: u64, count: u64, conns: f64) -> Vec<String> {
+    vec![
+        run.to_string(),
+        program.to_string(),
+        fmt_count(count as f64),
+        format!("{:.1}", count as f64 / conns),
+        format!("{:.0} ns", ns as f64 / count.max(1) as f64),
+        format!("{:.0} ns", ns as f64 / conns),
+    ]
+}
+
+struct RunResult {
+    connections: u64,
+    secs: f64,
+    errors: u64,
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.connections as f64 / self.secs
+    }
+}
+
+pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
+    let (pairs, run_for) = if ctx.quick {
+        (1, Duration::from_secs(1))
+    } else {
+        (5, Duration::from_secs(3))
+    };
+    let port = env::free_port(&[])?;
+    let mut server = ServerProcess::start(&ctx.cgroup, &[port])?;
+    let mut agent = BenchAgent::new(
+        &ctx.agent_binary,
+        "overhead",
+        ctx.cgroup.path(),
+        &[format!("SMTP={port}")],
+    )?;
+    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut source = 0u32;
+
+    // Warm-up: the first run after start pays for page faults and TCP memory.
+    accept_close_run(
+        &mut server,
+        target,
+        Duration::from_millis(500),
+        &mut source,
+        MANY_SOURCES,
+    )?;
+
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    let mut agent_cpu_per_conn = Vec::new();
+    for pair in 0..pairs {
+        let order = if pair % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for attached in order {
+            if attached {
+                agent.start()?;
+                // Past the start-up reconcile passes (1 s and 2 s after start).
+                agent.wait_quiet(Duration::from_millis(2500))?;
+                let pid = agent.pid().context("pid")?;
+                let cpu = env::cpu_seconds(pid).unwrap_or(0.0);
+                let run =
+                    accept_close_run(&mut server, target, run_for, &mut source, MANY_SOURCES)?;
+                // The agent follows the ring buffer asynchronously: let it finish.
+                std::thread::sleep(Duration::from_millis(300));
+                let used = env::cpu_seconds(pid).unwrap_or(0.0) - cpu;
+                agent_cpu_per_conn.push(used / run.connections as f64 * 1e6);
+                println!(
+                    "[overhead] with agent:    {:>8.0} connections/s",
+                    run.rate()
+                );
+                with.push(run);
+                agent.stop()?;
+                agent.cleanup_pins()?;
+            } else {
+                let run =
+                    accept_close_run(&mut server, target, run_for, &mut source, MANY_SOURCES)?;
+                println!(
+                    "[overhead] without agent: {:>8.0} connections/s",
+                    run.rate()
+                );
+                without.push(run);
+            }
+        }
+    }
+
+    println!("[overhead] kernel run time (kernel.bpf_stats_enabled=1)");
+    // The judged run, then two that show where the time goes: a small per-IP
+    // table (few sources), and no reader on the ring buffer (agent stopped,
+    // programs still attached: no wakeups, events dropped once it is full).
+    let variants = [
+        (
+            "agent running, 65,024 sources",
+            Variant::Running,
+            MANY_SOURCES,
+        ),
+        ("agent running, 254 sources", Variant::Running, 254),
+        (
+            "no ring-buffer reader, 65,024 sources",
+            Variant::NoReader,
+            MANY_SOURCES,
+        ),
+    ];
+    let mut costs = Vec::new();
+    let mut sessions_left = 0;
+    for (label, variant, hosts) in variants {
+        agent.start()?;
+        agent.wait_quiet(Duration::from_millis(2500))?;
+        if variant == Variant::NoReader {
+            agent.stop()?;
+        }
+        let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
+        let before = kernel::program_stats(&agent.pin_dir)?;
+        let run = accept_close_run(&mut server, target, run_for, &mut source, hosts)?;
+        let after = kernel::program_stats(&agent.pin_dir)?;
+        drop(_stats);
+        if variant == Variant::Running && costs.is_empty() {
+            // Every connection the clients made must be counted and uncounted.
+            sessions_left = agent
+                .client()?
+                .count(b"msys.audit.inbound_session_count(\"127.0.0.0/8\", \"SMTP\")\n")?;
+        }
+        agent.stop()?;
+        agent.cleanup_pins()?;
+        let programs: Vec<(String, u64, u64)> = before
+            .iter()
+            .zip(&after)
+            .map(|((name, b), (_, a))| {
+                (
+                    name.clone(),
+                    a.run_time_ns - b.run_time_ns,
+                    a.run_count - b.run_count,
+                )
+            })
+            .collect();
+        costs.push(KernelCost {
+            label,
+            connections: run.connections,
+            programs,
+        });
+    }
+    drop(agent);
+
+    let mut rows = Vec::new();
+    for cost in &costs {
+        let conns = cost.connections as f64;
+        let mut all = (0u64, 0u64);
+        for (name, ns, count) in &cost.programs {
+            all = (all.0 + ns, all.1 + count);
+            rows.push(cost_row(cost.label, name, *ns, *count, conns));
+        }
+        rows.push(cost_row(cost.label, "all", all.0, all.1, conns));
+    }
+    report.sections.push(Section {
+        title: "Kernel cost per connection".into(),
+        method: format!(
+            "Loopback connections (connect from a rotating 127.20.x.y source, client closes with \
+             FIN, server accepts, reads EOF, closes) to a watched port for {} s per run, with \
+             kernel.bpf_stats_enabled=1; run_time_ns and run_cnt of our two attached programs \
+             before and after. sock_ops runs only for sockets of the watched cgroup (the server \
+             side); the tp_btf backstop on inet_sock_set_state runs for every TCP state change on \
+             the machine, here both ends of each loopback connection (a remote client's side \
+             would not be on this host). bpf_stats' own clock reads are included. The first run \
+             is the judged figure; the other two show where the time goes.",
+            run_for.as_secs_f64()
+        ),
+        columns: [
+            "run",
+            "program",
+            "invocations",
+            "per connection",
+            "ns per invocation",
+            "ns per connection",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+        data: json!(costs
+            .iter()
+            .map(|c| json!({
+                "run": c.label, "connections": c.connections,
+                "programs": c.programs.iter().map(|(n, ns, cnt)| json!({"program": n, "run_time_ns": ns, "run_cnt": cnt})).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>()),
+    });
+    let judged = &costs[0];
+    let conns = judged.connections as f64;
+    let total_ns: u64 = judged.programs.iter().map(|p| p.1).sum();
+    let total_runs: u64 = judged.programs.iter().map(|p| p.2).sum();
+    let per_conn = total_ns as f64 / conns;
+    report.target(
+        "Kernel run time per accepted connection (all our programs)",
+        format!(
+            "{per_conn:.0} ns ({:.1} invocations)",
+            total_runs as f64 / conns
+        ),
+        per_conn,
+        "≤ 300 ns",
+        per_conn <= 300.0,
+    );
+
+    let ratios: Vec<f64> = with
+        .iter()
+        .zip(&without)
+        .map(|(w, o)| w.rate() / o.rate())
+        .collect();
+    let ratio = median(&ratios);
+    let rates = |runs: &[RunResult]| runs.iter().map(RunResult::rate).collect::<Vec<_>>();
+    let errors: u64 = with.iter().chain(&without).map(|r| r.errors).sum();
+    report.sections.push(Section {
+        title: "Accept + close rate with and without the agent".into(),
+        method: format!(
+            "{CLIENTS} client threads connect and close as fast as they can for {} s per run; \
+             a run ends when the server has accepted and closed every connection. With: the \
+             agent running with its programs attached to the server's cgroup. Without: the \
+             agent stopped and its programs detached (`inbound-audit cleanup`). {pairs} pairs \
+             of runs, alternating which goes first; ratio per pair. bpf_stats off. Connect \
+             errors over all runs: {errors}.",
+            run_for.as_secs_f64()
+        ),
+        columns: ["", "connections/s (median)", "min – max"]
+            .map(String::from)
+            .to_vec(),
+        rows: vec![
+            vec![
+                "without agent".into(),
+                fmt_count(median(&rates(&without))),
+                format!(
+                    "{} – {}",
+                    fmt_count(quantile(&rates(&without), 0.0)),
+                    fmt_count(quantile(&rates(&without), 1.0))
+                ),
+            ],
+            vec![
+                "with agent".into(),
+                fmt_count(median(&rates(&with))),
+                format!(
+                    "{} – {}",
+                    fmt_count(quantile(&rates(&with), 0.0)),
+                    fmt_count(quantile(&rates(&with), 1.0))
+                ),
+            ],
+            vec![
+                "ratio with / without".into(),
+                format!("{:.1} %", ratio * 100.0),
+                format!(
+                    "{:.1} % – {:.1} %",
+                    quantile(&ratios, 0.0) * 100.0,
+                    quantile(&ratios, 1.0) * 100.0
+                ),
+            ],
+            vec![
+                "agent CPU per connection (user space)".into(),
+                format!("{:.1} µs", median(&agent_cpu_per_conn)),
+                String::new(),
+            ],
+        ],
+        data: json!({
+            "with": rates(&with), "without": rates(&without), "ratios": ratios,
+            "agent_cpu_us_per_connection": agent_cpu_per_conn,
+        }),
+    });
+    report.target(
+        "Accept rate with the agent vs without (median of pairs)",
+        format!("{:.1} %", ratio * 100.0),
+        ratio * 100.0,
+        "≥ 95 %",
+        ratio >= 0.95,
+    );
+    if sessions_left != 0 {
+        report.note(format!(
+            "after the kernel-stats run the agent still counted {sessions_left} sessions from \
+             127.0.0.0/8 (expected 0)"
+        ));
+    }
+    Ok(())
+}
+
+/// Connect+close as fast as possible for `duration`, then waits until the
+/// server has accepted and closed all of them; the rate's clock stops there.
+fn accept_close_run(
+    server: &mut ServerProcess,
+    target: SocketAddr,
+    duration: Duration,
+    source: &mut u32,
+    hosts: u32,
+) -> Result<RunResult> {
+    let (accepted_before, _) = server.stats()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(CLIENTS + 1));
+    let mut threads = Vec::new();
+    for c in 0..CLIENTS {
+        let (stop, made, errors, barrier) =
+            (stop.clone(), made.clone(), errors.clone(), barrier.clone());
+        // Each thread walks its own range of the 65,024 sources.
+        let mut next = *source + c as u32 * 7919;
+        threads.push(std::thread::spawn(move || {
+            barrier.wait();
+            let (mut n, mut e) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                next = next.wrapping_add(1);
+                let host = next % hosts;
+                let src = Ipv4Addr::new(127, 20, (host / 254) as u8, (host % 254 + 1) as u8);
+                match connect_from(src, target) {
+                    Ok(socket) => {
+                        drop(socket);
+                        n += 1;
+                    }
+                    Err(_) => e += 1,
+                }
+            }
+            made.fetch_add(n, Ordering::Relaxed);
+            errors.fetch_add(e, Ordering::Relaxed);
+        }));
+    }
+    barrier.wait();
+    let start = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread.join().expect("client thread");
+    }
+    *source = source.wrapping_add(100_003);
+    let made = made.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (accepted, open) = server.stats()?;
+        if accepted - accepted_before >= made && open == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the server accepted {} of {made} connections ({open} open) 30 s after the run",
+                accepted - accepted_before
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(RunResult {
+        connections: made,
+        secs: start.elapsed().as_secs_f64(),
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
