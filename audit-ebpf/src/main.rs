@@ -21,7 +21,8 @@ use audit_common::{
 };
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        bpf_sock_ops, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
@@ -37,6 +38,8 @@ const AF_INET6: u32 = 10;
 const MAX_TRACKED_IPS: u32 = 1 << 20;
 const MAX_TRACKED_SOCKETS: u32 = 1 << 20;
 const EVENTS_BYTES: u32 = 4 << 20;
+/// Unread bytes in the ring that make an event wake the agent (1/16 of it).
+const WAKEUP_BYTES: u64 = (EVENTS_BYTES / 16) as u64;
 /// Map flag: allocate entries on use, so an idle agent costs no kernel memory.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -331,7 +334,16 @@ fn emit(kind: u8, cookie: u64, record: &SocketRecord) {
         service: record.service,
         _pad: [0; 5],
     };
-    if EVENTS.output::<SessionEvent>(&event, 0).is_err() {
+    // Waking the agent for every event costs more than the rest of the program
+    // (on a VM, an exit per wakeup). The agent drains the ring before answering
+    // any query and on a short timer, so a wakeup is only needed to keep the
+    // ring from filling up.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<SessionEvent>(&event, flags as u64).is_err() {
         // The maps stay right; the agent sees the gap here and reconciles.
         bump_stat(stat::EVENTS_LOST);
     }

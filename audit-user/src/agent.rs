@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use audit_common::{stat, sync_result, SessionEvent, EVENT_OPEN, MAX_SERVICES};
+use audit_common::{stat, sync_result, SessionEvent, MAX_SERVICES};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
@@ -24,13 +24,13 @@ use crate::{
         loader::{self, KernelProgram, LoadError, LoadOptions},
         seed::{self, SeedError},
     },
-    monitors::{Series, StateError},
+    monitors::StateError,
     privileges,
     server::{self, QuerySocket, SocketError},
     shutdown::{self, Shutdown},
     state::{
-        diff_tallies, event_ip, tally_live, tally_records, AgentStats, ApplyOutcome, Reconciler,
-        Setup, SharedState, Tally,
+        diff_tallies, tally_live, tally_records, AgentStats, EventSource, Reconciler, Setup,
+        SharedState, Tally,
     },
 };
 
@@ -391,70 +391,63 @@ async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: Shutdown) {
     }
 }
 
-async fn follow_events(events: RingBuf<MapData>, state: Arc<SharedState>, mut stop: Shutdown) {
-    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until
-    // the AsyncFd (which owns the RingBuf) is dropped.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) };
-    let mut ring = match registered {
-        Ok(ring) => ring,
-        Err(e) => {
-            log::error!("cannot poll the event ring buffer: {e}; counts will follow the reconcile interval only");
-            return;
-        }
-    };
-    let mut batch: Vec<SessionEvent> = Vec::with_capacity(256);
-    loop {
-        let mut guard = tokio::select! {
-            _ = stop.wait() => return,
-            guard = ring.readable_mut() => match guard {
-                Ok(guard) => guard,
-                Err(e) => {
-                    log::error!("polling the event ring buffer: {e}");
-                    return;
-                }
-            },
-        };
-        let buffer = guard.get_inner_mut();
-        while let Some(item) = buffer.next() {
+/// The kernel's ring buffer as the state's event source.
+struct RingSource(RingBuf<MapData>);
+
+impl EventSource for RingSource {
+    fn take_available(&mut self, out: &mut Vec<SessionEvent>) {
+        while let Some(item) = self.0.next() {
             if item.len() == std::mem::size_of::<SessionEvent>() {
                 // SAFETY: the item holds exactly one SessionEvent written by the
                 // kernel program; read_unaligned copes with any alignment.
-                batch.push(unsafe {
-                    std::ptr::read_unaligned(item.as_ptr() as *const SessionEvent)
-                });
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const SessionEvent) });
             }
         }
-        guard.clear_ready();
-        if batch.is_empty() {
-            continue;
+    }
+}
+
+/// The ring buffer's descriptor, for readiness only; the ring itself belongs
+/// to the shared state, which outlives this task.
+struct RingFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// How often pending events are applied when no query asks first, so the
+/// monitors' windows see connections on time.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Hands the ring to the state (queries drain it) and drains it here when the
+/// kernel wakes us (the ring is filling) or on a short timer.
+async fn follow_events(events: RingBuf<MapData>, state: Arc<SharedState>, mut stop: Shutdown) {
+    let fd = RingFd(std::os::fd::AsRawFd::as_raw_fd(&events));
+    state.attach_events(Box::new(RingSource(events)));
+    // SAFETY: the descriptor belongs to the ring now owned by `state`, which
+    // this task keeps alive (Arc) for as long as the AsyncFd exists.
+    let registered = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+    let ring = match registered {
+        Ok(ring) => Some(ring),
+        Err(e) => {
+            log::warn!("cannot poll the event ring buffer ({e}); draining on the timer only");
+            None
         }
-        let mut outcome = ApplyOutcome::default();
-        {
-            let mut sessions = state.write_sessions();
-            for event in &batch {
-                sessions.apply(event, &mut outcome);
+    };
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait() => return,
+            _ = tick.tick() => {}
+            guard = async { ring.as_ref().expect("checked").readable().await }, if ring.is_some() => {
+                if let Ok(mut guard) = guard {
+                    guard.clear_ready();
+                }
             }
         }
-        // Only live accepts are new connections; seeded sessions predate us.
-        let now = server::unix_now();
-        let mut monitors = state.lock_monitors();
-        if !monitors.is_empty() {
-            for event in batch.iter().filter(|e| e.kind == EVENT_OPEN) {
-                monitors.record(Series::Connections, event_ip(event), 1, now);
-            }
-        }
-        drop(monitors);
-        batch.clear();
-        AgentStats::add(&state.stats.events, outcome.applied);
-        if outcome.underflows + outcome.malformed > 0 {
-            AgentStats::add(&state.stats.underflows, outcome.underflows);
-            log::debug!(
-                "{} close events without a matching open, {} malformed; the reconciler will settle them",
-                outcome.underflows,
-                outcome.malformed
-            );
-        }
+        state.drain_events(server::unix_now());
     }
 }
 
@@ -600,6 +593,9 @@ async fn reconcile(
                 continue;
             }
         };
+        // Events the snapshot already reflects would otherwise look like
+        // differences until the next pass.
+        state.drain_events(server::unix_now());
         let repaired = {
             let mut sessions = state.write_sessions();
             let confirmed = index_reconciler.confirm(sessions.diff(&pass.truth));

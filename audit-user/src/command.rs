@@ -16,6 +16,8 @@ pub const DEFAULT_SERVICE: &str = "SMTP";
 pub const CLUSTER_SERVICE: &str = "inbound_cidr";
 
 pub fn execute(request: &Request, state: &SharedState, now: Duration) -> Reply {
+    // Every answer reflects every event the kernel had produced when it was asked.
+    state.drain_events(now);
     match run(request, state, now) {
         Ok(reply) => reply,
         Err(error) => Reply::Error(error),

@@ -16,7 +16,11 @@ use audit_common::{
 };
 use ipnet::IpNet;
 
-use crate::{config::Config, index::CidrIndex, monitors::Monitors};
+use crate::{
+    config::Config,
+    index::CidrIndex,
+    monitors::{Monitors, Series},
+};
 
 /// Live session counts per service slot.
 pub struct LiveSessions {
@@ -288,9 +292,18 @@ impl Setup {
     }
 }
 
+/// Where session events come from: the kernel's ring buffer (a fake in tests).
+pub trait EventSource: Send {
+    /// Appends every event available now to `out`.
+    fn take_available(&mut self, out: &mut Vec<SessionEvent>);
+}
+
 /// Everything the query side needs, shared by all connections.
 pub struct SharedState {
     setup: RwLock<Arc<Setup>>,
+    /// The kernel's events not yet applied. Whoever needs fresh counts drains
+    /// it (every query does), so the kernel need not wake the agent per event.
+    events: Mutex<Option<Box<dyn EventSource>>>,
     pub sessions: RwLock<LiveSessions>,
     pub monitors: Mutex<Monitors>,
     pub stats: AgentStats,
@@ -301,10 +314,55 @@ impl SharedState {
         let monitors = Monitors::new(&config.monitors, config.max_tracked_ips_per_monitor);
         Self {
             setup: RwLock::new(Arc::new(Setup { config, slots })),
+            events: Mutex::new(None),
             sessions: RwLock::new(LiveSessions::default()),
             monitors: Mutex::new(monitors),
             stats: AgentStats::default(),
         }
+    }
+
+    pub fn attach_events(&self, source: Box<dyn EventSource>) {
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(source);
+    }
+
+    /// Applies every event the kernel has produced so far to the live index
+    /// and the monitors; returns how many. Events are applied in ring order
+    /// under the feed's lock, so concurrent drainers cannot reorder them.
+    pub fn drain_events(&self, now: std::time::Duration) -> usize {
+        let mut feed = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(source) = feed.as_mut() else {
+            return 0;
+        };
+        let mut batch = Vec::new();
+        source.take_available(&mut batch);
+        if batch.is_empty() {
+            return 0;
+        }
+        let mut outcome = ApplyOutcome::default();
+        {
+            let mut sessions = self.write_sessions();
+            for event in &batch {
+                sessions.apply(event, &mut outcome);
+            }
+        }
+        // Only live accepts are new connections; seeded sessions predate us.
+        let mut monitors = self.lock_monitors();
+        if !monitors.is_empty() {
+            for event in batch.iter().filter(|e| e.kind == EVENT_OPEN) {
+                monitors.record(Series::Connections, event_ip(event), 1, now);
+            }
+        }
+        drop(monitors);
+        AgentStats::add(&self.stats.events, outcome.applied);
+        if outcome.underflows + outcome.malformed > 0 {
+            AgentStats::add(&self.stats.underflows, outcome.underflows);
+            log::debug!(
+                "{} close events without a matching open, {} malformed; the reconciler will settle them",
+                outcome.underflows,
+                outcome.malformed
+            );
+        }
+        batch.len()
     }
 
     pub fn setup(&self) -> Arc<Setup> {
@@ -471,5 +529,41 @@ mod tests {
         sessions.load(&Tally::from([((3, ip), 4)]));
         assert_eq!(sessions.tracked_ips(), 1);
         assert_eq!(sessions.count(3, &"2001:db8::/32".parse().unwrap()), 4);
+    }
+
+    struct FakeRing(Vec<SessionEvent>);
+
+    impl EventSource for FakeRing {
+        fn take_available(&mut self, out: &mut Vec<SessionEvent>) {
+            out.append(&mut self.0);
+        }
+    }
+
+    #[test]
+    fn draining_applies_events_to_sessions_and_connection_windows() {
+        let config = Config {
+            monitors: vec!["60,1".parse().unwrap()],
+            ..Config::default()
+        };
+        let state = SharedState::new(config, HashMap::from([("SMTP".to_string(), 0u8)]));
+        let now = std::time::Duration::from_secs(1000);
+        assert_eq!(state.drain_events(now), 0);
+        let mut seeded = event(EVENT_OPEN, [10, 0, 0, 1], 0);
+        seeded.kind = EVENT_SEED;
+        state.attach_events(Box::new(FakeRing(vec![
+            event(EVENT_OPEN, [10, 0, 0, 1], 0),
+            seeded,
+            event(EVENT_OPEN, [10, 0, 0, 2], 0),
+            event(EVENT_CLOSE, [10, 0, 0, 2], 0),
+        ])));
+        assert_eq!(state.drain_events(now), 4);
+        assert_eq!(state.drain_events(now), 0);
+        let net: IpNet = "10.0.0.0/24".parse().unwrap();
+        assert_eq!(state.read_sessions().count(0, &net), 2);
+        // The seeded session is live but was not a connection in the window.
+        let monitors = state.lock_monitors();
+        let monitor = monitors.by_position(0).unwrap();
+        assert_eq!(monitor.sum(Series::Connections, &net, 0, 0, now), 2);
+        assert_eq!(AgentStats::get(&state.stats.events), 4);
     }
 }

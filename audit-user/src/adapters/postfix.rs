@@ -251,6 +251,8 @@ pub fn decide(
     memory: &mut PolicyMemory,
 ) -> Result<Decision, PolicyError> {
     let last_refused = &mut memory.last_refused;
+    // The session asking is counted before it is judged.
+    state.drain_events(now);
     let client = request.client()?;
     let end_of_message = request.get("protocol_state") == Some("END-OF-MESSAGE");
     let mut decision = Decision {
