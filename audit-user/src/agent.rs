@@ -70,6 +70,7 @@ pub fn run(options: AgentOptions) -> Result<(), AgentError> {
     // requested during start-up is still a clean stop.
     let held = HeldSignals::block();
     let prepared = prepare(options)?;
+    release_freed_memory();
     match privileges::keep_only(&[privileges::CAP_BPF]) {
         Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
         Err(e) => log::warn!("could not drop capabilities: {e}"),
@@ -245,6 +246,14 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
         );
     }
     Ok(())
+}
+
+/// Start-up and every reconcile pass build large short-lived tables (the
+/// kernel's records, tallies); glibc keeps such freed memory in the heap, where
+/// it would count as the agent's for good. Hand it back.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// SIGTERM, SIGINT and SIGHUP blocked on this thread (and so on every thread
@@ -614,6 +623,8 @@ async fn reconcile(
             );
         }
         state.lock_monitors().expire(server::unix_now());
+        drop(pass.truth);
+        release_freed_memory();
         let stats = &state.stats;
         let full_before = stats.saturated();
         AgentStats::set(&stats.kernel_sessions, pass.sessions);

@@ -14,6 +14,7 @@ mod scenarios {
     pub mod alternatives;
     pub mod churn;
     pub mod criterion;
+    pub mod hostile;
     pub mod overhead;
     pub mod sizes;
 }
@@ -72,7 +73,7 @@ struct RunArgs {
     /// A smoke run in well under a minute: small sizes, few rounds. Writes quick.{md,json}.
     #[arg(long)]
     quick: bool,
-    /// Only these measurements (comma-separated): criterion, sizes, alternatives, overhead, churn.
+    /// Only these measurements (comma-separated): criterion, sizes, hostile, alternatives, overhead, churn.
     /// Writes partial.{md,json}.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -92,9 +93,10 @@ pub struct Ctx {
 
 type Scenario = fn(&Ctx, &mut Report) -> Result<()>;
 
-const SCENARIOS: [(&str, Scenario); 5] = [
+const SCENARIOS: [(&str, Scenario); 6] = [
     ("criterion", scenarios::criterion::run),
     ("sizes", scenarios::sizes::run),
+    ("hostile", scenarios::hostile::run),
     ("alternatives", scenarios::alternatives::run),
     ("overhead", scenarios::overhead::run),
     ("churn", scenarios::churn::run),
