@@ -455,12 +455,24 @@ fn ensure_exim(root: &Path) -> Option<PathBuf> {
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "deb") {
-                run(Command::new("dpkg-deb").arg("-x").arg(&path).arg(dir.join("root")))?;
+                run(Command::new("dpkg-deb")
+                    .arg("-x")
+                    .arg(&path)
+                    .arg(dir.join("root")))?;
             }
         }
-        let has_user = Command::new("id").args(["-u", "Debian-exim"]).output().is_ok_and(|o| o.status.success());
+        let has_user = Command::new("id")
+            .args(["-u", "Debian-exim"])
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !has_user {
-            run(Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "Debian-exim"]))?;
+            run(Command::new("useradd").args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "Debian-exim",
+            ]))?;
         }
         std::fs::write(
             &wrapper,
@@ -470,7 +482,10 @@ fn ensure_exim(root: &Path) -> Option<PathBuf> {
                 exim = dir.join("root/usr/sbin/exim4").display()
             ),
         )?;
-        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         Ok(())
     };
     match unpack() {
