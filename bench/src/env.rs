@@ -2,7 +2,6 @@
 //! bench's child cgroup, sysctls and per-process figures read from /proc.
 
 use std::{
-    ffi::CString,
     fs,
     net::{Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
@@ -189,31 +188,7 @@ impl BenchCgroup {
     /// Makes `command`'s process join this cgroup before exec, so every
     /// socket it creates (listeners, and so accepted sockets) belongs to it.
     pub fn enter_on_spawn(&self, command: &mut Command) {
-        let procs = CString::new(
-            self.0
-                .join("cgroup.procs")
-                .to_str()
-                .expect("cgroup path is UTF-8"),
-        )
-        .expect("no NUL in path");
-        // SAFETY: the closure runs between fork and exec and only calls
-        // async-signal-safe functions (open, write, close) on memory prepared
-        // before the fork.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        integration_tests::join_cgroup_on_exec(command, &self.0);
     }
 }
 
