@@ -78,6 +78,7 @@ fn stats(state: &SharedState) -> Vec<String> {
     let monitors = state.lock_monitors();
     vec![
         format!("tracked_ips {}", sessions.tracked_ips()),
+        format!("index_heap_bytes {}", sessions.heap_bytes()),
         format!("kernel_sessions {}", get(&s.kernel_sessions)),
         format!("events_applied {}", get(&s.events)),
         format!("index_repairs {}", get(&s.repairs)),

@@ -361,13 +361,6 @@ impl Peer {
             },
         }
     }
-
-    /// A peer the tests and in-process callers use: root.
-    pub const ROOT: Peer = Peer {
-        uid: Some(0),
-        gid: Some(0),
-        pid: None,
-    };
 }
 
 impl std::fmt::Display for Peer {

@@ -467,6 +467,38 @@ impl Drop for Agent {
     }
 }
 
+/// The usual set-up: a test server on one loopback port in its own cgroup, and
+/// an agent counting that port as SMTP. Fields drop in order: agent, server,
+/// then the cgroup once its processes are gone.
+pub struct SmtpFixture {
+    pub agent: Agent,
+    pub server: TestServer,
+    pub cgroup: TestCgroup,
+    /// Where clients connect: the server's port on 127.0.0.1.
+    pub smtp: SocketAddr,
+}
+
+impl SmtpFixture {
+    /// `server_binary` is `env!("CARGO_BIN_EXE_test-server")` of the calling test.
+    pub fn start(server_binary: &str, name: &str, extra_args: &[&str]) -> Self {
+        let cgroup = TestCgroup::new(name);
+        let server = TestServer::start(server_binary, &cgroup, &["127.0.0.1:0"]);
+        let agent = Agent::start(AgentOptions {
+            name,
+            cgroup: &cgroup,
+            services: vec![format!("SMTP={}", server.ports[0])],
+            extra_args: extra_args.iter().map(ToString::to_string).collect(),
+        });
+        let smtp = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), server.ports[0]);
+        Self {
+            agent,
+            server,
+            cgroup,
+            smtp,
+        }
+    }
+}
+
 /// The kernel's truth: inbound live sockets on `ports` in `cgroup` from `net`,
 /// straight from sock_diag.
 pub fn sock_diag_count(ports: &[u16], cgroup: &TestCgroup, net: &ipnet::IpNet) -> u64 {

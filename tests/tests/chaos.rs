@@ -4,7 +4,7 @@
 //! reports, exactly.
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -13,8 +13,7 @@ use std::{
 };
 
 use integration_tests::{
-    connect_from, eventually, require_ebpf, reset, sock_diag_count, Agent, AgentOptions,
-    TestCgroup, TestServer,
+    connect_from, eventually, require_ebpf, reset, sock_diag_count, SmtpFixture,
 };
 
 /// A small deterministic generator: the test must not need a crate for this,
@@ -43,15 +42,18 @@ fn source(i: u8) -> IpAddr {
 #[test]
 fn counts_survive_repeated_sigkill_of_the_agent_during_churn() {
     require_ebpf!();
-    let cgroup = TestCgroup::new("chaos");
-    let server = TestServer::start(env!("CARGO_BIN_EXE_test-server"), &cgroup, &["127.0.0.1:0"]);
-    let smtp = SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[0]);
-    let mut agent = Agent::start(AgentOptions {
-        name: "chaos",
-        cgroup: &cgroup,
-        services: vec![format!("SMTP={}", server.ports[0])],
-        extra_args: vec!["--reconcile-interval".into(), "1".into()],
-    });
+    let mut fixture = SmtpFixture::start(
+        env!("CARGO_BIN_EXE_test-server"),
+        "chaos",
+        &["--reconcile-interval", "1"],
+    );
+    let SmtpFixture {
+        agent,
+        server,
+        cgroup,
+        smtp,
+    } = &mut fixture;
+    let smtp = *smtp;
 
     let churning = Arc::new(AtomicBool::new(true));
     let churn = {
@@ -98,13 +100,13 @@ fn counts_survive_repeated_sigkill_of_the_agent_during_churn() {
     // the kernel's truth settles right away; then every count must match it.
     let all: ipnet::IpNet = "127.0.0.0/8".parse().unwrap();
     eventually("the agent agrees with sock_diag on every source", || {
-        let truth_total = sock_diag_count(&server.ports, &cgroup, &all);
+        let truth_total = sock_diag_count(&server.ports, cgroup, &all);
         let total = agent.query("audit_service \"SMTP\" \"127.0.0.0/8\"");
         total == format!("OK {truth_total}")
             && (0..SOURCES).all(|i| {
                 let ip = source(i);
                 let truth =
-                    sock_diag_count(&server.ports, &cgroup, &format!("{ip}/32").parse().unwrap());
+                    sock_diag_count(&server.ports, cgroup, &format!("{ip}/32").parse().unwrap());
                 agent.query(&format!("audit_service \"SMTP\" \"{ip}\"")) == format!("OK {truth}")
             })
     });
@@ -115,5 +117,5 @@ fn counts_survive_repeated_sigkill_of_the_agent_during_churn() {
     );
     drop(held);
     agent.expect_count("127.0.0.0/8", "SMTP", 0);
-    assert_eq!(sock_diag_count(&server.ports, &cgroup, &all), 0);
+    assert_eq!(sock_diag_count(&server.ports, cgroup, &all), 0);
 }

@@ -5,13 +5,10 @@
 
 use std::{
     io::Write,
-    net::SocketAddr,
     process::{Command, Stdio},
 };
 
-use integration_tests::{
-    connect_from, require_ebpf, Agent, AgentOptions, TempDir, TestCgroup, TestServer,
-};
+use integration_tests::{connect_from, require_ebpf, SmtpFixture, TempDir};
 
 /// Exim from INBOUND_AUDIT_EXIM (cargo xtask test unpacks one), or the system's.
 fn exim() -> Option<String> {
@@ -64,20 +61,13 @@ fn the_readme_exim_acl_defers_by_network_sessions_and_connections() {
         eprintln!("SKIPPED (no Exim): set INBOUND_AUDIT_EXIM or run `cargo xtask test`, which unpacks Debian's exim4-daemon-light");
         return;
     };
-    let cgroup = TestCgroup::new("exim-acl");
-    let server = TestServer::start(env!("CARGO_BIN_EXE_test-server"), &cgroup, &["127.0.0.1:0"]);
-    let agent = Agent::start(AgentOptions {
-        name: "exim-acl",
-        cgroup: &cgroup,
-        services: vec![format!("SMTP={}", server.ports[0])],
-        // Exim runs its ACLs as its own user, as the README says.
-        extra_args: vec![
-            "--monitor".into(),
-            "60,1".into(),
-            "--socket-group".into(),
-            "Debian-exim".into(),
-        ],
-    });
+    // Exim runs its ACLs as its own user, as the README says.
+    let fixture = SmtpFixture::start(
+        env!("CARGO_BIN_EXE_test-server"),
+        "exim-acl",
+        &["--monitor", "60,1", "--socket-group", "Debian-exim"],
+    );
+    let (agent, smtp) = (&fixture.agent, fixture.smtp);
 
     // The README's ACL with this agent's socket and small limits: above 2
     // sessions per /24, above 3 connections per IP.
@@ -105,7 +95,6 @@ fn the_readme_exim_acl_defers_by_network_sessions_and_connections() {
     )
     .unwrap();
 
-    let smtp = SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[0]);
     let busy_net: Vec<_> = (0..3)
         .map(|_| connect_from("127.0.0.81".parse().unwrap(), smtp))
         .collect();

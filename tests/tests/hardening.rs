@@ -9,7 +9,7 @@ use std::{
 };
 
 use integration_tests::{
-    agent_binary, require_ebpf, Agent, AgentOptions, TempDir, TestCgroup, TestServer,
+    agent_binary, require_ebpf, Agent, AgentOptions, SmtpFixture, TempDir, TestCgroup, TestServer,
 };
 
 /// Debian's nobody/nogroup.
@@ -17,15 +17,8 @@ const NOBODY: u32 = 65534;
 const NOGROUP: u32 = 65534;
 
 fn start(name: &str, extra_args: &[&str]) -> (TestCgroup, TestServer, Agent) {
-    let cgroup = TestCgroup::new(name);
-    let server = TestServer::start(env!("CARGO_BIN_EXE_test-server"), &cgroup, &["127.0.0.1:0"]);
-    let agent = Agent::start(AgentOptions {
-        name,
-        cgroup: &cgroup,
-        services: vec![format!("SMTP={}", server.ports[0])],
-        extra_args: extra_args.iter().map(ToString::to_string).collect(),
-    });
-    (cgroup, server, agent)
+    let fixture = SmtpFixture::start(env!("CARGO_BIN_EXE_test-server"), name, extra_args);
+    (fixture.cgroup, fixture.server, fixture.agent)
 }
 
 /// Runs `inbound-audit query` as `uid`/`gid`; returns (exit code, stdout).

@@ -188,15 +188,6 @@ impl Drop for LuaScript {
     }
 }
 
-/// `--state-dir` in the test's own directory: the monitor state an agent saves
-/// on SIGTERM (as at a restart) must not come from or go to the machine's
-/// /var/lib/inbound-audit, or exact counts would depend on earlier runs.
-fn own_state_dir(dir: &TempDir) -> Vec<String> {
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).expect("state dir");
-    vec!["--state-dir".to_string(), state.display().to_string()]
-}
-
 /// Shared by the scripts: `check(what, got, want)` and
 /// `check_error(what, fragment, f, ...)`, counting the checks made.
 const LUA_CHECKS: &str = r#"
@@ -336,7 +327,7 @@ fn lua_module_counts_live_sessions_and_recovers_its_connection() {
             format!("SMTP={smtp_port}"),
             format!("Control={control_port}"),
         ],
-        extra_args: own_state_dir(&dir),
+        extra_args: Vec::new(),
     });
     let smtp = SocketAddr::new(ip("127.0.0.1"), smtp_port);
     let control = SocketAddr::new(ip("127.0.0.1"), control_port);
@@ -464,8 +455,8 @@ fn lua_windowed_functions_in_a_momentum_style_policy() {
     let server = TestServer::start(env!("CARGO_BIN_EXE_test-server"), &cgroup, &["127.0.0.1:0"]);
     let smtp_port = server.ports[0];
     let dir = TempDir::new("lua-windows-script");
-    let mut extra_args = vec!["--monitor".to_string(), "60,1".to_string()];
-    extra_args.extend(own_state_dir(&dir));
+    // The harness gives each agent its own monitor state directory.
+    let extra_args = vec!["--monitor".to_string(), "60,1".to_string()];
     let agent = Agent::start(AgentOptions {
         name: "lua-windows",
         cgroup: &cgroup,

@@ -4,23 +4,18 @@
 use std::{net::SocketAddr, process::Command};
 
 use integration_tests::{
-    agent_binary, connect_from, require_ebpf, Agent, AgentOptions, TempDir, TestCgroup, TestServer,
+    agent_binary, connect_from, require_ebpf, Agent, AgentOptions, SmtpFixture, TempDir,
+    TestCgroup, TestServer,
 };
 
 /// Sums over every window of "60,2" (0..=2, three minutes), so a test that
 /// crosses a window boundary still sees all it did.
 const ALL_WINDOWS: &str = "{startv=0, endv=2}";
 
-fn start(name: &str, state_dir: &TempDir) -> (TestCgroup, TestServer, Agent) {
-    let cgroup = TestCgroup::new(name);
-    let server = TestServer::start(env!("CARGO_BIN_EXE_test-server"), &cgroup, &["127.0.0.1:0"]);
-    let agent = Agent::start(AgentOptions {
-        name,
-        cgroup: &cgroup,
-        services: vec![format!("SMTP={}", server.ports[0])],
-        extra_args: monitor_args(state_dir),
-    });
-    (cgroup, server, agent)
+fn start(name: &str, state_dir: &TempDir) -> SmtpFixture {
+    let args = monitor_args(state_dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    SmtpFixture::start(env!("CARGO_BIN_EXE_test-server"), name, &args)
 }
 
 fn monitor_args(state_dir: &TempDir) -> Vec<String> {
@@ -122,17 +117,18 @@ fn accepts_are_counted_in_windows_and_reports_add_up() {
 fn window_state_survives_a_restart_and_a_corrupt_file_is_set_aside() {
     require_ebpf!();
     let state_dir = TempDir::new("monitors-restart-state");
-    let (_cgroup, server, mut agent) = start("monitors-restart", &state_dir);
-    let smtp = SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[0]);
+    let mut fixture = start("monitors-restart", &state_dir);
+    let smtp = fixture.smtp;
+    let agent = &mut fixture.agent;
     let conns: Vec<_> = (0..2)
         .map(|_| connect_from("127.0.0.33".parse().unwrap(), smtp))
         .collect();
-    windowed(&agent, "127.0.0.33", "connections", 2);
+    windowed(agent, "127.0.0.33", "connections", 2);
     assert_eq!(agent.query("add receptions 127.0.0.33 5"), "OK 5");
 
     agent.restart();
-    windowed(&agent, "127.0.0.33", "connections", 2);
-    windowed(&agent, "127.0.0.33", "receptions", 5);
+    windowed(agent, "127.0.0.33", "connections", 2);
+    windowed(agent, "127.0.0.33", "receptions", 5);
     assert!(
         agent.log_text().contains("monitor state restored"),
         "{}",
@@ -147,8 +143,8 @@ fn window_state_survives_a_restart_and_a_corrupt_file_is_set_aside() {
     std::fs::write(&state_file, &bytes).unwrap();
     agent.restart();
     // Refused whole, never half-loaded; the file is kept aside for a human.
-    windowed(&agent, "127.0.0.33", "receptions", 0);
-    windowed(&agent, "127.0.0.33", "connections", 0);
+    windowed(agent, "127.0.0.33", "receptions", 0);
+    windowed(agent, "127.0.0.33", "connections", 0);
     assert!(
         agent.log_text().contains("is corrupt"),
         "{}",
