@@ -13,7 +13,7 @@ pub const MAX_SERVICES: usize = 8;
 
 /// Bumped whenever a pinned map's key or value layout changes, so a new agent
 /// refuses pinned state it would misread instead of reporting wrong counts.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Address family tags used in records and events (not AF_* values, which differ
 /// between the two families' sockaddr layouts and mean nothing to the index).
@@ -70,9 +70,22 @@ pub struct SocketRecord {
     pub addr: [u8; 16],
     pub family: u8,
     pub service: u8,
-    pub _pad: [u8; 6],
+    /// How the session came to be tracked (`record_origin`): that decides which
+    /// program will see its close.
+    pub origin: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(size_of::<SocketRecord>() == 24);
+
+/// Values of `SocketRecord::origin`.
+pub mod record_origin {
+    /// Seen by sock_ops at PASSIVE_ESTABLISHED, which also asked for the socket's
+    /// state callbacks: sock_ops sees its close.
+    pub const ACCEPTED: u8 = 0;
+    /// Seeded by the agent (the session predates the programs): no state
+    /// callbacks were asked for, so only the tp_btf backstop sees its close.
+    pub const SEEDED: u8 = 1;
+}
 
 /// Event kinds on the ring buffer (and operations of the sync program).
 pub const EVENT_OPEN: u8 = 1;

@@ -4,7 +4,9 @@
 //!   local port, tracks the socket by cookie, counts it, and asks for state callbacks;
 //!   on the move to TCP_CLOSE, forgets it.
 //! - `inbound_set_state` (tp_btf inet_sock_set_state): the backstop for closes
-//!   sock_ops never sees (sockets seeded by the agent from sock_diag).
+//!   sock_ops never sees (sockets seeded by the agent from sock_diag). It runs
+//!   for every TCP state change on the host, so the agent detaches it as soon as
+//!   no seeded session remains.
 //! - `inbound_sync` (XDP, never attached): run by the agent through
 //!   BPF_PROG_TEST_RUN to seed or forget a socket with the same atomic code path.
 //!
@@ -16,8 +18,8 @@
 #![allow(internal_features)]
 
 use audit_common::{
-    stat, sync_result, LiveCounts, ServiceName, SessionEvent, SocketRecord, EVENT_CLOSE,
-    EVENT_OPEN, EVENT_SEED, FAMILY_V4, FAMILY_V6, MAX_SERVICES, SYNC_ADJUST,
+    record_origin, stat, sync_result, LiveCounts, ServiceName, SessionEvent, SocketRecord,
+    EVENT_CLOSE, EVENT_OPEN, EVENT_SEED, FAMILY_V4, FAMILY_V6, MAX_SERVICES, SYNC_ADJUST,
 };
 use aya_ebpf::{
     bindings::{
@@ -40,6 +42,8 @@ const MAX_TRACKED_SOCKETS: u32 = 1 << 20;
 const EVENTS_BYTES: u32 = 4 << 20;
 /// Unread bytes in the ring that make an event wake the agent (1/16 of it).
 const WAKEUP_BYTES: u64 = (EVENTS_BYTES / 16) as u64;
+/// Bytes one event takes in the ring: its 8-byte header plus the event, 8-aligned.
+const RING_RECORD_BYTES: u64 = (8 + core::mem::size_of::<SessionEvent>() as u64).div_ceil(8) * 8;
 /// Map flag: allocate entries on use, so an idle agent costs no kernel memory.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -234,7 +238,12 @@ fn track<C: EbpfContext>(
         addr,
         family,
         service: service as u8,
-        _pad: [0; 6],
+        origin: if event == EVENT_SEED {
+            record_origin::SEEDED
+        } else {
+            record_origin::ACCEPTED
+        },
+        _pad: [0; 5],
     };
     match SOCKETS.insert(cookie, record, BPF_NOEXIST as u64) {
         Ok(()) => {}
@@ -337,8 +346,11 @@ fn emit(kind: u8, cookie: u64, record: &SocketRecord) {
     // Waking the agent for every event costs more than the rest of the program
     // (on a VM, an exit per wakeup). The agent drains the ring before answering
     // any query and on a short timer, so a wakeup is only needed to keep the
-    // ring from filling up.
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+    // ring from filling up: one as the unread data crosses each sixteenth of the
+    // ring. Waking on every event past the mark would cost that exit per event
+    // exactly while the agent is behind (a burst), when it can least afford it.
+    let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if unread >= WAKEUP_BYTES && unread % WAKEUP_BYTES < RING_RECORD_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

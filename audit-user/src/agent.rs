@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use audit_common::{stat, sync_result, SessionEvent, MAX_SERVICES};
+use audit_common::{record_origin, stat, sync_result, SessionEvent, SocketRecord, MAX_SERVICES};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
@@ -159,6 +159,14 @@ fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
     // Seeded sessions reach the index as ordinary events, read once the
     // runtime follows the ring buffer.
     let report = seed::seed_existing(&program, &ports, state.setup().config.cgroup.as_deref())?;
+    let after_seeding = program.snapshot_records()?;
+    let seeded = release_close_backstop(&mut program, &after_seeding)?;
+    drop(after_seeding);
+    AgentStats::set(&state.stats.kernel_seeded_sessions, seeded as u64);
+    AgentStats::set(
+        &state.stats.close_backstop_attached,
+        program.close_backstop_attached().into(),
+    );
     log::info!(
         "watching cgroup {}; services {}; {} sessions from pinned state; start-up sync: {} seeded, {} already tracked, {} closed meanwhile",
         cgroup_path.display(),
@@ -168,6 +176,11 @@ fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         report.already_tracked,
         report.vanished,
     );
+    if seeded > 0 {
+        log::info!(
+            "{seeded} sessions predate the kernel program: the tp_btf close backstop stays attached until they close"
+        );
+    }
     Ok(Prepared {
         socket,
         policy_socket,
@@ -514,10 +527,31 @@ fn save_monitor_state(state: &SharedState) {
     }
 }
 
+/// Detaches the tp_btf close backstop once no seeded session is left in
+/// `records`: every other session's close is seen by sock_ops. Returns the
+/// seeded sessions left.
+fn release_close_backstop(
+    program: &mut KernelProgram,
+    records: &[SocketRecord],
+) -> Result<usize, LoadError> {
+    let seeded = records
+        .iter()
+        .filter(|r| r.origin == record_origin::SEEDED)
+        .count();
+    if seeded == 0 && program.detach_close_backstop()? {
+        log::info!(
+            "no seeded session left: tp_btf close backstop detached (sock_ops sees every close)"
+        );
+    }
+    Ok(seeded)
+}
+
 /// What one reconcile pass read from the kernel, and did to it.
 struct KernelPass {
     truth: Tally,
     sessions: u64,
+    seeded_sessions: u64,
+    backstop_attached: bool,
     lost: u64,
     ip_table_full: u64,
     socket_table_full: u64,
@@ -543,9 +577,12 @@ fn kernel_pass(
         }
     }
     let collected = program.collect_zero_entries(&live);
+    let seeded_sessions = release_close_backstop(&mut program, &records)? as u64;
     Ok(KernelPass {
         truth,
         sessions: records.len() as u64,
+        seeded_sessions,
+        backstop_attached: program.close_backstop_attached(),
         lost: program.stat(stat::EVENTS_LOST),
         ip_table_full: program.stat(stat::IP_TABLE_FULL),
         socket_table_full: program.stat(stat::SOCKET_TABLE_FULL),
@@ -628,6 +665,11 @@ async fn reconcile(
         let stats = &state.stats;
         let full_before = stats.saturated();
         AgentStats::set(&stats.kernel_sessions, pass.sessions);
+        AgentStats::set(&stats.kernel_seeded_sessions, pass.seeded_sessions);
+        AgentStats::set(
+            &stats.close_backstop_attached,
+            pass.backstop_attached.into(),
+        );
         AgentStats::set(&stats.kernel_events_lost, pass.lost);
         AgentStats::set(&stats.kernel_ip_table_full, pass.ip_table_full);
         AgentStats::set(&stats.kernel_socket_table_full, pass.socket_table_full);

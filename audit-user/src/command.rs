@@ -80,6 +80,11 @@ fn stats(state: &SharedState) -> Vec<String> {
         format!("tracked_ips {}", sessions.tracked_ips()),
         format!("index_heap_bytes {}", sessions.heap_bytes()),
         format!("kernel_sessions {}", get(&s.kernel_sessions)),
+        format!("kernel_seeded_sessions {}", get(&s.kernel_seeded_sessions)),
+        format!(
+            "close_backstop_attached {}",
+            get(&s.close_backstop_attached)
+        ),
         format!("events_applied {}", get(&s.events)),
         format!("index_repairs {}", get(&s.repairs)),
         format!("kernel_repairs {}", get(&s.kernel_repairs)),

@@ -252,6 +252,11 @@ pub struct AgentStats {
     pub kernel_socket_table_full: AtomicU64,
     /// Sessions the kernel tracks, as of the last reconcile.
     pub kernel_sessions: AtomicU64,
+    /// Sessions that predate the kernel program; while any remain, the tp_btf
+    /// close backstop stays attached.
+    pub kernel_seeded_sessions: AtomicU64,
+    /// 1 while the tp_btf close backstop is attached.
+    pub close_backstop_attached: AtomicU64,
 }
 
 impl AgentStats {
@@ -438,7 +443,8 @@ mod tests {
             addr,
             family: FAMILY_V4,
             service,
-            _pad: [0; 6],
+            origin: audit_common::record_origin::ACCEPTED,
+            _pad: [0; 5],
         }
     }
 

@@ -169,6 +169,73 @@ fn sessions_from_before_the_agent_and_across_restarts_are_counted() {
     agent.expect_count("127.0.0.0/8", "SMTP", 0);
 }
 
+/// The tp_btf backstop runs for every TCP state change on the host; it must be
+/// attached exactly while seeded sessions (whose closes only it sees) remain.
+#[test]
+fn close_backstop_is_attached_only_while_seeded_sessions_remain() {
+    require_ebpf!();
+    let (cgroup, mut server) = start("backstop");
+    let smtp = SocketAddr::new(ip("127.0.0.1"), server.ports[0]);
+    let link = |agent: &Agent| agent.pin_dir.join("link-set-state");
+    let stat = |agent: &Agent, name: &str| {
+        inbound_audit::client::query_report(&agent.socket, "stats")
+            .expect("stats request")
+            .expect("stats report")
+            .iter()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in stats"))
+    };
+    let before = connect_from(ip("127.0.0.21"), smtp);
+    let mut agent = start_agent("backstop", &cgroup, &server, &["--reconcile-interval", "1"]);
+    agent.expect_count("127.0.0.21", "SMTP", 1);
+    assert!(
+        link(&agent).exists(),
+        "backstop detached while a seeded session is open"
+    );
+    assert_eq!(stat(&agent, "kernel_seeded_sessions"), 1);
+    assert_eq!(stat(&agent, "close_backstop_attached"), 1);
+
+    // Sessions accepted meanwhile do not keep it attached.
+    let during = connect_from(ip("127.0.0.22"), smtp);
+    drop(before);
+    agent.expect_count("127.0.0.21", "SMTP", 0);
+    integration_tests::eventually("the backstop is detached", || !link(&agent).exists());
+    integration_tests::eventually("stats say so", || {
+        stat(&agent, "close_backstop_attached") == 0 && stat(&agent, "kernel_seeded_sessions") == 0
+    });
+
+    // sock_ops alone now sees every close: FIN, RST and a server-side close.
+    agent.expect_count("127.0.0.22", "SMTP", 1);
+    let more: Vec<_> = (0..3)
+        .map(|_| connect_from(ip("127.0.0.22"), smtp))
+        .collect();
+    agent.expect_count("127.0.0.22", "SMTP", 4);
+    drop(during);
+    let mut more = more.into_iter();
+    integration_tests::reset(more.next().expect("three connections"));
+    let by_server = more.next().expect("three connections");
+    server.close(by_server.local_addr().expect("local address"));
+    agent.expect_count("127.0.0.22", "SMTP", 1);
+    drop(more);
+    agent.expect_count("127.0.0.22", "SMTP", 0);
+    assert_eq!(
+        sock_diag_count(&server.ports[..2], &cgroup, &net("127.0.0.0/8")),
+        0
+    );
+    drop(by_server);
+
+    // A restart with nothing seeded attaches nothing it keeps.
+    let open = connect_from(ip("127.0.0.23"), smtp);
+    agent.restart();
+    agent.expect_count("127.0.0.23", "SMTP", 1);
+    assert!(
+        !link(&agent).exists(),
+        "backstop attached with no seeded session"
+    );
+    drop(open);
+    agent.expect_count("127.0.0.23", "SMTP", 0);
+}
+
 #[test]
 fn exim_style_half_closed_request_is_answered_then_closed() {
     require_ebpf!();

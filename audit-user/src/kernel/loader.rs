@@ -2,7 +2,8 @@
 //! goes on while the agent is stopped and a new agent takes over the same state.
 //!
 //! Pinned layout under the pin directory (default /sys/fs/bpf/inbound-audit):
-//! one file per map (by name) and `link-sock-ops`, `link-set-state`.
+//! one file per map (by name) and `link-sock-ops`, plus `link-set-state` while
+//! the close backstop is attached (only as long as seeded sessions remain).
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -94,6 +95,7 @@ pub struct KernelProgram {
     stats: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     logger: Option<KernelLogger>,
+    pin_dir: PathBuf,
     // Keeps the sync program loaded; it is run through BPF_PROG_TEST_RUN.
     ebpf: Ebpf,
 }
@@ -155,6 +157,8 @@ impl KernelProgram {
             })?;
         replace_pinned_link(link, &pin_dir.join(SOCK_OPS_LINK))?;
 
+        // Attached before the agent seeds anything, so that no seeded session
+        // can close unseen; the agent detaches it once none remains.
         let set_state: &mut BtfTracePoint = program(&mut ebpf, program_names::SET_STATE)?;
         set_state
             .load("inet_sock_set_state", &btf)
@@ -187,8 +191,39 @@ impl KernelProgram {
             service_names: take_map(&mut ebpf, map_names::SERVICE_NAMES)?,
             stats: take_map(&mut ebpf, map_names::STATS)?,
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
+            pin_dir,
             ebpf,
         })
+    }
+
+    /// Whether the tp_btf close backstop is attached (its link is pinned).
+    pub fn close_backstop_attached(&self) -> bool {
+        self.pin_dir.join(SET_STATE_LINK).exists()
+    }
+
+    /// Detaches the tp_btf close backstop. It runs on every TCP state change of
+    /// the host and is needed only for seeded sessions (their sockets never
+    /// asked for sock_ops state callbacks), so once none remains it is pure
+    /// cost. Only a start-up seeds, and a new agent attaches it again first.
+    /// Returns whether it was attached.
+    pub fn detach_close_backstop(&mut self) -> Result<bool, LoadError> {
+        let path = self.pin_dir.join(SET_STATE_LINK);
+        let link = match PinnedLink::from_pin(&path) {
+            Ok(link) => link,
+            Err(_) if !path.exists() => return Ok(false),
+            Err(e) => {
+                return Err(LoadError::Link {
+                    path,
+                    message: e.to_string(),
+                })
+            }
+        };
+        // Dropping the last reference to the unpinned link detaches the program.
+        drop(link.unpin().map_err(|e| LoadError::Link {
+            path,
+            message: e.to_string(),
+        })?);
+        Ok(true)
     }
 
     /// The ring buffer of session events; can be taken once.

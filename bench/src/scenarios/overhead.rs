@@ -37,6 +37,8 @@ const MANY_SOURCES: u32 = 256 * 254;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
     Running,
+    /// One session predates the agent, so the tp_btf close backstop stays attached.
+    Seeded,
     NoReader,
 }
 
@@ -149,6 +151,11 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         ),
         ("agent running, 254 sources", Variant::Running, 254),
         (
+            "one seeded session (close backstop attached), 65,024 sources",
+            Variant::Seeded,
+            MANY_SOURCES,
+        ),
+        (
             "no ring-buffer reader, 65,024 sources",
             Variant::NoReader,
             MANY_SOURCES,
@@ -157,6 +164,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let mut costs = Vec::new();
     let mut sessions_left = 0;
     for (label, variant, hosts) in variants {
+        // Opened before the agent starts, so the agent seeds it.
+        let seeded = (variant == Variant::Seeded)
+            .then(|| connect_from(Ipv4Addr::new(127, 21, 0, 1), target))
+            .transpose()?;
         agent.start()?;
         agent.wait_quiet(Duration::from_millis(2500))?;
         if variant == Variant::NoReader {
@@ -175,10 +186,15 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         }
         agent.stop()?;
         agent.cleanup_pins()?;
-        let programs: Vec<(String, u64, u64)> = before
+        drop(seeded);
+        let programs: Vec<(String, u64, u64)> = after
             .iter()
-            .zip(&after)
-            .map(|((name, b), (_, a))| {
+            .map(|(name, a)| {
+                let b = before
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, b)| *b)
+                    .unwrap_or_default();
                 (
                     name.clone(),
                     a.run_time_ns - b.run_time_ns,
@@ -209,12 +225,13 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         method: format!(
             "Loopback connections (connect from a rotating 127.20.x.y source, client closes with \
              FIN, server accepts, reads EOF, closes) to a watched port for {} s per run, with \
-             kernel.bpf_stats_enabled=1; run_time_ns and run_cnt of our two attached programs \
+             kernel.bpf_stats_enabled=1; run_time_ns and run_cnt of our attached programs \
              before and after. sock_ops runs only for sockets of the watched cgroup (the server \
-             side); the tp_btf backstop on inet_sock_set_state runs for every TCP state change on \
-             the machine, here both ends of each loopback connection (a remote client's side \
-             would not be on this host). bpf_stats' own clock reads are included. The first run \
-             is the judged figure; the other two show where the time goes.",
+             side). The tp_btf close backstop on inet_sock_set_state is attached only while a \
+             session that predates the agent (seeded from sock_diag) is open; it runs for every \
+             TCP state change on the machine, here both ends of each loopback connection (a \
+             remote client's side would not be on this host). bpf_stats' own clock reads are \
+             included. The first run is the judged figure; the others show where the time goes.",
             run_for.as_secs_f64()
         ),
         columns: [
@@ -338,7 +355,8 @@ fn accept_close_run(
     source: &mut u32,
     hosts: u32,
 ) -> Result<RunResult> {
-    let (accepted_before, _) = server.stats()?;
+    // Connections held open across the run (a seeded session) stay open.
+    let (accepted_before, open_before) = server.stats()?;
     let stop = Arc::new(AtomicBool::new(false));
     let made = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -380,13 +398,14 @@ fn accept_close_run(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (accepted, open) = server.stats()?;
-        if accepted - accepted_before >= made && open == 0 {
+        if accepted - accepted_before >= made && open <= open_before {
             break;
         }
         if Instant::now() > deadline {
             bail!(
-                "the server accepted {} of {made} connections ({open} open) 30 s after the run",
-                accepted - accepted_before
+                "the server accepted {} of {made} connections ({} open) 30 s after the run",
+                accepted - accepted_before,
+                open - open_before
             );
         }
         std::thread::sleep(Duration::from_millis(2));
