@@ -5,14 +5,15 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use audit_common::{
-    map_names, sync_result, LiveCounts, SessionEvent, EVENT_OPEN, FAMILY_V4, FAMILY_V6,
+    map_names, sync_result, LiveCounts, SessionEvent, EVENT_CLOSE, EVENT_OPEN, FAMILY_V4,
+    FAMILY_V6, SYNC_ADJUST,
 };
 use aya::{
     maps::{LpmTrie, Map, MapData},
@@ -184,4 +185,233 @@ pub fn socket_records(pin_dir: &Path) -> Result<usize> {
     let map: aya::maps::HashMap<MapData, u64, audit_common::SocketRecord> =
         Map::HashMap(data).try_into()?;
     Ok(map.keys().filter(Result::is_ok).count())
+}
+
+/// Run time of each kind of sync request, as the kernel timed it (ns).
+#[derive(Default)]
+pub struct SyncCosts {
+    /// A malformed request: the program returns at once (the run's own overhead).
+    pub baseline: Vec<f64>,
+    /// Open of a session from an IP with no per-IP entry yet (LPM insert).
+    pub open_new_ip: Vec<f64>,
+    /// Open of a session from an IP with an entry.
+    pub open_known_ip: Vec<f64>,
+    pub close: Vec<f64>,
+    /// Per-IP count adjust (LPM lookup and atomic add, no record, no event).
+    pub adjust: Vec<f64>,
+}
+
+/// Times the kernel's open and close code (the functions sock_ops calls) through
+/// the sync program: `sessions` opens from `sources` rotating IPv4 sources in
+/// 127.40.0.0/16, then their closes. Loads its own program on `pin_dir`,
+/// attached to `cgroup` (no connection is made meanwhile), and removes it after.
+pub fn sync_costs(
+    pin_dir: &Path,
+    cgroup: &Path,
+    service: &ServicePorts,
+    sessions: usize,
+    sources: u32,
+) -> Result<SyncCosts> {
+    let mut program = KernelProgram::load(&LoadOptions {
+        pin_dir,
+        cgroup,
+        max_tracked_ips: TABLE_SIZE,
+        max_tracked_sessions: TABLE_SIZE,
+    })
+    .context("loading the kernel program to time its map work")?;
+    let slot = program.configure_services(std::slice::from_ref(service), |_| false)?[&service.name];
+    let mut events = program.take_events().context("event ring buffer")?;
+    let request = |kind, i: usize| {
+        let host = i as u32 % sources;
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 40, (host / 254) as u8, (host % 254 + 1) as u8]);
+        SessionEvent {
+            cookie: SYNTHETIC_COOKIE_BASE | i as u64,
+            addr,
+            kind,
+            family: FAMILY_V4,
+            service: slot,
+            _pad: [0; 5],
+        }
+    };
+    let mut costs = SyncCosts::default();
+    let result = (|| -> Result<()> {
+        for i in 0..sessions {
+            let (result, ns) = program.sync_timed(&request(EVENT_OPEN, i))?;
+            if result != sync_result::APPLIED {
+                bail!("open {i}: sync result {result}");
+            }
+            if i < sources as usize {
+                costs.open_new_ip.push(ns.into());
+            } else {
+                costs.open_known_ip.push(ns.into());
+            }
+            // The ring holds about 100k events; the agent would read them.
+            if i % 10_000 == 9_999 {
+                while events.next().is_some() {}
+            }
+        }
+        for i in 0..sessions.min(sources as usize) {
+            let mut adjust = request(SYNC_ADJUST, i);
+            adjust.cookie = 0;
+            costs.adjust.push(program.sync_timed(&adjust)?.1.into());
+            let mut invalid = request(EVENT_OPEN, i);
+            invalid.family = 0;
+            costs.baseline.push(program.sync_timed(&invalid)?.1.into());
+        }
+        for i in 0..sessions {
+            let (result, ns) = program.sync_timed(&request(EVENT_CLOSE, i))?;
+            if result != sync_result::APPLIED {
+                bail!("close {i}: sync result {result}");
+            }
+            costs.close.push(ns.into());
+            if i % 10_000 == 9_999 {
+                while events.next().is_some() {}
+            }
+        }
+        Ok(())
+    })();
+    drop(events);
+    drop(program);
+    inbound_audit::kernel::loader::cleanup(pin_dir)
+        .with_context(|| format!("removing {}", pin_dir.display()))?;
+    result.map(|()| costs)
+}
+
+/// The least a sock_ops program that learns of closes can do: at
+/// PASSIVE_ESTABLISHED it asks for state callbacks (as ours does), otherwise it
+/// returns at once. Loaded from raw instructions and attached to a cgroup, it
+/// shows what the invocations alone cost each connection (with bpf_stats'
+/// clock reads): the floor of any sock_ops design. Detached when dropped.
+pub struct FloorSockOps {
+    id: u32,
+    _program: OwnedFd,
+    _link: OwnedFd,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
+
+/// bpf(2) with `attr` (a zero-padded prefix of `union bpf_attr`).
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
+    // SAFETY: attr is a valid, fully initialised repr(C) prefix of bpf_attr
+    // whose pointers (if any) outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret as i32)
+}
+
+impl FloorSockOps {
+    pub fn attach(cgroup: &Path) -> Result<Self> {
+        // code | registers (src << 4 | dst) << 8 | offset << 16 | immediate << 32
+        let insn = |code: u64, dst: u64, src: u64, off: u64, imm: u64| {
+            code | (src << 4 | dst) << 8 | off << 16 | imm << 32
+        };
+        let instructions: [u64; 8] = [
+            insn(0xbf, 6, 1, 0, 0),  // r6 = r1 (ctx)
+            insn(0x61, 2, 1, 0, 0),  // r2 = ctx->op
+            insn(0x55, 2, 0, 3, 5),  // if r2 != PASSIVE_ESTABLISHED goto out
+            insn(0xbf, 1, 6, 0, 0),  // r1 = ctx
+            insn(0xb7, 2, 0, 0, 4),  // r2 = BPF_SOCK_OPS_STATE_CB_FLAG
+            insn(0x85, 0, 0, 0, 59), // bpf_sock_ops_cb_flags_set(ctx, r2)
+            insn(0xb7, 0, 0, 0, 1),  // out: r0 = 1
+            insn(0x95, 0, 0, 0, 0),  // exit
+        ];
+        let license = b"GPL\0";
+        #[repr(C)]
+        #[derive(Default)]
+        struct ProgLoad {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            log_level: u32,
+            log_size: u32,
+            log_buf: u64,
+            kern_version: u32,
+            prog_flags: u32,
+            prog_name: [u8; 16],
+            prog_ifindex: u32,
+            expected_attach_type: u32,
+        }
+        let mut name = [0u8; 16];
+        name[..10].copy_from_slice(b"floor_sops");
+        let mut load = ProgLoad {
+            prog_type: BPF_PROG_TYPE_SOCK_OPS,
+            insn_cnt: instructions.len() as u32,
+            insns: instructions.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name: name,
+            ..ProgLoad::default()
+        };
+        let fd = bpf(BPF_PROG_LOAD, &mut load).context("loading the floor sock_ops program")?;
+        // SAFETY: the kernel just returned this descriptor to us alone.
+        let program = unsafe { OwnedFd::from_raw_fd(fd) };
+
+        let group =
+            std::fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+        #[repr(C)]
+        #[derive(Default)]
+        struct LinkCreate {
+            prog_fd: u32,
+            target_fd: u32,
+            attach_type: u32,
+            flags: u32,
+            _rest: [u64; 4],
+        }
+        let mut create = LinkCreate {
+            prog_fd: program.as_raw_fd() as u32,
+            target_fd: group.as_raw_fd() as u32,
+            attach_type: BPF_CGROUP_SOCK_OPS,
+            ..LinkCreate::default()
+        };
+        let fd = bpf(BPF_LINK_CREATE, &mut create).context("attaching the floor program")?;
+        // SAFETY: as above.
+        let link = unsafe { OwnedFd::from_raw_fd(fd) };
+
+        // bpf_prog_info up to `id` (type, id).
+        let mut info = [0u32; 2];
+        #[repr(C)]
+        struct InfoByFd {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut get = InfoByFd {
+            bpf_fd: program.as_raw_fd() as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get).context("program info")?;
+        Ok(Self {
+            id: info[1],
+            _program: program,
+            _link: link,
+        })
+    }
+
+    pub fn stats(&self) -> Result<ProgramStats> {
+        for program in loaded_programs() {
+            let program = program.context("listing loaded programs")?;
+            if program.id() == self.id {
+                return Ok(ProgramStats {
+                    run_time_ns: program.run_time().as_nanos() as u64,
+                    run_count: program.run_count(),
+                });
+            }
+        }
+        bail!("the floor sock_ops program (id {}) is gone", self.id)
+    }
 }

@@ -19,6 +19,8 @@ use anyhow::{bail, Context, Result};
 use inbound_bench::stats::{median, quantile};
 use serde_json::json;
 
+use inbound_audit::config::ServicePorts;
+
 use crate::{
     agent::BenchAgent,
     env::{self, Sysctl},
@@ -210,6 +212,27 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     }
     drop(agent);
 
+    // Calibration: the same run with only a sock_ops program that asks for
+    // state callbacks and does nothing else: the floor any sock_ops design that
+    // sees closes pays on this machine.
+    {
+        let empty = kernel::FloorSockOps::attach(ctx.cgroup.path())?;
+        let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
+        let before = empty.stats()?;
+        let run = accept_close_run(&mut server, target, run_for, &mut source, MANY_SOURCES)?;
+        let after = empty.stats()?;
+        costs.push(KernelCost {
+            label: "floor: a sock_ops program that only asks for state callbacks (no agent)",
+            connections: run.connections,
+            programs: vec![(
+                "floor sock-ops".into(),
+                after.run_time_ns - before.run_time_ns,
+                after.run_count - before.run_count,
+            )],
+        });
+    }
+    let map_work = map_work_section(ctx, port)?;
+
     let mut rows = Vec::new();
     for cost in &costs {
         let conns = cost.connections as f64;
@@ -253,6 +276,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             }))
             .collect::<Vec<_>>()),
     });
+    report.sections.push(map_work);
     let judged = &costs[0];
     let conns = judged.connections as f64;
     let total_ns: u64 = judged.programs.iter().map(|p| p.1).sum();
@@ -414,5 +438,74 @@ fn accept_close_run(
         connections: made,
         secs: start.elapsed().as_secs_f64(),
         errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+/// The kernel's own run time for the open and close code, through the sync
+/// program (the same functions sock_ops calls), per kind of request.
+fn map_work_section(ctx: &Ctx, port: u16) -> Result<Section> {
+    let sessions = if ctx.quick { 20_000 } else { 200_000 };
+    let pin_dir = BenchAgent::pin_dir_for("overhead-sync");
+    let service = ServicePorts {
+        name: "SMTP".into(),
+        ports: vec![port],
+    };
+    let costs = kernel::sync_costs(
+        &pin_dir,
+        ctx.cgroup.path(),
+        &service,
+        sessions,
+        MANY_SOURCES,
+    )?;
+    let row = |what: &str, values: &[f64]| {
+        vec![
+            what.to_string(),
+            fmt_count(values.len() as f64),
+            format!("{:.0} ns", median(values)),
+            format!("{:.0} ns", quantile(values, 0.99)),
+        ]
+    };
+    let baseline = median(&costs.baseline);
+    println!(
+        "[overhead] sync program: open {:.0} ns (new IP {:.0} ns), close {:.0} ns, adjust {:.0} ns, baseline {baseline:.0} ns",
+        median(&costs.open_known_ip),
+        median(&costs.open_new_ip),
+        median(&costs.close),
+        median(&costs.adjust),
+    );
+    Ok(Section {
+        title: "Kernel map work per operation".into(),
+        method: format!(
+            "BPF_PROG_TEST_RUN of the sync program, which runs the very functions sock_ops \
+             calls at accept (socket-record insert, per-IP LPM-trie lookup or insert, atomic \
+             add, ring-buffer event) and at close (record lookup and delete, LPM lookup, \
+             atomic sub, event), on {} sessions from {} rotating IPv4 sources, one request \
+             per run; run time as the kernel timed it. The baseline is a malformed request \
+             (the program returns at once): the test run's own overhead, included in every \
+             other row. The adjust row is one LPM lookup and an atomic add alone.",
+            fmt_count(sessions as f64),
+            fmt_count(MANY_SOURCES as f64)
+        ),
+        columns: ["request", "runs", "median", "p99"]
+            .map(String::from)
+            .to_vec(),
+        rows: vec![
+            row("baseline (malformed request)", &costs.baseline),
+            row("open, IP already has an entry", &costs.open_known_ip),
+            row("open, new IP (LPM insert)", &costs.open_new_ip),
+            row("close", &costs.close),
+            row("adjust (LPM lookup + atomic add)", &costs.adjust),
+        ],
+        data: json!({
+            "sessions": sessions,
+            "sources": MANY_SOURCES,
+            "median_ns": {
+                "baseline": baseline,
+                "open_known_ip": median(&costs.open_known_ip),
+                "open_new_ip": median(&costs.open_new_ip),
+                "close": median(&costs.close),
+                "adjust": median(&costs.adjust),
+            },
+        }),
     })
 }
