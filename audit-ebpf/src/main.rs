@@ -24,8 +24,8 @@ use audit_common::{
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_RB_RING_SIZE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
     macros::{btf_tracepoint, map, sock_ops, xdp},
@@ -39,9 +39,8 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const MAX_TRACKED_IPS: u32 = 1 << 20;
 const MAX_TRACKED_SOCKETS: u32 = 1 << 20;
+/// The agent sets the real size (`event_ring_bytes`) when it creates the map.
 const EVENTS_BYTES: u32 = 4 << 20;
-/// Unread bytes in the ring that make an event wake the agent (1/16 of it).
-const WAKEUP_BYTES: u64 = (EVENTS_BYTES / 16) as u64;
 /// Bytes one event takes in the ring: its 8-byte header plus the event, 8-aligned.
 const RING_RECORD_BYTES: u64 = (8 + core::mem::size_of::<SessionEvent>() as u64).div_ceil(8) * 8;
 /// Map flag: allocate entries on use, so an idle agent costs no kernel memory.
@@ -350,7 +349,9 @@ fn emit(kind: u8, cookie: u64, record: &SocketRecord) {
     // ring. Waking on every event past the mark would cost that exit per event
     // exactly while the agent is behind (a burst), when it can least afford it.
     let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let flags = if unread >= WAKEUP_BYTES && unread % WAKEUP_BYTES < RING_RECORD_BYTES {
+    // A sixteenth of the ring; the size is a power of two of at least a page.
+    let mark = EVENTS.query(BPF_RB_RING_SIZE as u64) / 16;
+    let flags = if mark > 0 && unread >= mark && unread % mark < RING_RECORD_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -129,6 +129,7 @@ fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         cgroup: &cgroup_path,
         max_tracked_ips: config.max_tracked_ips,
         max_tracked_sessions: config.max_tracked_sessions,
+        event_ring_bytes: config.event_ring_bytes,
     })?;
 
     // A slot whose service is gone can be reused only once no session holds it.

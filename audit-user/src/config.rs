@@ -82,6 +82,8 @@ pub struct Config {
     pub max_tracked_ips: u32,
     /// Kernel socket records: live sessions tracked at once.
     pub max_tracked_sessions: u32,
+    /// Size of the kernel's session-event ring buffer (set when the maps are created).
+    pub event_ring_bytes: u32,
 }
 
 /// Which local users may use the query socket, from its peer credentials.
@@ -139,6 +141,7 @@ impl Default for Config {
             access: Access::default(),
             max_tracked_ips: 1 << 20,
             max_tracked_sessions: 1 << 20,
+            event_ring_bytes: 4 << 20,
         }
     }
 }
@@ -167,6 +170,7 @@ struct ConfigFile {
     access: Option<AccessFile>,
     max_tracked_ips: Option<i64>,
     max_tracked_sessions: Option<i64>,
+    event_ring_bytes: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,6 +367,18 @@ impl Config {
         if let Some(n) = file.max_tracked_sessions {
             config.max_tracked_sessions = table_size("max_tracked_sessions", n)?;
         }
+        if let Some(n) = file.event_ring_bytes {
+            // The kernel wants a power of two and a multiple of the page size.
+            config.event_ring_bytes = u32::try_from(n)
+                .ok()
+                .filter(|n| n.is_power_of_two() && (4096..=1 << 30).contains(n))
+                .ok_or_else(|| {
+                    invalid(
+                        "event_ring_bytes",
+                        format!("{n} is not a power of two between 4096 and {}", 1u32 << 30),
+                    )
+                })?;
+        }
         if let Some(access) = file.access {
             config.access = Access {
                 query_uids: resolve_all("access.query_users", &access.query_users, user_id)?,
@@ -426,6 +442,7 @@ impl Config {
             max_clients,
             max_tracked_ips,
             max_tracked_sessions,
+            event_ring_bytes,
             state_dir
         );
         kept
@@ -571,6 +588,7 @@ mod tests {
             socket = "/tmp/x.sock"
             socket_mode = "0640"
             max_clients = 10
+            event_ring_bytes = 65536
             [services]
             SMTP = [25, 2525]
             Control = [2025]
@@ -580,6 +598,7 @@ mod tests {
         assert_eq!(config.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(config.socket_mode, 0o640);
         assert_eq!(config.max_clients, 10);
+        assert_eq!(config.event_ring_bytes, 65536);
         assert_eq!(
             config.services,
             vec![
@@ -611,6 +630,8 @@ mod tests {
                 "max_tracked_ips_per_monitor = 0",
                 "max_tracked_ips_per_monitor",
             ),
+            ("event_ring_bytes = 5000", "event_ring_bytes"),
+            ("event_ring_bytes = 2048", "event_ring_bytes"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

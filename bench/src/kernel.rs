@@ -57,6 +57,7 @@ pub fn prefill(
         cgroup,
         max_tracked_ips: TABLE_SIZE,
         max_tracked_sessions: TABLE_SIZE,
+        event_ring_bytes: inbound_audit::config::Config::default().event_ring_bytes,
     })
     .context("loading the kernel program to pre-fill it")?;
     let slots = program
@@ -217,6 +218,7 @@ pub fn sync_costs(
         cgroup,
         max_tracked_ips: TABLE_SIZE,
         max_tracked_sessions: TABLE_SIZE,
+        event_ring_bytes: inbound_audit::config::Config::default().event_ring_bytes,
     })
     .context("loading the kernel program to time its map work")?;
     let slot = program.configure_services(std::slice::from_ref(service), |_| false)?[&service.name];

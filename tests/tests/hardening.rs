@@ -368,3 +368,59 @@ fn the_agent_keeps_only_cap_bpf_and_still_does_its_work() {
         agent.log_text()
     );
 }
+
+/// A ring buffer that overflows (agent stopped while sessions come and go)
+/// loses events, never counts: the kernel's maps stay right, the agent notices
+/// the loss and repairs its index from the socket records.
+#[test]
+fn lost_kernel_events_are_noticed_and_repaired_from_the_socket_records() {
+    require_ebpf!();
+    let dir = TempDir::new("overflow-config");
+    let config = dir.path().join("overflow.toml");
+    // One page: about a hundred events.
+    std::fs::write(
+        &config,
+        "event_ring_bytes = 4096\nreconcile_interval_secs = 1\n",
+    )
+    .unwrap();
+    let (cgroup, server, agent) = start("overflow", &["--config", config.to_str().unwrap()]);
+    let smtp = std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[0]);
+    let from = |ip: &str| integration_tests::connect_from(ip.parse().unwrap(), smtp);
+    let stat = |name: &str| {
+        inbound_audit::client::query_report(&agent.socket, "stats")
+            .unwrap()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in stats"))
+    };
+    let mut early: Vec<_> = (0..5).map(|_| from("127.0.0.81")).collect();
+    agent.expect_count("127.0.0.81", "SMTP", 5);
+    assert_eq!(stat("kernel_events_lost"), 0);
+
+    agent.signal(libc::SIGSTOP);
+    let burst: Vec<_> = (0..150).map(|_| from("127.0.0.82")).collect();
+    early.truncate(2);
+    // The closes must reach the kernel while the ring is still full.
+    integration_tests::eventually("the server sees the closes", || {
+        integration_tests::sock_diag_count(
+            &server.ports,
+            &cgroup,
+            &"127.0.0.81/32".parse().unwrap(),
+        ) == 2
+    });
+    agent.signal(libc::SIGCONT);
+
+    integration_tests::eventually("the agent sees the loss", || stat("kernel_events_lost") > 0);
+    integration_tests::eventually("the index is repaired", || stat("index_repairs") > 0);
+    agent.expect_count("127.0.0.81", "SMTP", 2);
+    agent.expect_count("127.0.0.82", "SMTP", 150);
+    assert_eq!(
+        integration_tests::sock_diag_count(&server.ports, &cgroup, &"127.0.0.0/8".parse().unwrap()),
+        152
+    );
+    // Events flow again once the agent reads the ring.
+    drop(burst);
+    drop(early);
+    agent.expect_count("127.0.0.0/8", "SMTP", 0);
+}

@@ -107,6 +107,8 @@ pub struct LoadOptions<'a> {
     pub max_tracked_ips: u32,
     /// Tracked sessions (socket records).
     pub max_tracked_sessions: u32,
+    /// Size of the event ring buffer: a power of two, at least a page.
+    pub event_ring_bytes: u32,
 }
 
 impl KernelProgram {
@@ -132,6 +134,7 @@ impl KernelProgram {
             .map_max_entries(map_names::LIVE_V4, options.max_tracked_ips)
             .map_max_entries(map_names::LIVE_V6, options.max_tracked_ips)
             .map_max_entries(map_names::SOCKETS, options.max_tracked_sessions)
+            .map_max_entries(map_names::EVENTS, options.event_ring_bytes)
             .load(EBPF_OBJECT)?;
 
         check_layout(&mut ebpf, &pin_dir)?;
