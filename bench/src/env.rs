@@ -248,6 +248,70 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
+/// Pins the calling thread to `cpu` until dropped, then restores its CPU set.
+/// Processes it spawns meanwhile inherit the pin.
+pub struct PinnedThread {
+    previous: libc::cpu_set_t,
+}
+
+fn cpu_set_of(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+fn set_affinity(tid: libc::pid_t, set: &libc::cpu_set_t) -> std::io::Result<()> {
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl PinnedThread {
+    pub fn to(cpu: usize) -> Result<Self> {
+        // SAFETY: as in cpu_set_of; the kernel fills `previous`.
+        let mut previous: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut previous)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        set_affinity(0, &cpu_set_of(cpu)).context("sched_setaffinity")?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for PinnedThread {
+    fn drop(&mut self) {
+        let _ = set_affinity(0, &self.previous);
+    }
+}
+
+/// Pins every thread of process `pid` to `cpu` (threads it creates later
+/// inherit it), or, with `cpu` None, lets them run on every CPU again.
+pub fn pin_process(pid: u32, cpu: Option<usize>) -> Result<()> {
+    let set = match cpu {
+        Some(cpu) => cpu_set_of(cpu),
+        None => {
+            // SAFETY: as in cpu_set_of.
+            let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+                unsafe { libc::CPU_SET(cpu, &mut all) };
+            }
+            all
+        }
+    };
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: libc::pid_t = task?.file_name().to_string_lossy().parse()?;
+        set_affinity(tid, &set).with_context(|| format!("pinning thread {tid} of {pid}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

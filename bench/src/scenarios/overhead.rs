@@ -78,7 +78,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let (pairs, run_for) = if ctx.quick {
         (1, Duration::from_secs(1))
     } else {
-        (5, Duration::from_secs(3))
+        (11, Duration::from_secs(2))
     };
     let port = env::free_port(&[])?;
     let mut server = ServerProcess::start(&ctx.cgroup, &[port])?;
