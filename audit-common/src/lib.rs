@@ -13,7 +13,7 @@ pub const MAX_SERVICES: usize = 8;
 
 /// Bumped whenever a pinned map's key or value layout changes, so a new agent
 /// refuses pinned state it would misread instead of reporting wrong counts.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Address family tags used in records and events (not AF_* values, which differ
 /// between the two families' sockaddr layouts and mean nothing to the index).
@@ -31,6 +31,10 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const LAYOUT: &str = "LAYOUT";
 }
+
+/// `PORT_SERVICES` is an array indexed by local port: service slot + 1 for a
+/// watched port, `PORT_NOT_WATCHED` for any other.
+pub const PORT_NOT_WATCHED: u32 = 0;
 
 /// Names of the programs in the object file.
 pub mod program_names {

@@ -19,7 +19,8 @@
 
 use audit_common::{
     record_origin, stat, sync_result, LiveCounts, ServiceName, SessionEvent, SocketRecord,
-    EVENT_CLOSE, EVENT_OPEN, EVENT_SEED, FAMILY_V4, FAMILY_V6, MAX_SERVICES, SYNC_ADJUST,
+    EVENT_CLOSE, EVENT_OPEN, EVENT_SEED, FAMILY_V4, FAMILY_V6, MAX_SERVICES, PORT_NOT_WATCHED,
+    SYNC_ADJUST,
 };
 use aya_ebpf::{
     bindings::{
@@ -39,6 +40,7 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const MAX_TRACKED_IPS: u32 = 1 << 20;
 const MAX_TRACKED_SOCKETS: u32 = 1 << 20;
+const PORTS: u32 = 1 << 16;
 /// The agent sets the real size (`event_ring_bytes`) when it creates the map.
 const EVENTS_BYTES: u32 = 4 << 20;
 /// Bytes one event takes in the ring: its 8-byte header plus the event, 8-aligned.
@@ -56,9 +58,11 @@ static LIVE_V6: LpmTrie<[u8; 16], LiveCounts> = LpmTrie::pinned(MAX_TRACKED_IPS,
 static SOCKETS: HashMap<u64, SocketRecord> =
     HashMap::pinned(MAX_TRACKED_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Local port (host order) → service slot.
+/// Indexed by local port (host order): service slot + 1, or 0 for a port not
+/// watched. An array, not a hash: the verifier turns its lookup into an address
+/// computation, and every accept in the cgroup (watched port or not) pays it.
 #[map(name = "PORT_SERVICES")]
-static PORT_SERVICES: HashMap<u16, u32> = HashMap::pinned(1024, 0);
+static PORT_SERVICES: Array<u32> = Array::pinned(PORTS, 0);
 
 /// Slot → service name. Only the agent reads and writes it; it lives here so that
 /// it is pinned with the counts it gives meaning to.
@@ -97,25 +101,24 @@ pub fn inbound_sync(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The socket fields one invocation may need, read once at entry.
-struct SockOpsFields {
-    op: u32,
+/// The fields of an accepted socket that the open path needs.
+struct AcceptedFields {
     family: u32,
     remote_ip4: u32,
     remote_ip6: [u32; 4],
     local_port: u32,
-    new_state: u32,
     cb_flags: u32,
 }
 
-fn read_sock_ops(ops: *const bpf_sock_ops) -> SockOpsFields {
+fn read_accepted(ops: *const bpf_sock_ops) -> AcceptedFields {
     // Every field is read unconditionally and volatile: otherwise LLVM merges the
     // IPv4 and IPv6 loads into one load through a computed ctx pointer, which the
-    // verifier rejects ("dereference of modified ctx ptr").
+    // verifier rejects ("dereference of modified ctx ptr"). Only the open path
+    // reads them: each is several instructions once the verifier rewrites it,
+    // and the other seven invocations per connection need none of them.
     // SAFETY: `ops` is the context pointer the kernel passed to this program.
     unsafe {
-        SockOpsFields {
-            op: core::ptr::read_volatile(&(*ops).op),
+        AcceptedFields {
             family: core::ptr::read_volatile(&(*ops).family),
             remote_ip4: core::ptr::read_volatile(&(*ops).remote_ip4),
             remote_ip6: [
@@ -125,17 +128,23 @@ fn read_sock_ops(ops: *const bpf_sock_ops) -> SockOpsFields {
                 core::ptr::read_volatile(&(*ops).remote_ip6[3]),
             ],
             local_port: core::ptr::read_volatile(&(*ops).local_port),
-            new_state: core::ptr::read_volatile(&(*ops).__bindgen_anon_1.args[1]),
             cb_flags: core::ptr::read_volatile(&(*ops).bpf_sock_ops_cb_flags),
         }
     }
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
-    let fields = read_sock_ops(ctx.ops);
-    match fields.op {
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx, &fields),
-        BPF_SOCK_OPS_STATE_CB if fields.new_state == BPF_TCP_CLOSE => {
+    // SAFETY: `ops` is the context pointer the kernel passed to this program.
+    let op = unsafe { core::ptr::read_volatile(&(*ctx.ops).op) };
+    match op {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            // SAFETY: as above; args[1] of STATE_CB is the new state.
+            let new_state =
+                unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_1.args[1]) };
+            if new_state != BPF_TCP_CLOSE {
+                return Ok(());
+            }
             // SAFETY: the sock_ops context is a valid argument for this helper.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             forget(cookie).map(|_| ())
@@ -144,12 +153,12 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     }
 }
 
-fn on_passive_established(ctx: &SockOpsContext, fields: &SockOpsFields) -> Result<(), ()> {
-    // local_port is in host order; ports above 65535 cannot happen.
-    let service = match PORT_SERVICES.get_ptr(fields.local_port as u16) {
-        // SAFETY: a pointer returned by a map lookup is valid for this invocation.
-        Some(slot) => unsafe { *slot },
-        None => return Ok(()),
+fn on_passive_established(ctx: &SockOpsContext) -> Result<(), ()> {
+    let fields = read_accepted(ctx.ops);
+    // local_port is in host order, below 65536.
+    let service = match PORT_SERVICES.get(fields.local_port) {
+        Some(&watched) if watched != PORT_NOT_WATCHED => watched - 1,
+        _ => return Ok(()),
     };
     let (family, addr) = match fields.family {
         AF_INET => (FAMILY_V4, v4_bytes(fields.remote_ip4)),

@@ -219,8 +219,17 @@ impl TestServer {
 
     /// Closes the server's side of the connection from `peer` (a FIN from the server).
     pub fn close(&mut self, peer: SocketAddr) {
-        let answer = self.command(&format!("close {} {}", peer.ip(), peer.port()));
-        assert_eq!(answer, "closed", "closing {peer}");
+        // The server accepts asynchronously: a connection the kernel has
+        // established may not be accepted yet.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let answer = self.command(&format!("close {} {}", peer.ip(), peer.port()));
+            if answer == "closed" || Instant::now() > deadline {
+                assert_eq!(answer, "closed", "closing {peer}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGKILL: the kernel closes every socket the server had.
@@ -405,6 +414,25 @@ impl Agent {
         let child = self.child.as_ref().expect("the agent is running");
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    /// SIGSTOP, returning once every thread of the agent is stopped (the
+    /// signal itself is asynchronous); SIGCONT goes through `signal`.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+        let pid = self.child.as_ref().expect("the agent is running").id();
+        eventually("every agent thread is stopped", || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .expect("agent tasks")
+                .all(|task| {
+                    let path = task.expect("task").path().join("stat");
+                    // The state follows the ")" that ends the command name.
+                    std::fs::read_to_string(path).is_ok_and(|stat| {
+                        stat.rsplit_once(')')
+                            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+                    })
+                })
+        });
     }
 
     /// SIGKILL, as a crash or the OOM killer would: no shutdown work at all.

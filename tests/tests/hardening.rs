@@ -287,11 +287,19 @@ fn sighup_reloads_services_monitors_and_limits_without_losing_counts() {
             .log_text()
             .contains("max_clients change only on restart")
     });
-    assert!(agent
-        .query("@127.0.0.61 msys.audit.receptions('300,2')")
-        .starts_with("ERR unknown_monitor "));
+    // The services and monitors are applied after that line is logged.
+    integration_tests::eventually("the dropped monitor is gone", || {
+        agent
+            .query("@127.0.0.61 msys.audit.receptions('300,2')")
+            .starts_with("ERR unknown_monitor ")
+    });
     agent.expect_count("127.0.0.61", "SMTP", 2);
-    drop((held, c));
+    // The kernel no longer counts the dropped service's port.
+    let unwatched = from("127.0.0.62", control);
+    agent.expect_count("127.0.0.62", "SMTP", 0);
+    let live = integration_tests::PinnedLiveMap::open(&agent.pin_dir);
+    assert_eq!(live.get([127, 0, 0, 62]), None);
+    drop((held, c, unwatched));
     agent.expect_count("127.0.0.61", "SMTP", 0);
 }
 
@@ -398,7 +406,7 @@ fn lost_kernel_events_are_noticed_and_repaired_from_the_socket_records() {
     agent.expect_count("127.0.0.81", "SMTP", 5);
     assert_eq!(stat("kernel_events_lost"), 0);
 
-    agent.signal(libc::SIGSTOP);
+    agent.freeze();
     let burst: Vec<_> = (0..150).map(|_| from("127.0.0.82")).collect();
     early.truncate(2);
     // The closes must reach the kernel while the ring is still full.
@@ -411,7 +419,16 @@ fn lost_kernel_events_are_noticed_and_repaired_from_the_socket_records() {
     });
     agent.signal(libc::SIGCONT);
 
-    integration_tests::eventually("the agent sees the loss", || stat("kernel_events_lost") > 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stat("kernel_events_lost") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no lost events seen: {:?}\n{}",
+            inbound_audit::client::query_report(&agent.socket, "stats"),
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     integration_tests::eventually("the index is repaired", || stat("index_repairs") > 0);
     agent.expect_count("127.0.0.81", "SMTP", 2);
     agent.expect_count("127.0.0.82", "SMTP", 150);

@@ -14,7 +14,7 @@ use std::{
 
 use audit_common::{
     map_names, program_names, LiveCounts, ServiceName, SessionEvent, SocketRecord, FAMILY_V4,
-    FAMILY_V6, LAYOUT_VERSION, MAX_SERVICES, SYNC_ADJUST,
+    FAMILY_V6, LAYOUT_VERSION, MAX_SERVICES, PORT_NOT_WATCHED, SYNC_ADJUST,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
@@ -90,7 +90,9 @@ pub struct KernelProgram {
     live_v4: LpmTrie<MapData, [u8; 4], LiveCounts>,
     live_v6: LpmTrie<MapData, [u8; 16], LiveCounts>,
     sockets: HashMap<MapData, u64, SocketRecord>,
-    port_services: HashMap<MapData, u16, u32>,
+    port_services: Array<MapData, u32>,
+    /// What `port_services` holds (port → slot + 1), once read or written.
+    watched_ports: Option<StdHashMap<u16, u32>>,
     service_names: Array<MapData, ServiceName>,
     stats: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
@@ -191,6 +193,7 @@ impl KernelProgram {
             live_v6: take_map(&mut ebpf, map_names::LIVE_V6)?,
             sockets: take_map(&mut ebpf, map_names::SOCKETS)?,
             port_services: take_map(&mut ebpf, map_names::PORT_SERVICES)?,
+            watched_ports: None,
             service_names: take_map(&mut ebpf, map_names::SERVICE_NAMES)?,
             stats: take_map(&mut ebpf, map_names::STATS)?,
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
@@ -381,23 +384,47 @@ impl KernelProgram {
         let mut wanted = StdHashMap::new();
         for service in services {
             for &port in &service.ports {
-                wanted.insert(port, slots[&service.name] as u32);
+                wanted.insert(port, u32::from(slots[&service.name]) + 1);
             }
         }
-        let stale: Vec<u16> = self
-            .port_services
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|port| !wanted.contains_key(port))
-            .collect();
-        for port in stale {
-            self.port_services.remove(&port).map_err(map_error)?;
-        }
-        for (port, slot) in wanted {
-            self.port_services
-                .insert(port, slot, 0)
-                .map_err(map_error)?;
-        }
+        // A previous agent may have watched other ports: the first time, read
+        // the whole array (65,536 lookups); after that our copy is the truth.
+        let watched = match self.watched_ports.take() {
+            Some(watched) => watched,
+            None => {
+                let mut found = StdHashMap::new();
+                for port in 0..=u16::MAX {
+                    let value = self
+                        .port_services
+                        .get(&u32::from(port), 0)
+                        .map_err(map_error)?;
+                    if value != PORT_NOT_WATCHED {
+                        found.insert(port, value);
+                    }
+                }
+                found
+            }
+        };
+        let mut applied = watched.clone();
+        let result = (|| -> Result<(), LoadError> {
+            for (&port, _) in watched.iter().filter(|(p, _)| !wanted.contains_key(p)) {
+                self.port_services
+                    .set(u32::from(port), PORT_NOT_WATCHED, 0)
+                    .map_err(map_error)?;
+                applied.remove(&port);
+            }
+            for (&port, &value) in &wanted {
+                if watched.get(&port) != Some(&value) {
+                    self.port_services
+                        .set(u32::from(port), value, 0)
+                        .map_err(map_error)?;
+                    applied.insert(port, value);
+                }
+            }
+            Ok(())
+        })();
+        self.watched_ports = Some(applied);
+        result?;
         Ok(slots)
     }
 

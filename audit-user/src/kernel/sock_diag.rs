@@ -817,11 +817,14 @@ mod tests {
         v
     }
 
-    /// Our sockets: loopback ones touching our (exclusively bound) listener ports.
+    /// Our sockets: loopback ones touching our (exclusively bound) listener
+    /// ports. Only live socket files (inode set): an earlier connection that
+    /// used one of these port numbers may linger in TIME_WAIT.
     fn on_ports(sockets: &[TcpSocket], ports: &[u16]) -> Vec<TcpSocket> {
         sorted(
             sockets
                 .iter()
+                .filter(|s| s.inode != 0)
                 .filter(|s| {
                     s.local.ip().to_canonical().is_loopback() || s.local.ip().is_unspecified()
                 })
