@@ -229,6 +229,10 @@ impl ServerProcess {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// (accepted so far, open now).
     pub fn stats(&mut self) -> Result<(u64, u64)> {
         writeln!(self.stdin, "stats")?;
