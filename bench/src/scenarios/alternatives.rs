@@ -95,8 +95,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 Some(env::PinnedThread::to(one_cpu)?)
             }
         };
+        // Started here so that, pinned, its thread inherits the CPU.
+        let mut echo = Echo::start()?;
         for net in nets {
-            let measured = measure(&mut client, &agent, &ports, &net, rounds, report)?;
+            let measured = measure(&mut client, &mut echo, &agent, &ports, &net, rounds, report)?;
             disagreements += measured.disagreements;
             for mut r in measured.rows() {
                 r.insert(0, placement.label().to_string());
@@ -106,10 +108,12 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             if net.prefix_len() == 24 {
                 let ratio = median(&measured.ratios_ss);
                 let figure = format!(
-                    "{}× (ss {}, ours {})",
+                    "{}× (ss {}, ours {}; a bare socket round trip, {}, would show {}×)",
                     fmt_count(ratio),
                     fmt_ms(median(&measured.ss.times_ns)),
-                    fmt_ns(median(&measured.ours.times_ns))
+                    fmt_ns(median(&measured.ours.times_ns)),
+                    fmt_ns(median(&measured.floor.times_ns)),
+                    fmt_count(median(&measured.ratios_ss_floor)),
                 );
                 match placement {
                     Placement::OneCpu => report.target(
@@ -157,7 +161,9 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
              inet_diag bytecode and run in the kernel), lines counted, process start included \
              (that is what a user runs). sock_diag: one established-state netlink dump of both \
              families from Rust, counted in user space. Ours: one query on a persistent \
-             connection (median of 20 in the round), and a fresh connection per query. {rounds} \
+             connection (median of 20 in the round), and a fresh connection per query. \
+             Ping-pong: the same request to a thread that answers at once over a Unix socket \
+             pair (median of 20): what the VM charges any socket round trip. {rounds} \
              rounds, the methods' order rotating; ratios are per round (alternative ÷ ours), \
              shown as the median and the 1st percentile (the least favourable round).",
             fmt_count(connections as f64),
@@ -252,13 +258,18 @@ struct Measured {
     oneshot: Method,
     ss: Method,
     diag: Method,
+    /// A bare Unix-socket ping-pong between two threads: no parsing, no lookup.
+    floor: Method,
     ratios_ss: Vec<f64>,
+    /// ss ÷ ping-pong per round: the best ratio any socket service could show.
+    ratios_ss_floor: Vec<f64>,
     ratios_diag: Vec<f64>,
     disagreements: usize,
 }
 
 fn measure(
     client: &mut QueryClient,
+    echo: &mut Echo,
     agent: &BenchAgent,
     ports: &[u16],
     net: &IpNet,
@@ -272,7 +283,9 @@ fn measure(
         oneshot: Method::default(),
         ss: Method::default(),
         diag: Method::default(),
+        floor: Method::default(),
         ratios_ss: Vec::new(),
+        ratios_ss_floor: Vec::new(),
         ratios_diag: Vec::new(),
         disagreements: 0,
     };
@@ -281,10 +294,15 @@ fn measure(
         let mut round_ours = f64::NAN;
         let mut round_ss = f64::NAN;
         let mut round_diag = f64::NAN;
+        let mut round_floor = f64::NAN;
         let mut answers = Vec::new();
         // Rotate which method goes first, so none always runs on a cold cache.
-        for step in 0..4 {
-            match (step + round) % 4 {
+        for step in 0..5 {
+            match (step + round) % 5 {
+                4 => {
+                    round_floor = echo.round_trip(line.as_bytes())?;
+                    m.floor.times_ns.push(round_floor);
+                }
                 0 => {
                     let (t, n) = ours_persistent(client, line.as_bytes())?;
                     round_ours = t;
@@ -318,6 +336,7 @@ fn measure(
             ));
         }
         m.ratios_ss.push(round_ss / round_ours);
+        m.ratios_ss_floor.push(round_ss / round_floor);
         m.ratios_diag.push(round_diag / round_ours);
     }
     Ok(m)
@@ -347,7 +366,17 @@ impl Measured {
             fmt_ns,
         );
         oneshot_row.extend(["".to_string(), "".to_string()]);
-        let mut rows = vec![ours_row, oneshot_row, ss_row, diag_row];
+        let mut floor_row = row(
+            "Unix-socket ping-pong, no work (floor of any socket service; ss ÷ it in the ratio columns)",
+            &self.floor,
+            fmt_ns,
+        );
+        floor_row.push(format!("{}×", fmt_count(median(&self.ratios_ss_floor))));
+        floor_row.push(format!(
+            "{}×",
+            fmt_count(quantile(&self.ratios_ss_floor, 0.01))
+        ));
+        let mut rows = vec![ours_row, oneshot_row, ss_row, diag_row, floor_row];
         for r in &mut rows {
             r.insert(1, fmt_count(self.answer as f64));
         }
@@ -361,6 +390,46 @@ impl Measured {
             "ours_ns": self.ours.times_ns, "ours_new_connection_ns": self.oneshot.times_ns,
             "ss_ns": self.ss.times_ns, "sock_diag_ns": self.diag.times_ns,
             "ratio_ss": self.ratios_ss, "ratio_sock_diag": self.ratios_diag,
+            "ping_pong_ns": self.floor.times_ns, "ratio_ss_to_ping_pong": self.ratios_ss_floor,
         })
+    }
+}
+
+/// An echo thread on a Unix socket pair: the cost of a socket round trip
+/// alone, with no agent behind it.
+struct Echo {
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl Echo {
+    fn start() -> Result<Self> {
+        use std::io::{Read, Write};
+        let (stream, mut peer) = std::os::unix::net::UnixStream::pair()?;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok(n) = peer.read(&mut buf) {
+                if n == 0 || peer.write_all(b"OK 1000\n").is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { stream })
+    }
+
+    /// Median of 20 round trips of `request`.
+    fn round_trip(&mut self, request: &[u8]) -> Result<f64> {
+        use std::io::{Read, Write};
+        let mut buf = [0u8; 64];
+        let mut times = Vec::with_capacity(20);
+        for _ in 0..20 {
+            let start = Instant::now();
+            self.stream.write_all(request)?;
+            let n = self.stream.read(&mut buf)?;
+            times.push(start.elapsed().as_nanos() as f64);
+            if n == 0 {
+                bail!("the echo thread is gone");
+            }
+        }
+        Ok(median(&times))
     }
 }
