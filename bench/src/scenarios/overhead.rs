@@ -66,11 +66,17 @@ struct RunResult {
     connections: u64,
     secs: f64,
     errors: u64,
+    /// CPU time the machine spent busy during the run (all CPUs).
+    busy_secs: f64,
 }
 
 impl RunResult {
     fn rate(&self) -> f64 {
         self.connections as f64 / self.secs
+    }
+
+    fn busy_us_per_connection(&self) -> f64 {
+        self.busy_secs / self.connections as f64 * 1e6
     }
 }
 
@@ -322,6 +328,32 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 quantile(&ratios, 1.0) * 100.0
             ),
         ]);
+        let busy = |runs: &[RunResult]| {
+            runs.iter()
+                .map(RunResult::busy_us_per_connection)
+                .collect::<Vec<_>>()
+        };
+        let cpu_ratios = pairs.cpu_ratios();
+        rows.push(vec![
+            placement.into(),
+            "machine CPU per connection without / with agent".into(),
+            format!(
+                "{:.1} µs / {:.1} µs",
+                median(&busy(&pairs.without)),
+                median(&busy(&pairs.with))
+            ),
+            String::new(),
+        ]);
+        rows.push(vec![
+            placement.into(),
+            "CPU ratio without / with (rate ratio if CPU-bound)".into(),
+            format!("{:.1} %", median(&cpu_ratios) * 100.0),
+            format!(
+                "{:.1} % – {:.1} %",
+                quantile(&cpu_ratios, 0.0) * 100.0,
+                quantile(&cpu_ratios, 1.0) * 100.0
+            ),
+        ]);
         rows.push(vec![
             placement.into(),
             "agent CPU per connection (user space)".into(),
@@ -344,7 +376,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
              alternating which goes first; ratio per pair. Judged: {} pairs with the clients, \
              the server and the agent all on one CPU, so the rate is bounded by CPU work (the \
              clients' included, as they share the host on loopback). Then {} pairs where the \
-             scheduler puts them. bpf_stats off. Connect errors over all runs: {errors}.",
+             scheduler puts them. Machine CPU: busy time of all CPUs from /proc/stat (user, \
+             system, irq, softirq; not idle or steal) over the run, per connection; its ratio \
+             is what the rate ratio would be on a CPU-bound machine, without the wakeup \
+             latencies. bpf_stats off. Connect errors over all runs: {errors}.",
             run_for.as_secs_f64(),
             pinned.with.len(),
             default.with.len(),
@@ -361,9 +396,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     report.target(
         "Accept rate with the agent vs without, all on one CPU (median of pairs)",
         format!(
-            "{:.1} % (default placement: {:.1} %)",
+            "{:.1} % (default placement: {:.1} %; machine CPU per connection, without ÷ with: {:.1} %)",
             ratio * 100.0,
-            median(&default.ratios()) * 100.0
+            median(&default.ratios()) * 100.0,
+            median(&pinned.cpu_ratios()) * 100.0
         ),
         ratio * 100.0,
         "≥ 95 %",
@@ -422,6 +458,7 @@ fn accept_close_run(
     }
     barrier.wait();
     let start = Instant::now();
+    let busy_before = env::machine_busy_seconds().unwrap_or(f64::NAN);
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
     for thread in threads {
@@ -448,6 +485,7 @@ fn accept_close_run(
         connections: made,
         secs: start.elapsed().as_secs_f64(),
         errors: errors.load(Ordering::Relaxed),
+        busy_secs: env::machine_busy_seconds().unwrap_or(f64::NAN) - busy_before,
     })
 }
 
@@ -536,10 +574,28 @@ impl RatePairs {
             .collect()
     }
 
+    /// Per pair: machine CPU per connection without ÷ with, the rate ratio a
+    /// CPU-bound machine would see; wakeup latencies do not enter it.
+    fn cpu_ratios(&self) -> Vec<f64> {
+        self.with
+            .iter()
+            .zip(&self.without)
+            .map(|(w, o)| o.busy_us_per_connection() / w.busy_us_per_connection())
+            .collect()
+    }
+
     fn json(&self) -> serde_json::Value {
         let rates = |runs: &[RunResult]| runs.iter().map(RunResult::rate).collect::<Vec<_>>();
+        let busy = |runs: &[RunResult]| {
+            runs.iter()
+                .map(RunResult::busy_us_per_connection)
+                .collect::<Vec<_>>()
+        };
         json!({
             "with": rates(&self.with), "without": rates(&self.without), "ratios": self.ratios(),
+            "busy_us_per_connection_with": busy(&self.with),
+            "busy_us_per_connection_without": busy(&self.without),
+            "cpu_ratios": self.cpu_ratios(),
             "agent_cpu_us_per_connection": self.agent_cpu_per_conn,
         })
     }
