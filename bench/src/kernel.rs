@@ -24,7 +24,7 @@ use aya::{
 };
 use inbound_audit::{
     config::ServicePorts,
-    kernel::loader::{KernelProgram, LoadOptions},
+    kernel::loader::{KernelProgram, LoadError, LoadOptions},
 };
 
 use inbound_bench::synthetic::SyntheticSet;
@@ -34,6 +34,18 @@ use crate::agent::TABLE_SIZE;
 /// Cookies of synthetic records: far above any real socket cookie (those
 /// count up from 1 since boot), so they can never collide with one.
 const SYNTHETIC_COOKIE_BASE: u64 = 1 << 62;
+
+/// The kernel program on `pin_dir`, attached to `cgroup`, with the bench's
+/// table sizes (those of the agents it starts).
+fn load_program(pin_dir: &Path, cgroup: &Path) -> Result<KernelProgram, LoadError> {
+    KernelProgram::load(&LoadOptions {
+        pin_dir,
+        cgroup,
+        max_tracked_ips: TABLE_SIZE,
+        max_tracked_sessions: TABLE_SIZE,
+        event_ring_bytes: inbound_audit::config::Config::default().event_ring_bytes,
+    })
+}
 
 pub struct Prefill {
     pub applied: usize,
@@ -52,14 +64,8 @@ pub fn prefill(
     set: &SyntheticSet,
 ) -> Result<Prefill> {
     let started = Instant::now();
-    let mut program = KernelProgram::load(&LoadOptions {
-        pin_dir,
-        cgroup,
-        max_tracked_ips: TABLE_SIZE,
-        max_tracked_sessions: TABLE_SIZE,
-        event_ring_bytes: inbound_audit::config::Config::default().event_ring_bytes,
-    })
-    .context("loading the kernel program to pre-fill it")?;
+    let mut program =
+        load_program(pin_dir, cgroup).context("loading the kernel program to pre-fill it")?;
     let slots = program
         .configure_services(std::slice::from_ref(service), |_| false)
         .context("configuring the bench service")?;
@@ -213,14 +219,8 @@ pub fn sync_costs(
     sessions: usize,
     sources: u32,
 ) -> Result<SyncCosts> {
-    let mut program = KernelProgram::load(&LoadOptions {
-        pin_dir,
-        cgroup,
-        max_tracked_ips: TABLE_SIZE,
-        max_tracked_sessions: TABLE_SIZE,
-        event_ring_bytes: inbound_audit::config::Config::default().event_ring_bytes,
-    })
-    .context("loading the kernel program to time its map work")?;
+    let mut program =
+        load_program(pin_dir, cgroup).context("loading the kernel program to time its map work")?;
     let slot = program.configure_services(std::slice::from_ref(service), |_| false)?[&service.name];
     let mut events = program.take_events().context("event ring buffer")?;
     let request = |kind, i: usize| {
@@ -315,6 +315,13 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
     Ok(ret as i32)
 }
 
+/// A bpf(2) command that returns a new descriptor, which the caller then owns.
+fn bpf_new_fd<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr)?;
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl FloorSockOps {
     pub fn attach(cgroup: &Path) -> Result<Self> {
         // code | registers (src << 4 | dst) << 8 | offset << 16 | immediate << 32
@@ -358,9 +365,7 @@ impl FloorSockOps {
             prog_name: name,
             ..ProgLoad::default()
         };
-        let fd = bpf(BPF_PROG_LOAD, &mut load).context("loading the floor sock_ops program")?;
-        // SAFETY: the kernel just returned this descriptor to us alone.
-        let program = unsafe { OwnedFd::from_raw_fd(fd) };
+        let program = bpf_new_fd(BPF_PROG_LOAD, &mut load).context("loading the floor program")?;
 
         let group =
             std::fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
@@ -379,9 +384,8 @@ impl FloorSockOps {
             attach_type: BPF_CGROUP_SOCK_OPS,
             ..LinkCreate::default()
         };
-        let fd = bpf(BPF_LINK_CREATE, &mut create).context("attaching the floor program")?;
-        // SAFETY: as above.
-        let link = unsafe { OwnedFd::from_raw_fd(fd) };
+        let link =
+            bpf_new_fd(BPF_LINK_CREATE, &mut create).context("attaching the floor program")?;
 
         // bpf_prog_info up to `id` (type, id).
         let mut info = [0u32; 2];

@@ -459,6 +459,16 @@ impl Agent {
             .unwrap_or_else(|e| panic!("query {request:?}: {e}\n{}", self.log_text()))
     }
 
+    /// One figure of the `stats` report.
+    pub fn stat(&self, name: &str) -> u64 {
+        inbound_audit::client::query_report(&self.socket, "stats")
+            .expect("stats request")
+            .expect("stats report")
+            .iter()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in stats"))
+    }
+
     /// Polls until the answer is `expected` (events are asynchronous), then
     /// asserts it; a wrong count shows with the agent's log.
     pub fn expect(&self, request: &str, expected: &str) {

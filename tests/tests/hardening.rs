@@ -394,17 +394,9 @@ fn lost_kernel_events_are_noticed_and_repaired_from_the_socket_records() {
     let (cgroup, server, agent) = start("overflow", &["--config", config.to_str().unwrap()]);
     let smtp = std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), server.ports[0]);
     let from = |ip: &str| integration_tests::connect_from(ip.parse().unwrap(), smtp);
-    let stat = |name: &str| {
-        inbound_audit::client::query_report(&agent.socket, "stats")
-            .unwrap()
-            .unwrap()
-            .iter()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in stats"))
-    };
     let mut early: Vec<_> = (0..5).map(|_| from("127.0.0.81")).collect();
     agent.expect_count("127.0.0.81", "SMTP", 5);
-    assert_eq!(stat("kernel_events_lost"), 0);
+    assert_eq!(agent.stat("kernel_events_lost"), 0);
 
     agent.freeze();
     let burst: Vec<_> = (0..150).map(|_| from("127.0.0.82")).collect();
@@ -420,7 +412,7 @@ fn lost_kernel_events_are_noticed_and_repaired_from_the_socket_records() {
     agent.signal(libc::SIGCONT);
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stat("kernel_events_lost") == 0 {
+    while agent.stat("kernel_events_lost") == 0 {
         assert!(
             Instant::now() < deadline,
             "no lost events seen: {:?}\n{}",
@@ -429,7 +421,7 @@ fn lost_kernel_events_are_noticed_and_repaired_from_the_socket_records() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    integration_tests::eventually("the index is repaired", || stat("index_repairs") > 0);
+    integration_tests::eventually("the index is repaired", || agent.stat("index_repairs") > 0);
     agent.expect_count("127.0.0.81", "SMTP", 2);
     agent.expect_count("127.0.0.82", "SMTP", 150);
     assert_eq!(

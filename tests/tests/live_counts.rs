@@ -177,14 +177,6 @@ fn close_backstop_is_attached_only_while_seeded_sessions_remain() {
     let (cgroup, mut server) = start("backstop");
     let smtp = SocketAddr::new(ip("127.0.0.1"), server.ports[0]);
     let link = |agent: &Agent| agent.pin_dir.join("link-set-state");
-    let stat = |agent: &Agent, name: &str| {
-        inbound_audit::client::query_report(&agent.socket, "stats")
-            .expect("stats request")
-            .expect("stats report")
-            .iter()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in stats"))
-    };
     let before = connect_from(ip("127.0.0.21"), smtp);
     let mut agent = start_agent("backstop", &cgroup, &server, &["--reconcile-interval", "1"]);
     agent.expect_count("127.0.0.21", "SMTP", 1);
@@ -192,8 +184,8 @@ fn close_backstop_is_attached_only_while_seeded_sessions_remain() {
         link(&agent).exists(),
         "backstop detached while a seeded session is open"
     );
-    assert_eq!(stat(&agent, "kernel_seeded_sessions"), 1);
-    assert_eq!(stat(&agent, "close_backstop_attached"), 1);
+    assert_eq!(agent.stat("kernel_seeded_sessions"), 1);
+    assert_eq!(agent.stat("close_backstop_attached"), 1);
 
     // Sessions accepted meanwhile do not keep it attached.
     let during = connect_from(ip("127.0.0.22"), smtp);
@@ -201,7 +193,7 @@ fn close_backstop_is_attached_only_while_seeded_sessions_remain() {
     agent.expect_count("127.0.0.21", "SMTP", 0);
     integration_tests::eventually("the backstop is detached", || !link(&agent).exists());
     integration_tests::eventually("stats say so", || {
-        stat(&agent, "close_backstop_attached") == 0 && stat(&agent, "kernel_seeded_sessions") == 0
+        agent.stat("close_backstop_attached") == 0 && agent.stat("kernel_seeded_sessions") == 0
     });
 
     // sock_ops alone now sees every close: FIN, RST and a server-side close.
