@@ -21,9 +21,16 @@ fn start(name: &str, extra_args: &[&str]) -> (TestCgroup, TestServer, Agent) {
     (fixture.cgroup, fixture.server, fixture.agent)
 }
 
-/// Runs `inbound-audit query` as `uid`/`gid`; returns (exit code, stdout).
-fn query_as(agent: &Agent, uid: u32, gid: u32, request: &str) -> (Option<i32>, String) {
-    let output = Command::new(agent_binary())
+/// Runs `inbound-audit query` (the copy at `binary`) as `uid`/`gid`; returns
+/// (exit code, stdout).
+fn query_as(
+    binary: &std::path::Path,
+    agent: &Agent,
+    uid: u32,
+    gid: u32,
+    request: &str,
+) -> (Option<i32>, String) {
+    let output = Command::new(binary)
         .args(["query", "--socket"])
         .arg(&agent.socket)
         .arg(request)
@@ -59,25 +66,41 @@ fn peer_credentials_decide_who_queries_and_who_reports() {
             &NOGROUP.to_string(),
         ],
     );
+    // The checkout (and target/ in it) may be private to root: the other
+    // users run a copy.
+    let binary = dir.path().join("inbound-audit");
+    std::fs::copy(agent_binary(), &binary).unwrap();
     let query = "msys.audit.inbound_session_count(\"127.0.0.0/8\", \"SMTP\")";
     // nobody may query but not report.
     assert_eq!(
-        query_as(&agent, NOBODY, NOGROUP, query),
+        query_as(&binary, &agent, NOBODY, NOGROUP, query),
         (Some(0), "OK 0\n".into())
     );
-    let (code, out) = query_as(&agent, NOBODY, NOGROUP, "add receptions 127.0.0.1 2");
+    let (code, out) = query_as(
+        &binary,
+        &agent,
+        NOBODY,
+        NOGROUP,
+        "add receptions 127.0.0.1 2",
+    );
     assert_eq!(code, Some(1));
     assert!(out.starts_with("ERR forbidden uid 65534 "), "{out}");
     // 65533 may report (and so query); 65532 may do neither.
     assert_eq!(
-        query_as(&agent, NOBODY - 1, NOGROUP, "add receptions 127.0.0.1 2"),
+        query_as(
+            &binary,
+            &agent,
+            NOBODY - 1,
+            NOGROUP,
+            "add receptions 127.0.0.1 2"
+        ),
         (Some(0), "OK 2\n".into())
     );
     assert_eq!(
-        query_as(&agent, NOBODY - 1, NOGROUP, query),
+        query_as(&binary, &agent, NOBODY - 1, NOGROUP, query),
         (Some(0), "OK 0\n".into())
     );
-    let (code, out) = query_as(&agent, NOBODY - 2, NOGROUP, query);
+    let (code, out) = query_as(&binary, &agent, NOBODY - 2, NOGROUP, query);
     assert_eq!(code, Some(1));
     assert!(
         out.starts_with("ERR forbidden uid 65532 may not query"),
@@ -92,7 +115,7 @@ fn peer_credentials_decide_who_queries_and_who_reports() {
     );
 
     // Without the socket's group a user cannot even connect.
-    let (code, _) = query_as(&agent, NOBODY, NOBODY - 10, query);
+    let (code, _) = query_as(&binary, &agent, NOBODY, NOBODY - 10, query);
     assert_eq!(code, Some(2));
 }
 
