@@ -57,6 +57,7 @@ impl BenchAgent {
                 "# written by the benchmark runner\n\
                  max_tracked_ips = {TABLE_SIZE}\n\
                  max_tracked_sessions = {TABLE_SIZE}\n\
+                 max_tracked_ips_per_monitor = {TABLE_SIZE}\n\
                  max_clients = 4096\n"
             ),
         )?;
@@ -128,6 +129,16 @@ impl BenchAgent {
     }
 
     /// Environment for the next start (e.g. malloc tuning), replacing any set before.
+    /// More agent flags, for the next start.
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(ToString::to_string));
+    }
+
+    /// The agent's --state-dir (where it saves and loads the monitor windows).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     pub fn set_env(&mut self, env: &[(&str, &str)]) {
         self.env = env
             .iter()

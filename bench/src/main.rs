@@ -17,6 +17,7 @@ mod scenarios {
     pub mod hostile;
     pub mod overhead;
     pub mod sizes;
+    pub mod windows;
 }
 
 use std::{
@@ -73,7 +74,7 @@ struct RunArgs {
     /// A smoke run in well under a minute: small sizes, few rounds. Writes quick.{md,json}.
     #[arg(long)]
     quick: bool,
-    /// Only these measurements (comma-separated): criterion, sizes, hostile, alternatives, overhead, churn.
+    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn.
     /// Writes partial.{md,json}.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -93,9 +94,10 @@ pub struct Ctx {
 
 type Scenario = fn(&Ctx, &mut Report) -> Result<()>;
 
-const SCENARIOS: [(&str, Scenario); 6] = [
+const SCENARIOS: [(&str, Scenario); 7] = [
     ("criterion", scenarios::criterion::run),
     ("sizes", scenarios::sizes::run),
+    ("windows", scenarios::windows::run),
     ("hostile", scenarios::hostile::run),
     ("alternatives", scenarios::alternatives::run),
     ("overhead", scenarios::overhead::run),
