@@ -8,6 +8,7 @@
 mod agent;
 mod env;
 mod kernel;
+mod latency;
 mod net;
 mod report;
 mod scenarios {

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::{
     agent::{BenchAgent, QueryClient},
-    env, kernel,
+    env, kernel, latency,
     report::{fmt_count, fmt_ns, fmt_size, Report, Section},
     Ctx,
 };
@@ -33,37 +33,29 @@ use crate::{
 const SERVICE: &str = "SMTP";
 
 struct Plan {
-    sizes: Vec<usize>,
+    latency: latency::Plan,
     /// The size at which the memory target is judged.
     memory_size: usize,
-    rounds: usize,
-    inproc_per_round: usize,
-    socket_per_round: usize,
     throughput_rounds: usize,
     throughput_run: Duration,
 }
 
 impl Plan {
     fn new(quick: bool) -> Self {
+        let latency = latency::Plan::new(quick);
         if quick {
             Self {
-                sizes: vec![1_000, 10_000],
                 memory_size: 10_000,
-                rounds: 3,
-                inproc_per_round: 20_000,
-                socket_per_round: 2_000,
                 throughput_rounds: 1,
                 throughput_run: Duration::from_millis(500),
+                latency,
             }
         } else {
             Self {
-                sizes: vec![1_000, 100_000, 1_000_000],
                 memory_size: 100_000,
-                rounds: 5,
-                inproc_per_round: 200_000,
-                socket_per_round: 10_000,
                 throughput_rounds: 3,
                 throughput_run: Duration::from_secs(3),
+                latency,
             }
         }
     }
@@ -125,7 +117,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let mut sets = Vec::new();
     let mut indexes = Vec::new();
     let mut agents = Vec::new();
-    for &size in &plan.sizes {
+    for &size in &plan.latency.sizes {
         let set = SyntheticSet::generate(size);
         let mut index = CidrIndex::new();
         for ip in set.iter() {
@@ -134,8 +126,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         let mut result = SizeResult {
             size,
             index_heap_bytes: index.heap_bytes(),
-            inproc: kind_rounds(),
-            socket: kind_rounds(),
+            inproc: latency::kind_rounds(),
+            socket: latency::kind_rounds(),
             ..SizeResult::default()
         };
         println!("[sizes] {}: pre-filling the kernel maps", fmt_size(size));
@@ -170,8 +162,12 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         .iter()
         .map(BenchAgent::client)
         .collect::<Result<Vec<_>>>()?;
-    for round in 0..plan.rounds {
-        println!("[sizes] latency round {}/{}", round + 1, plan.rounds);
+    for round in 0..plan.latency.rounds {
+        println!(
+            "[sizes] latency round {}/{}",
+            round + 1,
+            plan.latency.rounds
+        );
         for (i, result) in results.iter_mut().enumerate() {
             measure_inproc(&indexes[i], &sets[i], &plan, round, &mut result.inproc);
             measure_socket(&mut clients[i], &sets[i], &plan, round, &mut result.socket)?;
@@ -179,8 +175,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     }
     drop(clients);
 
-    let last = plan.sizes.len() - 1;
-    println!("[sizes] {}: throughput", fmt_size(plan.sizes[last]));
+    let last = plan.latency.sizes.len() - 1;
+    println!("[sizes] {}: throughput", fmt_size(plan.latency.sizes[last]));
     let throughput = measure_throughput(&agents[last], &sets[last], &plan)?;
     for (result, mut agent) in results.iter_mut().zip(agents) {
         agent.stop()?;
@@ -199,7 +195,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     }
 
     report_latency(report, &plan, &results);
-    report_throughput(report, plan.sizes[last], &throughput);
+    report_throughput(report, plan.latency.sizes[last], &throughput);
     report_memory(
         report,
         &plan,
@@ -210,9 +206,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// Times each query alone, one round of every kind. `Instant::now()` costs
-/// about 20-30 ns here and is included; the criterion bench gives the
-/// tighter per-query median.
+/// One round of every kind in-process.
 fn measure_inproc(
     index: &CidrIndex,
     set: &SyntheticSet,
@@ -221,24 +215,9 @@ fn measure_inproc(
     out: &mut [(QueryKind, Rounds)],
 ) {
     for (kind, rounds) in out.iter_mut() {
-        let queries = set.queries(*kind, plan.inproc_per_round, round as u64);
-        let mut samples = Vec::with_capacity(queries.len());
-        let mut sink = 0u64;
-        for net in &queries {
-            let start = Instant::now();
-            sink = sink.wrapping_add(std::hint::black_box(index.count(net)));
-            samples.push(start.elapsed().as_nanos() as f64);
-        }
-        std::hint::black_box(sink);
-        rounds.push_round(samples);
+        let queries = set.queries(*kind, plan.latency.inproc_per_round, round as u64);
+        rounds.push_round(latency::inproc_round(&queries, |net| index.count(net)));
     }
-}
-
-fn kind_rounds() -> Vec<(QueryKind, Rounds)> {
-    QueryKind::ALL
-        .iter()
-        .map(|&k| (k, Rounds::default()))
-        .collect()
 }
 
 /// Every answer the agent gives for a sample of queries equals the in-process
@@ -268,22 +247,11 @@ fn measure_socket(
 ) -> Result<()> {
     for (kind, rounds) in out.iter_mut() {
         let requests: Vec<Vec<u8>> = set
-            .queries(*kind, plan.socket_per_round, 1000 + round as u64)
+            .queries(*kind, plan.latency.socket_per_round, 1000 + round as u64)
             .iter()
             .map(|net| (session_count_request(net, SERVICE) + "\n").into_bytes())
             .collect();
-        // A short warm-up: the first queries after a pause pay for caches
-        // and a sleeping worker thread, which is a different figure.
-        for request in requests.iter().take(200) {
-            client.count(request)?;
-        }
-        let mut samples = Vec::with_capacity(requests.len());
-        for request in &requests {
-            let start = Instant::now();
-            client.count(request)?;
-            samples.push(start.elapsed().as_nanos() as f64);
-        }
-        rounds.push_round(samples);
+        rounds.push_round(latency::socket_round(client, &requests)?);
     }
     Ok(())
 }
@@ -366,33 +334,10 @@ fn measure_throughput(
 }
 
 fn report_latency(report: &mut Report, plan: &Plan, results: &[SizeResult]) {
-    let mut rows = Vec::new();
-    let mut data = Vec::new();
-    for result in results {
-        for ((kind, inproc), (_, socket)) in result.inproc.iter().zip(&result.socket) {
-            let i = inproc.summary();
-            let s = socket.summary();
-            rows.push(vec![
-                fmt_size(result.size),
-                kind.label().to_string(),
-                fmt_ns(i.pooled.p50),
-                fmt_ns(i.pooled.p99),
-                fmt_ns(i.pooled.p999),
-                fmt_ns(s.pooled.p50),
-                fmt_ns(s.pooled.p99),
-                fmt_ns(s.pooled.p999),
-                format!(
-                    "{} / {}",
-                    fmt_ns(s.median_round_p99),
-                    fmt_ns(s.worst_round_p99)
-                ),
-            ]);
-            data.push(json!({
-                "tracked_ips": result.size, "query": kind.label(),
-                "in_process_ns": i, "socket_ns": s,
-            }));
-        }
-    }
+    let (rows, data): (Vec<_>, Vec<_>) = results
+        .iter()
+        .flat_map(|r| latency::rows(r.size, &r.inproc, &r.socket))
+        .unzip();
     report.sections.push(Section {
         title: "Query latency (inbound_session_count)".into(),
         method: format!(
@@ -410,23 +355,11 @@ fn report_latency(report: &mut Report, plan: &Plan, results: &[SizeResult]) {
              polling off (see Machine) a client and agent thread on different vCPUs each wake \
              a halted vCPU, which costs a VM exit (with guest_halt_poll_ns=200000 the p50 stays \
              at 13-19 µs and the p99 near 25-30 µs).",
-            fmt_count(plan.inproc_per_round as f64),
-            fmt_count(plan.socket_per_round as f64),
-            plan.rounds
+            fmt_count(plan.latency.inproc_per_round as f64),
+            fmt_count(plan.latency.socket_per_round as f64),
+            plan.latency.rounds
         ),
-        columns: [
-            "IPs",
-            "query",
-            "index p50",
-            "index p99",
-            "index p999",
-            "socket p50",
-            "socket p99",
-            "socket p999",
-            "socket p99 per round (median / worst)",
-        ]
-        .map(String::from)
-        .to_vec(),
+        columns: latency::COLUMNS.map(String::from).to_vec(),
         rows,
         data: json!(data),
     });
@@ -435,13 +368,7 @@ fn report_latency(report: &mut Report, plan: &Plan, results: &[SizeResult]) {
         return;
     };
     let at = fmt_size(largest.size);
-    let worst = |sets: &[(QueryKind, Rounds)]| {
-        sets.iter()
-            .map(|(kind, r)| (r.summary().pooled.p99, *kind))
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .expect("four kinds")
-    };
-    let (p99, kind) = worst(&largest.socket);
+    let (p99, kind) = latency::worst_p99(&largest.socket);
     report.target(
         &format!("Socket query p99 at {at} tracked IPs (worst of /32, /24, /16, /64)"),
         format!("{} ({kind})", fmt_ns(p99)),
@@ -449,7 +376,7 @@ fn report_latency(report: &mut Report, plan: &Plan, results: &[SizeResult]) {
         "≤ 100 µs",
         p99 <= 100_000.0,
     );
-    let (p99, kind) = worst(&largest.inproc);
+    let (p99, kind) = latency::worst_p99(&largest.inproc);
     report.target(
         &format!("Index query p99 at {at} tracked IPs, in-process (worst kind)"),
         format!("{} ({kind})", fmt_ns(p99)),
