@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::{
     agent::QueryClient,
-    report::{fmt_ns, fmt_size},
+    report::{fmt_ns, fmt_size, Report},
 };
 
 /// How many tracked IPs, rounds and queries a latency measurement uses.
@@ -128,4 +128,29 @@ pub fn worst_p99(sets: &KindRounds) -> (f64, QueryKind) {
         .map(|(kind, r)| (r.summary().pooled.p99, *kind))
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .expect("four kinds")
+}
+
+/// The two latency targets, judged on the worst kind's p99: through
+/// the socket (≤ 100 µs) and in-process (≤ 2 µs), each under its report name.
+pub fn judge(
+    report: &mut Report,
+    (socket_name, socket): (&str, &KindRounds),
+    (inproc_name, inproc): (&str, &KindRounds),
+) {
+    let (p99, kind) = worst_p99(socket);
+    report.target(
+        socket_name,
+        format!("{} ({kind})", fmt_ns(p99)),
+        p99,
+        "≤ 100 µs",
+        p99 <= 100_000.0,
+    );
+    let (p99, kind) = worst_p99(inproc);
+    report.target(
+        inproc_name,
+        format!("{} ({kind})", fmt_ns(p99)),
+        p99,
+        "≤ 2 µs",
+        p99 <= 2_000.0,
+    );
 }

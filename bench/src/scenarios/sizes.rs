@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::{
     agent::{BenchAgent, QueryClient},
     env, kernel, latency,
-    report::{fmt_count, fmt_ns, fmt_size, Report, Section},
+    report::{fmt_count, fmt_size, Report, Section},
     Ctx,
 };
 
@@ -368,21 +368,16 @@ fn report_latency(report: &mut Report, plan: &Plan, results: &[SizeResult]) {
         return;
     };
     let at = fmt_size(largest.size);
-    let (p99, kind) = latency::worst_p99(&largest.socket);
-    report.target(
-        &format!("Socket query p99 at {at} tracked IPs (worst of /32, /24, /16, /64)"),
-        format!("{} ({kind})", fmt_ns(p99)),
-        p99,
-        "≤ 100 µs",
-        p99 <= 100_000.0,
-    );
-    let (p99, kind) = latency::worst_p99(&largest.inproc);
-    report.target(
-        &format!("Index query p99 at {at} tracked IPs, in-process (worst kind)"),
-        format!("{} ({kind})", fmt_ns(p99)),
-        p99,
-        "≤ 2 µs",
-        p99 <= 2_000.0,
+    latency::judge(
+        report,
+        (
+            &format!("Socket query p99 at {at} tracked IPs (worst of /32, /24, /16, /64)"),
+            &largest.socket,
+        ),
+        (
+            &format!("Index query p99 at {at} tracked IPs, in-process (worst kind)"),
+            &largest.inproc,
+        ),
     );
 }
 

@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::{
     agent::{BenchAgent, QueryClient},
     env, latency,
-    report::{fmt_count, fmt_ns, Report, Section},
+    report::{fmt_count, Report, Section},
     Ctx,
 };
 
@@ -204,22 +204,11 @@ fn write_report(runs: &[SizeRun], plan: &latency::Plan, report: &mut Report) {
         return;
     };
     let size = fmt_count(largest.size as f64);
-    let (p99, kind) = latency::worst_p99(&largest.socket);
-    report.target(
-        &format!(
-            "Windowed query through the socket, p99 at {size} IPs in the windows (worst kind)"
-        ),
-        format!("{} ({kind})", fmt_ns(p99)),
-        p99,
-        "≤ 100 µs",
-        p99 <= 100_000.0,
-    );
-    let (p99, kind) = latency::worst_p99(&largest.inproc);
-    report.target(
-        &format!("Windowed query in-process, p99 at {size} IPs ({FILLED_WINDOWS} window indexes, worst kind)"),
-        format!("{} ({kind})", fmt_ns(p99)),
-        p99,
-        "≤ 2 µs",
-        p99 <= 2_000.0,
+    latency::judge(
+        report,
+        (&format!("Windowed query through the socket, p99 at {size} IPs in the windows (worst kind)"), &largest.socket),
+        (&format!(
+            "Windowed query in-process, p99 at {size} IPs ({FILLED_WINDOWS} window indexes, worst kind)"
+        ), &largest.inproc),
     );
 }
