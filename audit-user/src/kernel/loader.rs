@@ -389,6 +389,7 @@ impl KernelProgram {
         }
         // A previous agent may have watched other ports: the first time, read
         // the whole array (65,536 lookups); after that our copy is the truth.
+        // A failed update leaves no copy, so the next call reads it all again.
         let watched = match self.watched_ports.take() {
             Some(watched) => watched,
             None => {
@@ -405,26 +406,19 @@ impl KernelProgram {
                 found
             }
         };
-        let mut applied = watched.clone();
-        let result = (|| -> Result<(), LoadError> {
-            for (&port, _) in watched.iter().filter(|(p, _)| !wanted.contains_key(p)) {
+        for &port in watched.keys().filter(|p| !wanted.contains_key(p)) {
+            self.port_services
+                .set(u32::from(port), PORT_NOT_WATCHED, 0)
+                .map_err(map_error)?;
+        }
+        for (&port, &value) in &wanted {
+            if watched.get(&port) != Some(&value) {
                 self.port_services
-                    .set(u32::from(port), PORT_NOT_WATCHED, 0)
+                    .set(u32::from(port), value, 0)
                     .map_err(map_error)?;
-                applied.remove(&port);
             }
-            for (&port, &value) in &wanted {
-                if watched.get(&port) != Some(&value) {
-                    self.port_services
-                        .set(u32::from(port), value, 0)
-                        .map_err(map_error)?;
-                    applied.insert(port, value);
-                }
-            }
-            Ok(())
-        })();
-        self.watched_ports = Some(applied);
-        result?;
+        }
+        self.watched_ports = Some(wanted);
         Ok(slots)
     }
 
