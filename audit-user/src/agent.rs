@@ -24,7 +24,7 @@ use crate::{
         loader::{self, KernelProgram, LoadError, LoadOptions},
         seed::{self, SeedError},
     },
-    monitors::StateError,
+    monitors::{self, StateError},
     privileges,
     server::{self, QuerySocket, SocketError},
     shutdown::{self, Shutdown},
@@ -66,6 +66,7 @@ pub struct AgentOptions {
 /// seeding) runs on this thread alone, so that dropping capabilities afterwards
 /// covers every thread the runtime then creates: capabilities are per thread.
 pub fn run(options: AgentOptions) -> Result<(), AgentError> {
+    return_large_blocks_on_free();
     // Held back, not lost, while the handlers are not installed yet: a stop
     // requested during start-up is still a clean stop.
     let held = HeldSignals::block();
@@ -260,6 +261,20 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
         );
     }
     Ok(())
+}
+
+/// The index's arenas and maps grow by doubling, and start-up and reconcile
+/// passes build large tables they drop again. glibc serves such blocks from the
+/// heap once its threshold has adapted upwards (up to 32 MiB), and a freed block
+/// then stays resident wherever a live one sits above it: measured at 100k
+/// IPs, 184 bytes of RSS per IP instead of 50. A fixed threshold keeps every
+/// block of 64 KiB or more in its own mapping, returned whole on free (and
+/// grown with mremap, without copying).
+fn return_large_blocks_on_free() {
+    // SAFETY: mallopt only changes the allocator's tuning (under its own lock).
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024) } != 1 {
+        log::warn!("could not set the malloc mmap threshold; freed memory may stay resident");
+    }
 }
 
 /// Start-up and every reconcile pass build large short-lived tables (the
@@ -661,6 +676,11 @@ async fn reconcile(
             );
         }
         state.lock_monitors().expire(server::unix_now());
+        // Windows dropped without events to drive them out leave the totals
+        // here, a batch per turn of the lock, so queries interleave.
+        while state.lock_monitors().retire(monitors::RETIRE_BATCH) {
+            tokio::task::yield_now().await;
+        }
         drop(pass.truth);
         release_freed_memory();
         let stats = &state.stats;

@@ -4,9 +4,13 @@
 //!
 //! A monitor "W,N" keeps the current window (0) and N previous ones (1..=N),
 //! aligned on multiples of W seconds since the Unix epoch. Each window holds one
-//! CIDR index per series, so a query over windows a..=b for any prefix costs
-//! (b - a + 1) index walks of O(prefix length), never a scan of tracked IPs.
-//! Windows that fall out of the history are dropped, memory and all.
+//! CIDR index per series, and each monitor one more per series with the sum of
+//! all its windows. A query over windows a..=b for any prefix walks either the
+//! windows in the range or, when fewer, the totals and the windows outside it:
+//! the usual question, "all of the history", is one index walk of O(prefix
+//! length) however many windows are kept, and never a scan of tracked IPs.
+//! Windows that fall out of the history are dropped, memory and all; their
+//! counts leave the totals a batch at a time (see [`Monitor::retire`]).
 
 use std::{
     collections::VecDeque,
@@ -125,12 +129,25 @@ impl Window {
     }
 }
 
+/// Keys a dropped window takes out of the totals per call of
+/// [`Monitor::retire`]: two index updates each, about a millisecond in all at
+/// 1M keys, so no caller holds the monitors' lock much longer than a query.
+pub const RETIRE_BATCH: usize = 512;
+
 /// One monitor's history.
 pub struct Monitor {
     spec: MonitorSpec,
     /// Newest first; epochs strictly decreasing; none older than current - kept.
     windows: VecDeque<Window>,
-    /// (IP, window, series) entries held, for the cap.
+    /// Per series: the sum of every window in `windows` and of what is left in
+    /// `retiring`.
+    totals: [CidrIndex; 3],
+    /// Windows that left the history whose counts are still in `totals`. At
+    /// 1M keys taking a window out at once would stall every query for about a
+    /// second, so its keys move out in batches, from the window and the totals
+    /// alike, which keeps the invariant above at every step.
+    retiring: Vec<Window>,
+    /// (IP, window, series) entries held in `windows`, for the cap.
     tracked: usize,
     /// Increments refused because the cap was reached.
     dropped: u64,
@@ -141,9 +158,26 @@ impl Monitor {
         Self {
             spec,
             windows: VecDeque::new(),
+            totals: [CidrIndex::new(), CidrIndex::new(), CidrIndex::new()],
+            retiring: Vec::new(),
             tracked: 0,
             dropped: 0,
         }
+    }
+
+    /// A monitor holding `windows` (as loaded from a state file).
+    fn with_windows(spec: MonitorSpec, windows: VecDeque<Window>) -> Self {
+        let mut monitor = Self::new(spec);
+        for window in &windows {
+            for (total, index) in monitor.totals.iter_mut().zip(&window.series) {
+                for (ip, count) in index.iter() {
+                    let _ = total.add(ip, i64::try_from(count).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        monitor.tracked = windows.iter().map(Window::keys).sum();
+        monitor.windows = windows;
+        monitor
     }
 
     pub fn spec(&self) -> MonitorSpec {
@@ -162,12 +196,36 @@ impl Monitor {
         now.as_secs() / self.spec.window_secs
     }
 
-    /// Drops the windows that fell out of the history by `now`.
+    /// Drops the windows that fell out of the history by `now`, and takes a
+    /// batch of dropped counts out of the totals.
     fn expire(&mut self, now: Duration) {
         let oldest_kept = self.epoch(now).saturating_sub(self.spec.kept as u64);
         while self.windows.back().is_some_and(|w| w.epoch < oldest_kept) {
             let window = self.windows.pop_back().expect("checked");
             self.tracked -= window.keys();
+            self.retiring.push(window);
+        }
+        self.retire(RETIRE_BATCH);
+    }
+
+    /// Moves up to `budget` keys of dropped windows out of them and out of the
+    /// totals; frees each dropped window once it is empty.
+    fn retire(&mut self, mut budget: usize) {
+        while budget > 0 {
+            let Some(window) = self.retiring.last_mut() else {
+                return;
+            };
+            for (total, index) in self.totals.iter_mut().zip(&mut window.series) {
+                let batch: Vec<(IpAddr, u64)> = index.iter().take(budget).collect();
+                budget -= batch.len();
+                for (ip, count) in batch {
+                    index.set(ip, 0);
+                    let _ = total.add(ip, -i64::try_from(count).unwrap_or(i64::MAX));
+                }
+            }
+            if window.keys() == 0 {
+                self.retiring.pop();
+            }
         }
     }
 
@@ -187,6 +245,7 @@ impl Monitor {
             self.tracked += 1;
         }
         let delta = i64::try_from(n).unwrap_or(i64::MAX);
+        let _ = self.totals[series.slot()].add(ip, delta);
         current.add(ip, delta).unwrap_or(before)
     }
 
@@ -194,15 +253,32 @@ impl Monitor {
     pub fn sum(&self, series: Series, net: &IpNet, first: u32, last: u32, now: Duration) -> u64 {
         let (first, last) = (first.min(last), first.max(last).min(self.spec.kept));
         let epoch = self.epoch(now);
-        self.windows
+        // A window from the future (the clock went back) is in no range.
+        let in_range = |w: &Window| {
+            w.epoch <= epoch && (first as u64..=last as u64).contains(&(epoch - w.epoch))
+        };
+        let slot = series.slot();
+        let inside = self.windows.iter().filter(|w| in_range(w)).count();
+        let outside = self.windows.len() - inside + self.retiring.len();
+        if inside <= 1 + outside {
+            return self
+                .windows
+                .iter()
+                .filter(|w| in_range(w))
+                .map(|w| w.series[slot].count(net))
+                .sum();
+        }
+        // Fewer walks: everything, minus what is outside the range.
+        let excluded: u64 = self
+            .windows
             .iter()
-            .filter(|w| w.epoch <= epoch)
-            .filter(|w| {
-                let age = epoch - w.epoch;
-                age >= first as u64 && age <= last as u64
-            })
-            .map(|w| w.series[series.slot()].count(net))
-            .sum()
+            .filter(|w| !in_range(w))
+            .chain(&self.retiring)
+            .map(|w| w.series[slot].count(net))
+            .sum();
+        let total = self.totals[slot].count(net);
+        debug_assert!(total >= excluded, "monitor totals lost track");
+        total.saturating_sub(excluded)
     }
 
     /// Momentum's Sieve estimate for "the last W seconds": the current window
@@ -283,6 +359,15 @@ impl Monitors {
         for monitor in &mut self.monitors {
             monitor.expire(now);
         }
+    }
+
+    /// Takes up to `budget` keys of dropped windows out of the totals; true
+    /// while some are left (call again, after letting others have the lock).
+    pub fn retire(&mut self, budget: usize) -> bool {
+        for monitor in &mut self.monitors {
+            monitor.retire(budget);
+        }
+        self.monitors.iter().any(|m| !m.retiring.is_empty())
     }
 
     pub fn dropped(&self) -> u64 {
@@ -413,8 +498,9 @@ impl Monitors {
         for (spec, windows) in parsed {
             match self.monitors.iter_mut().find(|m| m.spec == spec) {
                 Some(monitor) => {
-                    monitor.tracked = windows.iter().map(Window::keys).sum();
-                    monitor.windows = windows;
+                    let dropped = monitor.dropped;
+                    *monitor = Monitor::with_windows(spec, windows);
+                    monitor.dropped = dropped;
                     monitor.expire(now);
                     report.restored.push(spec);
                 }
@@ -561,6 +647,137 @@ mod tests {
             m.sum(Series::Receptions, &net("0.0.0.0/0"), 0, 2, at(185)),
             0
         );
+    }
+
+    /// The sum as the windows alone give it, for comparison.
+    fn sum_by_windows(
+        m: &Monitor,
+        series: Series,
+        net: &IpNet,
+        first: u32,
+        last: u32,
+        now: Duration,
+    ) -> u64 {
+        let (first, last) = (first.min(last), first.max(last).min(m.spec.kept));
+        let epoch = m.epoch(now);
+        m.windows
+            .iter()
+            .filter(|w| {
+                w.epoch <= epoch && (first as u64..=last as u64).contains(&(epoch - w.epoch))
+            })
+            .map(|w| w.series[series.slot()].count(net))
+            .sum()
+    }
+
+    /// Every key of the totals equals the sum over held and retiring windows.
+    fn check_totals(m: &Monitor) {
+        for series in Series::ALL {
+            let slot = series.slot();
+            let held = || m.windows.iter().chain(&m.retiring);
+            let keys: usize = held().map(|w| w.series[slot].len()).sum();
+            assert!(m.totals[slot].len() <= keys);
+            for (ip, count) in m.totals[slot].iter() {
+                assert_eq!(count, held().map(|w| w.series[slot].get(ip)).sum::<u64>());
+            }
+            for w in held() {
+                for (ip, _) in w.series[slot].iter() {
+                    assert_ne!(m.totals[slot].get(ip), 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sums_through_the_totals_equal_the_windows_sums() {
+        let mut monitors = Monitors::new(&[spec("10,3")], 10_000);
+        let nets = [
+            net("10.0.0.0/8"),
+            net("10.1.0.0/16"),
+            net("10.1.2.0/24"),
+            net("10.1.2.3/32"),
+            net("2001:db8::/64"),
+            net("0.0.0.0/0"),
+        ];
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut now = 1_000u64;
+        for step in 0..3_000 {
+            // Mostly a second at a time, sometimes a jump over several windows
+            // or back in time by a few seconds.
+            now = match next() % 50 {
+                0 => now + 25 + next() % 40,
+                1 => now.saturating_sub(next() % 15),
+                _ => now + next() % 2,
+            };
+            let r = next();
+            let ip = if r % 5 == 0 {
+                IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, (r >> 8) as u16 % 4])
+            } else {
+                IpAddr::from([10, 1, (r >> 8) as u8 % 3, (r >> 16) as u8 % 5])
+            };
+            let series = Series::ALL[(r >> 24) as usize % 3];
+            monitors.record(series, ip, 1 + (r >> 32) % 3, at(now));
+            if step % 7 == 0 {
+                monitors.expire(at(now));
+            }
+            let m = monitors.by_position(0).unwrap();
+            for series in Series::ALL {
+                for net in &nets {
+                    for first in 0..=4 {
+                        for last in first..=5 {
+                            assert_eq!(
+                                m.sum(series, net, first, last, at(now)),
+                                sum_by_windows(m, series, net, first, last, at(now)),
+                                "step {step} {series:?} {net} {first}..={last}"
+                            );
+                        }
+                    }
+                }
+            }
+            if step % 100 == 0 {
+                check_totals(m);
+            }
+        }
+    }
+
+    #[test]
+    fn dropped_windows_leave_the_totals_in_batches() {
+        let mut monitors = Monitors::new(&[spec("10,3")], 1_000_000);
+        let keys = 3 * RETIRE_BATCH + 17;
+        for i in 0..keys as u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from((10u32 << 24) | i));
+            monitors.record(Series::Connections, ip, 2, at(5));
+        }
+        for secs in [15, 25, 35, 45] {
+            monitors.record(Series::Connections, ip("10.0.0.1"), 1, at(secs));
+        }
+        // At 45 s the window of 5 s left the history; its first batch left
+        // the totals. All four windows held are in 0..=3, so the sum is the
+        // totals minus what is still retiring.
+        let everything = net("0.0.0.0/0");
+        {
+            let m = monitors.by_position(0).unwrap();
+            assert_eq!(m.retiring.len(), 1);
+            assert_eq!(m.retiring[0].keys(), keys - RETIRE_BATCH);
+            assert_eq!(m.sum(Series::Connections, &everything, 0, 3, at(45)), 4);
+            assert_eq!(
+                m.sum(Series::Connections, &net("10.0.0.1/32"), 0, 3, at(45)),
+                4
+            );
+            check_totals(m);
+        }
+        assert!(monitors.retire(RETIRE_BATCH));
+        assert!(!monitors.retire(keys));
+        let m = monitors.by_position(0).unwrap();
+        assert!(m.retiring.is_empty());
+        assert_eq!(m.totals[Series::Connections.slot()].len(), 1);
+        assert_eq!(m.sum(Series::Connections, &everything, 0, 3, at(45)), 4);
+        check_totals(m);
     }
 
     #[test]

@@ -26,7 +26,6 @@ pub struct BenchAgent {
     pub pin_dir: PathBuf,
     dir: PathBuf,
     args: Vec<String>,
-    env: Vec<(String, String)>,
 }
 
 impl BenchAgent {
@@ -89,7 +88,6 @@ impl BenchAgent {
             pin_dir,
             dir,
             args,
-            env: Vec::new(),
         })
     }
 
@@ -102,7 +100,6 @@ impl BenchAgent {
             .open(self.log_path())?;
         let child = Command::new(&self.binary)
             .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -137,13 +134,6 @@ impl BenchAgent {
     /// The agent's --state-dir (where it saves and loads the monitor windows).
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
-    }
-
-    pub fn set_env(&mut self, env: &[(&str, &str)]) {
-        self.env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -63,12 +63,6 @@ impl Plan {
 
 pub const CONCURRENCY: [usize; 3] = [1, 8, 64];
 
-/// glibc raises its mmap threshold after large frees, so big short-lived
-/// buffers (the start-up snapshot and tallies) then come from the heap and
-/// stay resident after they are freed; a fixed threshold turns that off.
-/// Measured as a second figure to show how much of the RSS is such leftovers.
-const MALLOC_TUNING: (&str, &str) = ("MALLOC_MMAP_THRESHOLD_", "65536");
-
 /// Starts the agent, lets it settle, reads its RSS, stops it.
 fn settled_rss(agent: &mut BenchAgent) -> Result<u64> {
     agent.start()?;
@@ -85,8 +79,6 @@ struct SizeResult {
     socket: Vec<(QueryKind, Rounds)>,
     index_heap_bytes: usize,
     agent_rss: u64,
-    /// RSS with [`MALLOC_TUNING`], at the memory size only.
-    agent_rss_tuned: Option<u64>,
     kernel_maps: u64,
     prefill_secs: f64,
     agent_start_secs: f64,
@@ -102,13 +94,11 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let flag = vec![format!("{SERVICE}={port}")];
 
     println!("[sizes] baseline: an agent tracking nothing");
-    let (base_rss, base_rss_tuned, base_kernel) = {
+    let (base_rss, base_kernel) = {
         let mut agent = BenchAgent::new(&ctx.agent_binary, "empty", ctx.cgroup.path(), &flag)?;
         let rss = settled_rss(&mut agent)?;
         let kernel_maps = kernel::session_maps_memory(&agent.pin_dir)?;
-        agent.set_env(&[MALLOC_TUNING]);
-        let tuned = settled_rss(&mut agent)?;
-        (rss, tuned, kernel_maps)
+        (rss, kernel_maps)
     };
 
     // Every size is set up first and measured side by side, rounds
@@ -178,31 +168,13 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let last = plan.latency.sizes.len() - 1;
     println!("[sizes] {}: throughput", fmt_size(plan.latency.sizes[last]));
     let throughput = measure_throughput(&agents[last], &sets[last], &plan)?;
-    for (result, mut agent) in results.iter_mut().zip(agents) {
+    for mut agent in agents {
         agent.stop()?;
-        if result.size == plan.memory_size {
-            // The same state, loaded by an agent whose malloc returns large
-            // freed blocks to the system: what the start-up leaves resident.
-            println!(
-                "[sizes] {}: agent memory with {}={}",
-                fmt_size(result.size),
-                MALLOC_TUNING.0,
-                MALLOC_TUNING.1
-            );
-            agent.set_env(&[MALLOC_TUNING]);
-            result.agent_rss_tuned = Some(settled_rss(&mut agent)?);
-        }
     }
 
     report_latency(report, &plan, &results);
     report_throughput(report, plan.latency.sizes[last], &throughput);
-    report_memory(
-        report,
-        &plan,
-        &results,
-        (base_rss, base_rss_tuned),
-        base_kernel,
-    );
+    report_memory(report, &plan, &results, base_rss, base_kernel);
     Ok(())
 }
 
@@ -447,7 +419,7 @@ fn report_memory(
     report: &mut Report,
     plan: &Plan,
     results: &[SizeResult],
-    (base_rss, base_rss_tuned): (u64, u64),
+    base_rss: u64,
     base_kernel: u64,
 ) {
     let mut rows = Vec::new();
@@ -458,9 +430,6 @@ fn report_memory(
             fmt_size(r.size),
             format!("{:.1} MiB", r.agent_rss as f64 / 1_048_576.0),
             format!("{:.0} B", per_ip(r.agent_rss, base_rss)),
-            r.agent_rss_tuned.map_or("–".into(), |rss| {
-                format!("{:.0} B", per_ip(rss, base_rss_tuned))
-            }),
             format!("{:.0} B", r.index_heap_bytes as f64 / r.size as f64),
             format!("{:.1} MiB", r.kernel_maps as f64 / 1_048_576.0),
             format!("{:.0} B", per_ip(r.kernel_maps, base_kernel)),
@@ -468,8 +437,6 @@ fn report_memory(
         ]);
         data.push(json!({
             "tracked_ips": r.size, "agent_rss_bytes": r.agent_rss, "agent_rss_empty_bytes": base_rss,
-            "agent_rss_fixed_mmap_threshold_bytes": r.agent_rss_tuned,
-            "agent_rss_empty_fixed_mmap_threshold_bytes": base_rss_tuned,
             "index_heap_bytes": r.index_heap_bytes, "kernel_session_maps_bytes": r.kernel_maps,
             "kernel_session_maps_empty_bytes": base_kernel, "prefill_secs": r.prefill_secs,
             "agent_start_secs": r.agent_start_secs,
@@ -479,20 +446,15 @@ fn report_memory(
         title: "Memory per tracked IP".into(),
         method: format!(
             "Agent: resident memory (VmRSS) once it has loaded the sessions and settled, minus \
-             that of an agent tracking nothing ({:.1} MiB), divided by the tracked IPs. At {} \
-             the agent is also restarted on the same state with {}={} (glibc then returns large \
-             freed blocks to the system instead of keeping them), to show how much of the RSS is \
-             freed start-up buffers rather than live data (its empty baseline: {:.1} MiB). \
-             Index: the CIDR index's own arenas (capacity) in-process. Kernel: `memlock` of the \
+             that of an agent tracking nothing ({:.1} MiB), divided by the tracked IPs (the \
+             agent fixes glibc's mmap threshold at 64 KiB, so freed start-up buffers leave \
+             the process). Index: the CIDR index's arenas and exact-key maps (capacity) \
+             in-process. Kernel: `memlock` of the \
              LIVE_V4, LIVE_V6 and SOCKETS maps (allocated on demand: one socket record plus one \
              per-IP entry per tracked IP here) minus the empty maps ({:.1} MiB, mostly the \
              socket hash table's buckets for {} entries). Last column: time to pre-fill the \
              kernel maps / until the agent answered.",
             base_rss as f64 / 1_048_576.0,
-            fmt_size(plan.memory_size),
-            MALLOC_TUNING.0,
-            MALLOC_TUNING.1,
-            base_rss_tuned as f64 / 1_048_576.0,
             base_kernel as f64 / 1_048_576.0,
             fmt_count(f64::from(crate::agent::TABLE_SIZE)),
         ),
@@ -500,7 +462,6 @@ fn report_memory(
             "IPs",
             "agent RSS",
             "agent per IP",
-            "agent per IP, fixed mmap threshold",
             "index per IP",
             "kernel maps",
             "kernel per IP",
