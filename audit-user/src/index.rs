@@ -15,9 +15,10 @@
 //! leaf count, and the backing vectors can shrink when the live set does, so
 //! long-running churn neither grows nor pins memory.
 //!
-//! Beside the trie, a hash map from each key to its leaf answers exact-key
-//! lookups (a /32 or /128 query, and the read before every update) with one
-//! or two cache misses instead of a walk of ~20 dependent ones at 1M keys.
+//! Beside the trie, two hash maps answer the queries operators ask most with
+//! one or two cache misses instead of a walk of ~20 dependent ones at 1M keys:
+//! one from each key to its leaf (a /32 or /128 query, and the read before every
+//! update), one from each /24 (IPv4) or /64 (IPv6) that holds keys to its sum.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,6 +31,10 @@ use ipnet::IpNet;
 pub trait TrieKey: Copy + Eq + Ord + fmt::Debug {
     /// Key width in bits.
     const BITS: u8;
+
+    /// The prefix length whose sums are kept in a map: "this client's /24 (or
+    /// IPv6 /64)" is the question mail operators ask.
+    const HOT_LEN: u8;
 
     /// The form a key is stored in inside a node. `u128` is 16-byte aligned
     /// on current targets, which would pad every node by 8 bytes; keeping
@@ -79,6 +84,7 @@ macro_rules! trie_key_bit_ops {
 
 impl TrieKey for u32 {
     type Packed = u32;
+    const HOT_LEN: u8 = 24;
     trie_key_bit_ops!(u32);
 
     #[inline]
@@ -94,6 +100,7 @@ impl TrieKey for u32 {
 
 impl TrieKey for u128 {
     type Packed = [u64; 2];
+    const HOT_LEN: u8 = 64;
     trie_key_bit_ops!(u128);
 
     #[inline]
@@ -175,6 +182,9 @@ pub struct PrefixTrie<K: TrieKey> {
     /// key, not a fixed fast hash: the keys are client IPs, which an attacker
     /// chooses, and colliding keys would turn every lookup into a scan.
     exact: HashMap<K::Packed, u32>,
+    /// Prefix of `HOT_LEN` bits (masked) → sum of the counts under it, for
+    /// every such prefix that holds keys. Hashed like `exact`, for the same reason.
+    hot: HashMap<K::Packed, u64>,
 }
 
 impl<K: TrieKey> Default for PrefixTrie<K> {
@@ -201,6 +211,7 @@ impl<K: TrieKey> PrefixTrie<K> {
             inners: Vec::new(),
             root: NIL,
             exact: HashMap::new(),
+            hot: HashMap::new(),
         }
     }
 
@@ -243,6 +254,13 @@ impl<K: TrieKey> PrefixTrie<K> {
         let len = len.min(K::BITS);
         if len == K::BITS {
             return self.get(prefix);
+        }
+        if len == K::HOT_LEN {
+            return self
+                .hot
+                .get(&prefix.masked(len).pack())
+                .copied()
+                .unwrap_or(0);
         }
         let mut r = self.root;
         while r != NIL {
@@ -296,7 +314,9 @@ impl<K: TrieKey> PrefixTrie<K> {
     /// Bytes held by the arenas and the exact-key map (capacity, not just the
     /// live part).
     pub fn heap_bytes(&self) -> usize {
-        self.arena_bytes() + self.exact_buckets() * (std::mem::size_of::<(K::Packed, u32)>() + 1)
+        self.arena_bytes()
+            + table_buckets(&self.exact) * (std::mem::size_of::<(K::Packed, u32)>() + 1)
+            + table_buckets(&self.hot) * (std::mem::size_of::<(K::Packed, u64)>() + 1)
     }
 
     fn arena_bytes(&self) -> usize {
@@ -304,13 +324,9 @@ impl<K: TrieKey> PrefixTrie<K> {
             + self.inners.capacity() * std::mem::size_of::<Inner<K::Packed>>()
     }
 
-    /// The exact-key map's table size: a power of two at most 7/8 full (each
-    /// bucket is an entry plus one control byte).
+    #[cfg(test)]
     fn exact_buckets(&self) -> usize {
-        match self.exact.capacity() {
-            0 => 0,
-            capacity => (capacity * 8 / 7).next_power_of_two(),
-        }
+        table_buckets(&self.exact)
     }
 
     fn node_prefix(&self, r: NodeRef) -> (K, u8) {
@@ -340,10 +356,18 @@ impl<K: TrieKey> PrefixTrie<K> {
     /// Moves `key` from `before` (its current count) to `after`.
     fn replace(&mut self, key: K, before: u64, after: u64) {
         match (before, after) {
-            (b, a) if b == a => {}
+            (b, a) if b == a => return,
             (0, a) => self.insert(key, a),
             (b, 0) => self.remove(key, b),
             (b, a) => self.adjust(key, a.wrapping_sub(b)),
+        }
+        let hot = key.masked(K::HOT_LEN).pack();
+        let sum = self.hot.entry(hot).or_insert(0);
+        *sum = sum.wrapping_add(after.wrapping_sub(before));
+        if *sum == 0 {
+            // Counts are non-zero, so a zero sum means no key is left under it.
+            self.hot.remove(&hot);
+            release_map_slack(&mut self.hot);
         }
     }
 
@@ -501,6 +525,27 @@ impl<K: TrieKey> PrefixTrie<K> {
 fn release_slack<T>(arena: &mut Vec<T>) {
     if arena.capacity() > MIN_SHRINK_CAPACITY && arena.len() * 4 <= arena.capacity() {
         arena.shrink_to(arena.capacity() / 2);
+    }
+}
+
+/// A hash map's table size: a power of two at most 7/8 full (each bucket is an
+/// entry plus one control byte).
+fn table_buckets<P, V>(map: &HashMap<P, V>) -> usize {
+    match map.capacity() {
+        0 => 0,
+        capacity => (capacity * 8 / 7).next_power_of_two(),
+    }
+}
+
+/// [`release_slack`] for a hash map, after a removal.
+fn release_map_slack<P: Eq + Hash, V>(map: &mut HashMap<P, V>) {
+    if map.is_empty() {
+        // Removal leaves tombstones that would make the next fill grow the
+        // table early; an empty map can drop them all at no cost.
+        map.clear();
+    }
+    if map.capacity() > MIN_SHRINK_CAPACITY && map.len() * 4 <= map.capacity() {
+        map.shrink_to(map.capacity() / 2);
     }
 }
 
@@ -716,6 +761,14 @@ mod tests {
         for (s, leaf) in t.leaves.iter().enumerate() {
             assert_eq!(t.exact.get(&leaf.key), Some(&(s as u32)));
         }
+        // The hot map holds the sum of every HOT_LEN prefix that has keys.
+        let mut hot: HashMap<K::Packed, u64> = HashMap::new();
+        for leaf in &t.leaves {
+            let prefix = K::unpack(leaf.key).masked(K::HOT_LEN).pack();
+            *hot.entry(prefix).or_insert(0) += leaf.count;
+        }
+        assert_eq!(hot, t.hot);
+        assert!(table_buckets(&t.hot) <= 4 * t.len().max(MIN_SHRINK_CAPACITY).next_power_of_two());
         if t.root == NIL {
             assert!(t.leaves.is_empty() && t.inners.is_empty());
             return;
