@@ -13,7 +13,7 @@ pub const MAX_SERVICES: usize = 8;
 
 /// Bumped whenever a pinned map's key or value layout changes, so a new agent
 /// refuses pinned state it would misread instead of reporting wrong counts.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Address family tags used in records and events (not AF_* values, which differ
 /// between the two families' sockaddr layouts and mean nothing to the index).
@@ -30,6 +30,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     pub const STATS: &str = "STATS";
     pub const LAYOUT: &str = "LAYOUT";
+    pub const SESSIONS: &str = "SESSIONS";
+    pub const CONTROL: &str = "CONTROL";
 }
 
 /// `PORT_SERVICES` is an array indexed by local port: service slot + 1 for a
@@ -49,7 +51,8 @@ pub mod stat {
     pub const EVENTS_LOST: u32 = 0;
     /// The per-IP table was full: a session could not be counted.
     pub const IP_TABLE_FULL: u32 = 1;
-    /// The socket table was full: a session could not be tracked (nor counted).
+    /// The socket table was full, or the kernel could not allocate a session's
+    /// socket storage: a session could not be tracked (nor counted).
     pub const SOCKET_TABLE_FULL: u32 = 2;
     pub const COUNT: u32 = 4;
 }
@@ -89,6 +92,39 @@ pub mod record_origin {
     /// Seeded by the agent (the session predates the programs): no state
     /// callbacks were asked for, so only the tp_btf backstop sees its close.
     pub const SEEDED: u8 = 1;
+}
+
+/// The kernel's per-socket storage (`SESSIONS`, an sk_storage map) of an
+/// accepted session: it lives and dies with the socket, so accept and close
+/// cost no hash-table insert or delete. The agent reads it through sock_diag.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionStorage {
+    pub record: SocketRecord,
+    /// A `session_state`; the close swaps it to `DONE`, so that however many
+    /// times the kernel reports the close, one report uncounts the session.
+    pub state: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SessionStorage>() == 32);
+
+/// Values of `SessionStorage::state`.
+pub mod session_state {
+    /// Closed (or never counted): nothing to undo.
+    pub const DONE: u32 = 0;
+    /// Counted through this storage alone.
+    pub const COUNTED: u32 = 1;
+    /// Accepted while the agent was seeding: also has a `SOCKETS` record (so
+    /// the seeding cannot count it twice), and that record's deletion uncounts it.
+    pub const MIRRORED: u32 = 2;
+}
+
+/// Indexes of the `CONTROL` array, which the agent writes and the programs read.
+pub mod control {
+    /// Non-zero while the agent seeds: sock_ops then also writes a `SOCKETS`
+    /// record for each accepted session, which the seeding's insert-if-absent sees.
+    pub const MIRROR_TO_SOCKETS: u32 = 0;
+    pub const COUNT: u32 = 4;
 }
 
 /// Event kinds on the ring buffer (and operations of the sync program).
@@ -145,6 +181,7 @@ mod pod {
     // so every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::LiveCounts {}
     unsafe impl aya::Pod for super::SocketRecord {}
+    unsafe impl aya::Pod for super::SessionStorage {}
     unsafe impl aya::Pod for super::SessionEvent {}
     unsafe impl aya::Pod for super::ServiceName {}
 }

@@ -1,8 +1,8 @@
 //! Kernel side of inbound-audit: counts live inbound TCP sessions per remote IP.
 //!
 //! - `inbound_sock_ops` (cgroup sock_ops): on PASSIVE_ESTABLISHED for a configured
-//!   local port, tracks the socket by cookie, counts it, and asks for state callbacks;
-//!   on the move to TCP_CLOSE, forgets it.
+//!   local port, keeps the session in the socket's own storage, counts it, and
+//!   asks for state callbacks; on the move to TCP_CLOSE, uncounts it.
 //! - `inbound_set_state` (tp_btf inet_sock_set_state): the backstop for closes
 //!   sock_ops never sees (sockets seeded by the agent from sock_diag). It runs
 //!   for every TCP state change on the host, so the agent detaches it as soon as
@@ -10,25 +10,30 @@
 //! - `inbound_sync` (XDP, never attached): run by the agent through
 //!   BPF_PROG_TEST_RUN to seed or forget a socket with the same atomic code path.
 //!
-//! A close is uncounted only by whoever deletes the cookie's record, so however
-//! many of these programs see the close, it counts once.
+//! A seeded session (and one accepted while the agent seeds) has a record in
+//! `SOCKETS`, keyed by cookie: its close is uncounted only by whoever deletes
+//! that record, so however many of these programs see the close, it counts
+//! once. Any other accepted session lives in `SESSIONS`, the socket's own
+//! storage, which only sock_ops touches: no hash-table insert or delete per
+//! connection, and the storage goes away with the socket.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
 use audit_common::{
-    record_origin, stat, sync_result, LiveCounts, ServiceName, SessionEvent, SocketRecord,
-    EVENT_CLOSE, EVENT_OPEN, EVENT_SEED, FAMILY_V4, FAMILY_V6, MAX_SERVICES, PORT_NOT_WATCHED,
-    SYNC_ADJUST,
+    control, record_origin, session_state, stat, sync_result, LiveCounts, ServiceName,
+    SessionEvent, SessionStorage, SocketRecord, EVENT_CLOSE, EVENT_OPEN, EVENT_SEED, FAMILY_V4,
+    FAMILY_V6, MAX_SERVICES, PORT_NOT_WATCHED, SYNC_ADJUST,
 };
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_RB_RING_SIZE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, bpf_sock_ops, BPF_NOEXIST,
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, generated::bpf_sk_storage_get},
     macros::{btf_tracepoint, map, sock_ops, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockOpsContext, XdpContext},
@@ -79,6 +84,39 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
+#[map(name = "CONTROL")]
+static CONTROL: Array<u32> = Array::pinned(control::COUNT, 0);
+
+/// A BTF map definition in libbpf's layout (sk_storage maps need BTF for their
+/// key and value). aya-ebpf's `SkStorage` has no `pinning` field, and the
+/// storage must outlive the agent like every other map: sockets keep theirs
+/// across agent restarts.
+#[repr(C)]
+pub struct SessionStorageMap {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SessionStorage,
+    /// sk_storage maps are sized by the sockets that exist: 0 entries, no prealloc.
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// LIBBPF_PIN_BY_NAME.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the fields are placeholders the loader reads as BTF; never dereferenced.
+unsafe impl Sync for SessionStorageMap {}
+
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "SESSIONS")]
+static SESSIONS: SessionStorageMap = SessionStorageMap {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
+
 #[sock_ops]
 pub fn inbound_sock_ops(ctx: SockOpsContext) -> u32 {
     match try_sock_ops(&ctx) {
@@ -108,6 +146,7 @@ struct AcceptedFields {
     remote_ip6: [u32; 4],
     local_port: u32,
     cb_flags: u32,
+    sk: *mut bpf_sock,
 }
 
 fn read_accepted(ops: *const bpf_sock_ops) -> AcceptedFields {
@@ -129,6 +168,7 @@ fn read_accepted(ops: *const bpf_sock_ops) -> AcceptedFields {
             ],
             local_port: core::ptr::read_volatile(&(*ops).local_port),
             cb_flags: core::ptr::read_volatile(&(*ops).bpf_sock_ops_cb_flags),
+            sk: core::ptr::read_volatile(&(*ops).__bindgen_anon_2.sk),
         }
     }
 }
@@ -145,10 +185,63 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             if new_state != BPF_TCP_CLOSE {
                 return Ok(());
             }
-            // SAFETY: the sock_ops context is a valid argument for this helper.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            forget(cookie).map(|_| ())
+            on_close(ctx)
         }
+        _ => Ok(()),
+    }
+}
+
+/// The session's storage on `sk`, created from `init` when given and absent.
+fn session_storage(sk: *mut bpf_sock, init: Option<&SessionStorage>) -> *mut SessionStorage {
+    let (value, flags) = match init {
+        Some(init) => (
+            init as *const SessionStorage as *mut core::ffi::c_void,
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        ),
+        None => (core::ptr::null_mut(), 0),
+    };
+    // SAFETY: the map is SESSIONS (an sk_storage map), `sk` a non-null socket
+    // from the context, `value` null or a full SessionStorage.
+    unsafe {
+        bpf_sk_storage_get(
+            &SESSIONS as *const SessionStorageMap as *mut core::ffi::c_void,
+            sk.cast(),
+            value,
+            flags,
+        )
+    }
+    .cast()
+}
+
+fn on_close(ctx: &SockOpsContext) -> Result<(), ()> {
+    // SAFETY: `ops` is the context pointer the kernel passed to this program.
+    let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    // SAFETY: the sock_ops context is a valid argument for this helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let storage = session_storage(sk, None);
+    if storage.is_null() {
+        // State callbacks asked for by a program whose storage map is gone
+        // (the pinned state was cleaned up): a seeded record may remain.
+        return forget(cookie).map(|_| ());
+    }
+    // SAFETY: `storage` is this socket's storage, valid for this invocation;
+    // the swap makes a repeated close report a no-op.
+    let before = unsafe {
+        core::intrinsics::atomic_xchg::<u32, { core::intrinsics::AtomicOrdering::SeqCst }>(
+            core::ptr::addr_of_mut!((*storage).state),
+            session_state::DONE,
+        )
+    };
+    match before {
+        session_state::COUNTED => {
+            // SAFETY: as above; the record is copied out.
+            let record = unsafe { (*storage).record };
+            uncount(cookie, &record)
+        }
+        session_state::MIRRORED => forget(cookie).map(|_| ()),
         _ => Ok(()),
     }
 }
@@ -165,13 +258,113 @@ fn on_passive_established(ctx: &SockOpsContext) -> Result<(), ()> {
         AF_INET6 => remote_ip6(fields.remote_ip6),
         _ => return Ok(()),
     };
+    if fields.sk.is_null() {
+        return Ok(());
+    }
     // SAFETY: the sock_ops context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    if track(ctx, EVENT_OPEN, cookie, family, addr, service) == sync_result::APPLIED {
+    let mirror = CONTROL
+        .get(control::MIRROR_TO_SOCKETS)
+        .is_some_and(|&flag| flag != 0);
+    let counted = if mirror {
+        let tracked = track(ctx, EVENT_OPEN, cookie, family, addr, service);
+        tracked == sync_result::APPLIED
+            && mark_session(
+                ctx,
+                fields.sk,
+                cookie,
+                family,
+                addr,
+                service,
+                session_state::MIRRORED,
+            )
+    } else {
+        open_session(ctx, fields.sk, cookie, family, addr, service)
+    };
+    if counted {
         // Without this flag the kernel never calls us back when the socket closes.
         let _ = ctx.set_cb_flags((fields.cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
     Ok(())
+}
+
+fn accepted_record(family: u8, addr: [u8; 16], service: u32) -> SocketRecord {
+    SocketRecord {
+        addr,
+        family,
+        service: service as u8,
+        origin: record_origin::ACCEPTED,
+        _pad: [0; 5],
+    }
+}
+
+/// Gives the socket its storage in state `state`. False if it cannot be had,
+/// after undoing the SOCKETS record that counted it (a mirrored session whose
+/// close could not be told apart from a seeded one's would need the backstop).
+fn mark_session(
+    ctx: &SockOpsContext,
+    sk: *mut bpf_sock,
+    cookie: u64,
+    family: u8,
+    addr: [u8; 16],
+    service: u32,
+    state: u32,
+) -> bool {
+    let init = SessionStorage {
+        record: accepted_record(family, addr, service),
+        state,
+        _pad: 0,
+    };
+    if !session_storage(sk, Some(&init)).is_null() {
+        return true;
+    }
+    let _ = forget(cookie);
+    bump_stat(stat::SOCKET_TABLE_FULL);
+    warn!(ctx, "no socket storage: session {} is not counted", cookie);
+    false
+}
+
+/// Counts an accepted session through the socket's own storage.
+fn open_session(
+    ctx: &SockOpsContext,
+    sk: *mut bpf_sock,
+    cookie: u64,
+    family: u8,
+    addr: [u8; 16],
+    service: u32,
+) -> bool {
+    if service as usize >= MAX_SERVICES {
+        return false;
+    }
+    let init = SessionStorage {
+        record: accepted_record(family, addr, service),
+        state: session_state::COUNTED,
+        _pad: 0,
+    };
+    let storage = session_storage(sk, Some(&init));
+    if storage.is_null() {
+        bump_stat(stat::SOCKET_TABLE_FULL);
+        warn!(ctx, "no socket storage: session {} is not counted", cookie);
+        return false;
+    }
+    let Some(counts) = live_counts(family, &addr, true) else {
+        // Not counted, so it must not be uncounted at close either.
+        // SAFETY: `storage` is this socket's storage, valid for this invocation.
+        unsafe { (*storage).state = session_state::DONE };
+        bump_stat(stat::IP_TABLE_FULL);
+        warn!(ctx, "per-IP table full: session {} is not counted", cookie);
+        return false;
+    };
+    // SAFETY: `counts` points into a map value that outlives this invocation
+    // (RCU), and `service` is bounds checked above.
+    unsafe {
+        let slot = (*counts).sessions.as_mut_ptr().add(service as usize);
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            slot, 1,
+        );
+    }
+    emit(EVENT_OPEN, cookie, &init.record);
+    true
 }
 
 fn try_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
@@ -295,6 +488,11 @@ fn forget(cookie: u64) -> Result<u32, ()> {
         // Another CPU (or program) deleted it first and uncounts it.
         return Ok(sync_result::UNCHANGED);
     }
+    uncount(cookie, &record).map(|()| sync_result::APPLIED)
+}
+
+/// Takes a closed session off its IP's count and reports the close.
+fn uncount(cookie: u64, record: &SocketRecord) -> Result<(), ()> {
     if record.service as usize >= MAX_SERVICES {
         return Err(());
     }
@@ -307,8 +505,8 @@ fn forget(cookie: u64) -> Result<u32, ()> {
             );
         }
     }
-    emit(EVENT_CLOSE, cookie, &record);
-    Ok(sync_result::APPLIED)
+    emit(EVENT_CLOSE, cookie, record);
+    Ok(())
 }
 
 /// The per-IP counters, created zeroed when `create` is set. Entries that fall back

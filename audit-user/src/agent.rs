@@ -135,7 +135,7 @@ fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
 
     // A slot whose service is gone can be reused only once no session holds it.
     let mut slot_in_use = [false; MAX_SERVICES];
-    for record in program.snapshot_records()? {
+    for record in program.snapshot_tracked()? {
         if let Some(used) = slot_in_use.get_mut(record.service as usize) {
             *used = true;
         }
@@ -148,7 +148,7 @@ fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         .take_events()
         .ok_or(LoadError::MissingMap("EVENTS"))?;
     while events.next().is_some() {}
-    let records = program.snapshot_records()?;
+    let records = program.snapshot_tracked()?;
     let ports: HashMap<u16, u8> = config
         .services
         .iter()
@@ -161,6 +161,8 @@ fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
     // Seeded sessions reach the index as ordinary events, read once the
     // runtime follows the ring buffer.
     let report = seed::seed_existing(&program, &ports, state.setup().config.cgroup.as_deref())?;
+    // Seeding is over: from here on an accepted session needs no SOCKETS record.
+    program.stop_mirroring()?;
     let after_seeding = program.snapshot_records()?;
     let seeded = release_close_backstop(&mut program, &after_seeding)?;
     drop(after_seeding);
@@ -366,7 +368,7 @@ fn apply_reload(source: &ConfigSource, program: &Mutex<KernelProgram>, state: &S
     }
     let slots = {
         let mut program = program.lock().unwrap_or_else(|p| p.into_inner());
-        let in_use = match program.snapshot_records() {
+        let in_use = match program.snapshot_tracked() {
             Ok(records) => records
                 .iter()
                 .map(|r| r.service)
@@ -575,14 +577,15 @@ struct KernelPass {
     healed: usize,
 }
 
-/// Reads the kernel's socket records (the truth) and per-IP maps, removes zero
-/// entries, and heals per-IP counts that differ from the records twice in a row.
+/// Reads the kernel's socket records (the truth: SOCKETS and the accepted
+/// sessions' socket storage) and per-IP maps, removes zero entries, and heals
+/// per-IP counts that differ from the records twice in a row.
 fn kernel_pass(
     program: &Mutex<KernelProgram>,
     reconciler: &mut Reconciler,
 ) -> Result<KernelPass, LoadError> {
     let mut program = program.lock().unwrap_or_else(|p| p.into_inner());
-    let records = program.snapshot_records()?;
+    let records = program.snapshot_tracked()?;
     let live = program.snapshot_live()?;
     let truth = tally_records(&records);
     let mut healed = 0;

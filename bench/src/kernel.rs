@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use audit_common::{
-    map_names, sync_result, LiveCounts, SessionEvent, EVENT_CLOSE, EVENT_OPEN, FAMILY_V4,
-    FAMILY_V6, SYNC_ADJUST,
+    map_names, session_state, sync_result, LiveCounts, SessionEvent, EVENT_CLOSE, EVENT_OPEN,
+    FAMILY_V4, FAMILY_V6, SYNC_ADJUST,
 };
 use aya::{
     maps::{LpmTrie, Map, MapData},
@@ -24,7 +24,10 @@ use aya::{
 };
 use inbound_audit::{
     config::ServicePorts,
-    kernel::loader::{KernelProgram, LoadError, LoadOptions},
+    kernel::{
+        loader::{KernelProgram, LoadError, LoadOptions},
+        seed, sock_diag,
+    },
 };
 
 use inbound_bench::synthetic::SyntheticSet;
@@ -186,12 +189,20 @@ pub fn live_v4_counts(pin_dir: &Path) -> Result<HashMap<Ipv4Addr, u64>> {
     Ok(out)
 }
 
-/// Number of socket records (tracked sessions) in the pinned SOCKETS map.
+/// Number of sessions the kernel tracks: records in the pinned SOCKETS map,
+/// plus live sockets whose storage in the pinned SESSIONS map says counted.
 pub fn socket_records(pin_dir: &Path) -> Result<usize> {
     let data = MapData::from_pin(pin_dir.join(map_names::SOCKETS))?;
     let map: aya::maps::HashMap<MapData, u64, audit_common::SocketRecord> =
         Map::HashMap(data).try_into()?;
-    Ok(map.keys().filter(Result::is_ok).count())
+    let records = map.keys().filter(Result::is_ok).count();
+    let sessions = MapData::from_pin(pin_dir.join(map_names::SESSIONS))?;
+    let live = sock_diag::state_mask(&seed::LIVE_STATES);
+    let stored = sock_diag::dump_tcp_with_sessions(live, sessions.fd().as_fd())?
+        .iter()
+        .filter(|s| s.session.is_some_and(|s| s.state == session_state::COUNTED))
+        .count();
+    Ok(records + stored)
 }
 
 /// Run time of each kind of sync request, as the kernel timed it (ns).

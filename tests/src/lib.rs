@@ -542,7 +542,7 @@ impl SmtpFixture {
 pub fn sock_diag_count(ports: &[u16], cgroup: &TestCgroup, net: &ipnet::IpNet) -> u64 {
     let ports = ports.iter().map(|&p| (p, 0u8)).collect();
     let ids = seed::cgroup_subtree_ids(cgroup.path()).expect("cgroup ids");
-    seed::inbound_live_sockets(&ports, Some(&ids))
+    seed::inbound_live_sockets(&ports, Some(&ids), None)
         .expect("sock_diag dump")
         .iter()
         .filter(|s| net.contains(&seed::normalize(s.remote)))

@@ -158,6 +158,16 @@ fn sessions_from_before_the_agent_and_across_restarts_are_counted() {
         sock_diag_count(&server.ports[..2], &cgroup, &net("127.0.0.0/8")),
         8
     );
+    // The kernel's own tally: 3 seeded records, and 6 sessions accepted by
+    // sock_ops, which live in their sockets' storage and are read back through
+    // sock_diag. The restart seeded none of them again.
+    integration_tests::eventually("the kernel reports 9 tracked sessions", || {
+        agent.stat("kernel_sessions") == 9 && agent.stat("kernel_seeded_sessions") == 3
+    });
+    // Seeding is over, so accepted sessions no longer get a SOCKETS record.
+    let control = aya::maps::MapData::from_pin(agent.pin_dir.join("CONTROL")).unwrap();
+    let control: aya::maps::Array<_, u32> = aya::maps::Map::Array(control).try_into().unwrap();
+    assert_eq!(control.get(&0, 0).unwrap(), 0);
 
     // Sessions seeded at start-up are uncounted when they close, too.
     drop(before);

@@ -13,8 +13,9 @@ use std::{
 };
 
 use audit_common::{
-    map_names, program_names, LiveCounts, ServiceName, SessionEvent, SocketRecord, FAMILY_V4,
-    FAMILY_V6, LAYOUT_VERSION, MAX_SERVICES, PORT_NOT_WATCHED, SYNC_ADJUST,
+    control, map_names, program_names, session_state, LiveCounts, ServiceName, SessionEvent,
+    SocketRecord, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION, MAX_SERVICES, PORT_NOT_WATCHED,
+    SYNC_ADJUST,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
@@ -75,6 +76,8 @@ pub enum LoadError {
     },
     #[error("running the sync program: {0}")]
     Sync(io::Error),
+    #[error("reading the sessions' socket storage: {0}")]
+    SockDiag(#[from] super::sock_diag::SockDiagError),
     #[error("too many services: {count} configured and in use, at most {max}")]
     TooManyServices { count: usize, max: usize },
 }
@@ -95,6 +98,9 @@ pub struct KernelProgram {
     watched_ports: Option<StdHashMap<u16, u32>>,
     service_names: Array<MapData, ServiceName>,
     stats: PerCpuArray<MapData, u64>,
+    control: Array<MapData, u32>,
+    /// The accepted sessions' socket storage; read through sock_diag, by fd.
+    sessions: MapData,
     events: Option<RingBuf<MapData>>,
     logger: Option<KernelLogger>,
     pin_dir: PathBuf,
@@ -140,6 +146,14 @@ impl KernelProgram {
             .load(EBPF_OBJECT)?;
 
         check_layout(&mut ebpf, &pin_dir)?;
+        let mut control: Array<MapData, u32> = take_map(&mut ebpf, map_names::CONTROL)?;
+        // Before attaching: every session accepted from here until the agent
+        // has seeded also gets a SOCKETS record, so seeding cannot count it twice.
+        set_mirroring(&mut control, true)?;
+        let sessions = match ebpf.take_map(map_names::SESSIONS) {
+            Some(aya::maps::Map::SkStorage(data)) => data,
+            _ => return Err(LoadError::MissingMap(map_names::SESSIONS)),
+        };
 
         let sock_ops: &mut SockOps = program(&mut ebpf, program_names::SOCK_OPS)?;
         sock_ops
@@ -196,10 +210,23 @@ impl KernelProgram {
             watched_ports: None,
             service_names: take_map(&mut ebpf, map_names::SERVICE_NAMES)?,
             stats: take_map(&mut ebpf, map_names::STATS)?,
+            control,
+            sessions,
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
             pin_dir,
             ebpf,
         })
+    }
+
+    /// Ends the start-up's mirroring of accepted sessions into SOCKETS (see
+    /// `control::MIRROR_TO_SOCKETS`): call once the seeding is done.
+    pub fn stop_mirroring(&mut self) -> Result<(), LoadError> {
+        set_mirroring(&mut self.control, false)
+    }
+
+    /// The SESSIONS map, for sock_diag requests that read sockets' storage.
+    pub fn sessions_fd(&self) -> BorrowedFd<'_> {
+        self.sessions.fd().as_fd()
     }
 
     /// Whether the tp_btf close backstop is attached (its link is pinned).
@@ -279,7 +306,24 @@ impl KernelProgram {
         })
     }
 
-    /// Every socket record the kernel holds (one per tracked session).
+    /// One record per session the kernel counts: the SOCKETS records (seeded
+    /// sessions, and those accepted while the agent seeded) and the socket
+    /// storage of every other accepted session still open, read through sock_diag.
+    pub fn snapshot_tracked(&self) -> Result<Vec<SocketRecord>, LoadError> {
+        let mut records = self.snapshot_records()?;
+        let live = super::sock_diag::state_mask(&super::seed::LIVE_STATES);
+        records.extend(
+            super::sock_diag::dump_tcp_with_sessions(live, self.sessions_fd())?
+                .iter()
+                .filter_map(|socket| socket.session)
+                .filter(|session| session.state == session_state::COUNTED)
+                .map(|session| session.record),
+        );
+        Ok(records)
+    }
+
+    /// Every record in SOCKETS: seeded sessions, and those accepted while the
+    /// agent seeded.
     pub fn snapshot_records(&self) -> Result<Vec<SocketRecord>, LoadError> {
         self.sockets
             .iter()
@@ -543,6 +587,15 @@ fn check_layout(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
             expected: LAYOUT_VERSION,
         }),
     }
+}
+
+fn set_mirroring(control: &mut Array<MapData, u32>, on: bool) -> Result<(), LoadError> {
+    control
+        .set(control::MIRROR_TO_SOCKETS, u32::from(on), 0)
+        .map_err(|source| LoadError::Map {
+            name: map_names::CONTROL,
+            source,
+        })
 }
 
 fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), LoadError> {

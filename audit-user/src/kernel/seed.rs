@@ -9,7 +9,11 @@ use std::{
     path::Path,
 };
 
-use audit_common::{sync_result, SessionEvent, EVENT_CLOSE, EVENT_OPEN, FAMILY_V4, FAMILY_V6};
+use std::os::fd::BorrowedFd;
+
+use audit_common::{
+    session_state, sync_result, SessionEvent, EVENT_CLOSE, EVENT_OPEN, FAMILY_V4, FAMILY_V6,
+};
 
 use super::{
     loader::{KernelProgram, LoadError},
@@ -47,14 +51,20 @@ pub const LIVE_STATES: [u8; 6] = [
     tcp_state::CLOSING,
 ];
 
-/// Inbound live sockets on the configured ports, in the watched cgroup subtree.
+/// Inbound live sockets on the configured ports, in the watched cgroup subtree;
+/// with their storage in `sessions` (the kernel program's SESSIONS map) if given.
 pub fn inbound_live_sockets(
     ports: &HashMap<u16, u8>,
     cgroup_ids: Option<&HashSet<u64>>,
+    sessions: Option<BorrowedFd<'_>>,
 ) -> Result<Vec<TcpSocket>, SockDiagError> {
     let mut states = LIVE_STATES.to_vec();
     states.push(tcp_state::LISTEN);
-    let all = sock_diag::dump_tcp(sock_diag::state_mask(&states))?;
+    let mask = sock_diag::state_mask(&states);
+    let all = match sessions {
+        Some(sessions) => sock_diag::dump_tcp_with_sessions(mask, sessions)?,
+        None => sock_diag::dump_tcp(mask)?,
+    };
     Ok(sock_diag::inbound(&all)
         .filter(|s| ports.contains_key(&s.local.port()))
         .filter(|s| match (cgroup_ids, s.cgroup_id) {
@@ -75,7 +85,11 @@ pub fn seed_existing(
     let cgroup_ids = cgroup.map(cgroup_subtree_ids).transpose()?;
     let mut report = SeedReport::default();
     let mut seeded = Vec::new();
-    for socket in inbound_live_sockets(ports, cgroup_ids.as_ref())? {
+    for socket in inbound_live_sockets(ports, cgroup_ids.as_ref(), Some(program.sessions_fd()))? {
+        if counted_by_storage(&socket) {
+            report.already_tracked += 1;
+            continue;
+        }
         let event = open_request(&socket, ports[&socket.local.port()]);
         match program.sync(&event)? {
             sync_result::APPLIED => {
@@ -89,26 +103,48 @@ pub fn seed_existing(
             ),
         }
     }
-    // A session that closed between the dump and its seeding left a record no
-    // close will ever delete; a second look finds it.
+    // A second look undoes two kinds of seeding: a session that closed between
+    // the dump and its seeding left a record no close will ever delete; and a
+    // session a previous agent's program was accepting as the dump read it (it
+    // had read the mirroring flag just before it was set) got its storage too
+    // late for the dump, and is counted twice.
     if !seeded.is_empty() {
-        let still_open: HashSet<u64> = inbound_live_sockets(ports, cgroup_ids.as_ref())?
-            .iter()
-            .map(|s| s.cookie)
-            .collect();
-        for cookie in seeded.into_iter().filter(|c| !still_open.contains(c)) {
+        let second_look: HashMap<u64, TcpSocket> =
+            inbound_live_sockets(ports, cgroup_ids.as_ref(), Some(program.sessions_fd()))?
+                .into_iter()
+                .map(|s| (s.cookie, s))
+                .collect();
+        for cookie in seeded {
+            let (vanished, double) = match second_look.get(&cookie) {
+                None => (true, false),
+                Some(socket) => (false, counted_by_storage(socket)),
+            };
+            if !(vanished || double) {
+                continue;
+            }
             let event = SessionEvent {
                 cookie,
                 kind: EVENT_CLOSE,
                 ..SessionEvent::default()
             };
             if program.sync(&event)? == sync_result::APPLIED {
-                report.vanished += 1;
                 report.seeded -= 1;
+                if vanished {
+                    report.vanished += 1;
+                } else {
+                    report.already_tracked += 1;
+                }
             }
         }
     }
     Ok(report)
+}
+
+/// Whether sock_ops counts `socket` through its own storage (no seeding needed).
+fn counted_by_storage(socket: &TcpSocket) -> bool {
+    socket
+        .session
+        .is_some_and(|s| s.state == session_state::COUNTED)
 }
 
 /// The sync request that seeds `socket` as a session of service `slot`.

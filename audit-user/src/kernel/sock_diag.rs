@@ -12,10 +12,12 @@ use std::ffi::CString;
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use audit_common::SessionStorage;
 
 /// One TCP socket as reported by inet_diag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub struct TcpSocket {
     pub uid: u32,
     /// Socket inode (`socket:[inode]` in `/proc/*/fd`); 0 when no file refers to it.
     pub inode: u32,
+    /// The socket's storage in the kernel program's `SESSIONS` map, when the
+    /// dump asked for it ([`dump_tcp_with_sessions`]) and the socket has one.
+    pub session: Option<SessionStorage>,
 }
 
 /// TCP states with the kernel's numbering (`include/net/tcp_states.h`).
@@ -154,11 +159,25 @@ impl SockDiagError {
 /// without a snapshot, so a socket that moves while the dump runs may otherwise be
 /// seen twice.
 pub fn dump_tcp(states: u32) -> Result<Vec<TcpSocket>, SockDiagError> {
+    dump(states, None)
+}
+
+/// [`dump_tcp`], with each socket's storage in `sessions` (the kernel
+/// program's `SESSIONS` sk_storage map) in [`TcpSocket::session`]. The kernel
+/// wants CAP_BPF (or CAP_SYS_ADMIN) for it.
+pub fn dump_tcp_with_sessions(
+    states: u32,
+    sessions: BorrowedFd<'_>,
+) -> Result<Vec<TcpSocket>, SockDiagError> {
+    dump(states, Some(sessions.as_raw_fd()))
+}
+
+fn dump(states: u32, sessions: Option<RawFd>) -> Result<Vec<TcpSocket>, SockDiagError> {
     let mut attempt = 1;
     loop {
         let mut sockets = Vec::new();
         let mut seen = HashSet::new();
-        let result = for_each_tcp(states, |s| {
+        let result = visit_tcp(states, sessions, &mut |s: &TcpSocket| {
             if seen.insert(s.cookie) {
                 sockets.push(*s);
             }
@@ -180,12 +199,28 @@ pub fn dump_tcp(states: u32) -> Result<Vec<TcpSocket>, SockDiagError> {
 /// [transient](SockDiagError::is_transient) error `visit` has already seen part of
 /// the sockets, and only the caller knows how to discard them.
 pub fn for_each_tcp(states: u32, mut visit: impl FnMut(&TcpSocket)) -> Result<(), SockDiagError> {
+    visit_tcp(states, None, &mut visit)
+}
+
+fn visit_tcp(
+    states: u32,
+    sessions: Option<RawFd>,
+    visit: &mut dyn FnMut(&TcpSocket),
+) -> Result<(), SockDiagError> {
     let sock = DiagSocket::open()?;
     let mut buf = vec![0u8; RECV_BUF_LEN];
+    let request = DumpRequest { states, sessions };
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump_family(&sock, family, states, &mut buf, &mut visit)?;
+        dump_family(&sock, family, &request, &mut buf, visit)?;
     }
     Ok(())
+}
+
+/// What a dump asks for, besides the address family.
+struct DumpRequest {
+    states: u32,
+    /// An sk_storage map whose values the kernel adds to each socket's reply.
+    sessions: Option<RawFd>,
 }
 
 /// The inbound (accepted) sockets among `sockets`: those whose local port has a
@@ -252,7 +287,15 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 const RTA_HDRLEN: usize = 4;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
 const INET_DIAG_CGROUP_ID: u16 = 21;
+/// Request attribute: the sk_storage maps whose values to report (nested).
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+/// Reply: one nested SK_DIAG_BPF_STORAGE per map holding a value for the socket.
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
 /// `struct inet_diag_req_v2`: 4 bytes of selectors, `idiag_states`, 48-byte sockid.
 const INET_DIAG_REQ_V2_LEN: usize = 56;
 /// `struct inet_diag_msg`: 4 bytes of header, 48-byte sockid, 5 u32 fields.
@@ -309,9 +352,8 @@ fn listener_covers(listener: IpAddr, local: IpAddr) -> bool {
     }
 }
 
-fn build_request(family: u8, states: u32, seq: u32) -> [u8; REQUEST_LEN] {
-    let mut req = [0u8; REQUEST_LEN];
-    req[0..4].copy_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
+fn build_request(family: u8, request: &DumpRequest, seq: u32) -> Vec<u8> {
+    let mut req = vec![0u8; REQUEST_LEN];
     req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req[8..12].copy_from_slice(&seq.to_ne_bytes());
@@ -320,9 +362,62 @@ fn build_request(family: u8, states: u32, seq: u32) -> [u8; REQUEST_LEN] {
     req[17] = libc::IPPROTO_TCP as u8;
     // idiag_ext stays 0: the cgroup id is sent without being asked for, and the
     // extensions we could ask for (tcp_info, meminfo, ...) would only bloat the dump.
-    req[20..24].copy_from_slice(&states.to_ne_bytes());
+    req[20..24].copy_from_slice(&request.states.to_ne_bytes());
     // The sockid selector is ignored by dumps; leave it zeroed.
+    if let Some(fd) = request.sessions {
+        // INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: fd }
+        let inner = (RTA_HDRLEN + 4) as u16;
+        req.extend_from_slice(&(RTA_HDRLEN as u16 + inner).to_ne_bytes());
+        req.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+        req.extend_from_slice(&inner.to_ne_bytes());
+        req.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+        req.extend_from_slice(&(fd as u32).to_ne_bytes());
+    }
+    let len = req.len() as u32;
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
     req
+}
+
+/// Walks the attributes in `attrs` (rtattr/nlattr framing), calling `visit`
+/// with each one's type (flags stripped) and value.
+fn for_each_attr(
+    mut attrs: &[u8],
+    mut visit: impl FnMut(u16, &[u8]) -> Result<(), SockDiagError>,
+) -> Result<(), SockDiagError> {
+    // Like the kernel's nla_ok(), a tail shorter than an attribute header is padding.
+    while attrs.len() >= RTA_HDRLEN {
+        let len = usize::from(u16::from_ne_bytes(bytes(attrs, 0, "rtattr truncated")?));
+        let ty = u16::from_ne_bytes(bytes(attrs, 2, "rtattr truncated")?) & NLA_TYPE_MASK;
+        if len < RTA_HDRLEN || len > attrs.len() {
+            return Err(malformed("rta_len outside the message"));
+        }
+        visit(ty, &attrs[RTA_HDRLEN..len])?;
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    Ok(())
+}
+
+/// The value in an INET_DIAG_SK_BPF_STORAGES attribute. Only one map is ever
+/// asked for, so any value is that map's.
+fn parse_session_storage(storages: &[u8]) -> Result<Option<SessionStorage>, SockDiagError> {
+    let mut found = None;
+    for_each_attr(storages, |ty, storage| {
+        if ty != SK_DIAG_BPF_STORAGE {
+            return Ok(());
+        }
+        for_each_attr(storage, |ty, value| {
+            if ty == SK_DIAG_BPF_STORAGE_MAP_VALUE {
+                let raw: [u8; mem::size_of::<SessionStorage>()] = value
+                    .try_into()
+                    .map_err(|_| malformed("SESSIONS storage value has the wrong size"))?;
+                // SAFETY: SessionStorage is repr(C), integers only, no implicit
+                // padding: every byte pattern of its size is a valid value.
+                found = Some(unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) });
+            }
+            Ok(())
+        })
+    })?;
+    Ok(found)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -442,27 +537,25 @@ fn parse_inet_diag_msg(msg: &[u8]) -> Result<TcpSocket, SockDiagError> {
     };
 
     let mut cgroup_id = None;
-    let mut attrs = &msg[align4(INET_DIAG_MSG_LEN).min(msg.len())..];
-    // Like the kernel's nla_ok(), a tail shorter than an attribute header is padding.
-    while attrs.len() >= RTA_HDRLEN {
-        let len = usize::from(u16::from_ne_bytes(bytes(attrs, 0, "rtattr truncated")?));
-        let ty = u16::from_ne_bytes(bytes(attrs, 2, "rtattr truncated")?) & NLA_TYPE_MASK;
-        if len < RTA_HDRLEN || len > attrs.len() {
-            return Err(malformed("rta_len outside the message"));
-        }
-        let value = &attrs[RTA_HDRLEN..len];
-        if ty == INET_DIAG_CGROUP_ID {
-            if value.len() != 8 {
-                return Err(malformed("INET_DIAG_CGROUP_ID is not a u64"));
+    let mut session = None;
+    let attrs = &msg[align4(INET_DIAG_MSG_LEN).min(msg.len())..];
+    for_each_attr(attrs, |ty, value| {
+        match ty {
+            INET_DIAG_CGROUP_ID => {
+                if value.len() != 8 {
+                    return Err(malformed("INET_DIAG_CGROUP_ID is not a u64"));
+                }
+                cgroup_id = Some(u64::from_ne_bytes(bytes(
+                    value,
+                    0,
+                    "INET_DIAG_CGROUP_ID truncated",
+                )?));
             }
-            cgroup_id = Some(u64::from_ne_bytes(bytes(
-                value,
-                0,
-                "INET_DIAG_CGROUP_ID truncated",
-            )?));
+            INET_DIAG_SK_BPF_STORAGES => session = parse_session_storage(value)?,
+            _ => {}
         }
-        attrs = &attrs[align4(len).min(attrs.len())..];
-    }
+        Ok(())
+    })?;
 
     Ok(TcpSocket {
         cookie: u64::from(cookie_lo) | u64::from(cookie_hi) << 32,
@@ -472,6 +565,7 @@ fn parse_inet_diag_msg(msg: &[u8]) -> Result<TcpSocket, SockDiagError> {
         cgroup_id,
         uid,
         inode,
+        session,
     })
 }
 
@@ -503,9 +597,9 @@ impl DiagSocket {
         Ok(Self { fd })
     }
 
-    fn send_dump(&self, family: u8, states: u32, seq: u32) -> Result<(), SockDiagError> {
+    fn send_dump(&self, family: u8, request: &DumpRequest, seq: u32) -> Result<(), SockDiagError> {
         let name = family_name(family);
-        let mut req = build_request(family, states, seq);
+        let mut req = build_request(family, request, seq);
         let mut kernel = kernel_addr();
         let mut iov = libc::iovec {
             iov_base: req.as_mut_ptr().cast(),
@@ -596,14 +690,14 @@ fn kernel_addr() -> libc::sockaddr_nl {
 fn dump_family(
     sock: &DiagSocket,
     family: u8,
-    states: u32,
+    request: &DumpRequest,
     buf: &mut [u8],
     visit: &mut dyn FnMut(&TcpSocket),
 ) -> Result<usize, SockDiagError> {
     // A distinct seq per family keeps a stray message of the previous dump from
     // being taken for this one.
     let seq = u32::from(family);
-    sock.send_dump(family, states, seq)?;
+    sock.send_dump(family, request, seq)?;
     let mut datagrams = 0;
     loop {
         let Some(n) = sock.recv(buf, family)? else {
@@ -792,6 +886,7 @@ mod tests {
             cgroup_id,
             uid: euid(),
             inode: sock_inode(s),
+            session: None,
         }
     }
 
@@ -809,6 +904,7 @@ mod tests {
             cgroup_id,
             uid: euid(),
             inode: sock_inode(l),
+            session: None,
         }
     }
 
@@ -838,7 +934,11 @@ mod tests {
         let sock = DiagSocket::open().unwrap();
         let mut buf = vec![0u8; RECV_BUF_LEN];
         let mut cookies = HashSet::new();
-        dump_family(&sock, family as u8, states, &mut buf, &mut |s| {
+        let request = DumpRequest {
+            states,
+            sessions: None,
+        };
+        dump_family(&sock, family as u8, &request, &mut buf, &mut |s| {
             cookies.insert(s.cookie);
         })
         .unwrap();
@@ -989,14 +1089,12 @@ mod tests {
 
         let sock = DiagSocket::open().unwrap();
         let mut buf = vec![0u8; RECV_BUF_LEN];
-        let datagrams = dump_family(
-            &sock,
-            libc::AF_INET as u8,
-            state_mask(&[ESTABLISHED]),
-            &mut buf,
-            &mut |_| {},
-        )
-        .unwrap();
+        let request = DumpRequest {
+            states: state_mask(&[ESTABLISHED]),
+            sessions: None,
+        };
+        let datagrams =
+            dump_family(&sock, libc::AF_INET as u8, &request, &mut buf, &mut |_| {}).unwrap();
         // Each socket costs well over 80 bytes and a datagram holds at most ~32 KiB.
         assert!(
             datagrams >= 2 * n * 80 / 32768,
@@ -1121,6 +1219,7 @@ mod tests {
             cgroup_id: None,
             uid: 0,
             inode: 0,
+            session: None,
         }
     }
 
@@ -1232,6 +1331,85 @@ mod tests {
         )
     }
 
+    fn session_storages(value: &[u8]) -> Vec<u8> {
+        // INET_DIAG_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE { PAD, MAP_ID, MAP_VALUE } },
+        // with the nested flag bits the kernel sets.
+        let storage = [
+            rta(1, &[]),
+            rta(2, &7u32.to_ne_bytes()),
+            rta(SK_DIAG_BPF_STORAGE_MAP_VALUE, value),
+        ]
+        .concat();
+        rta(
+            INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED,
+            &rta(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &storage),
+        )
+    }
+
+    #[test]
+    fn parses_a_sockets_session_storage() {
+        let stored = SessionStorage {
+            record: audit_common::SocketRecord {
+                addr: [192, 0, 2, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                family: audit_common::FAMILY_V4,
+                service: 3,
+                origin: audit_common::record_origin::ACCEPTED,
+                _pad: [0; 5],
+            },
+            state: audit_common::session_state::COUNTED,
+            _pad: 0,
+        };
+        // SAFETY: SessionStorage is repr(C) plain integers without implicit padding.
+        let value: [u8; 32] = unsafe { mem::transmute(stored) };
+        let attrs = [
+            session_storages(&value),
+            rta(INET_DIAG_CGROUP_ID, &77u64.to_ne_bytes()),
+        ]
+        .concat();
+        let (_, seen) = parse(&nlmsg(SOCK_DIAG_BY_FAMILY, 0, SEQ, &v4_msg(&attrs))).unwrap();
+        assert_eq!(seen[0].session, Some(stored));
+        assert_eq!(seen[0].cgroup_id, Some(77));
+
+        let short = session_storages(&value[..24]);
+        assert!(matches!(
+            parse(&nlmsg(SOCK_DIAG_BY_FAMILY, 0, SEQ, &v4_msg(&short))),
+            Err(SockDiagError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_dump_request_names_the_sessions_map_only_when_asked() {
+        let plain = build_request(
+            libc::AF_INET as u8,
+            &DumpRequest {
+                states: 2,
+                sessions: None,
+            },
+            1,
+        );
+        assert_eq!(plain.len(), REQUEST_LEN);
+        let with_map = build_request(
+            libc::AF_INET as u8,
+            &DumpRequest {
+                states: 2,
+                sessions: Some(9),
+            },
+            1,
+        );
+        assert_eq!(with_map.len(), REQUEST_LEN + 12);
+        assert_eq!(with_map[0..4], ((REQUEST_LEN + 12) as u32).to_ne_bytes());
+        assert_eq!(with_map[..REQUEST_LEN][4..], plain[4..]);
+        let expected = [
+            12u16.to_ne_bytes(),
+            (INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes(),
+            8u16.to_ne_bytes(),
+            SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes(),
+        ]
+        .concat();
+        assert_eq!(with_map[REQUEST_LEN..REQUEST_LEN + 8], expected[..]);
+        assert_eq!(with_map[REQUEST_LEN + 8..], 9u32.to_ne_bytes());
+    }
+
     fn done(status: i32) -> Vec<u8> {
         nlmsg(NLMSG_DONE, 0, SEQ, &status.to_ne_bytes())
     }
@@ -1266,6 +1444,7 @@ mod tests {
                 cgroup_id: Some(77),
                 uid: 1000,
                 inode: 4242,
+                session: None,
             }]
         );
 

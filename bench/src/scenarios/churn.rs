@@ -320,7 +320,7 @@ fn truth(cgroup: &BenchCgroup, port: u16) -> Result<HashMap<Ipv4Addr, u64>> {
     let ports = HashMap::from([(port, 0u8)]);
     let ids = seed::cgroup_subtree_ids(cgroup.path())?;
     let mut out = HashMap::new();
-    for socket in seed::inbound_live_sockets(&ports, Some(&ids))? {
+    for socket in seed::inbound_live_sockets(&ports, Some(&ids), None)? {
         if let IpAddr::V4(ip) = seed::normalize(socket.remote) {
             *out.entry(ip).or_default() += 1;
         }
