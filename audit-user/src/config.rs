@@ -80,7 +80,8 @@ pub struct Config {
     pub access: Access,
     /// Kernel per-IP entries per family (set when the maps are created).
     pub max_tracked_ips: u32,
-    /// Kernel socket records: live sessions tracked at once.
+    /// Kernel SOCKETS records: seeded sessions (and those accepted while the
+    /// agent seeds) tracked at once; accepted sessions use socket storage.
     pub max_tracked_sessions: u32,
     /// Size of the kernel's session-event ring buffer (set when the maps are created).
     pub event_ring_bytes: u32,

@@ -219,8 +219,8 @@ pub struct SyncCosts {
     pub adjust: Vec<f64>,
 }
 
-/// Times the kernel's open and close code (the functions sock_ops calls) through
-/// the sync program: `sessions` opens from `sources` rotating IPv4 sources in
+/// Times the kernel's open and close code for seeded sessions (SOCKETS records)
+/// through the sync program: `sessions` opens from `sources` rotating IPv4 sources in
 /// 127.40.0.0/16, then their closes. Loads its own program on `pin_dir`,
 /// attached to `cgroup` (no connection is made meanwhile), and removes it after.
 pub fn sync_costs(

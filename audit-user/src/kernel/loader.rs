@@ -113,7 +113,7 @@ pub struct LoadOptions<'a> {
     pub cgroup: &'a Path,
     /// Per-IP entries per family; a new IP beyond it is not counted (STATS).
     pub max_tracked_ips: u32,
-    /// Tracked sessions (socket records).
+    /// SOCKETS records: seeded sessions, and those accepted while the agent seeds.
     pub max_tracked_sessions: u32,
     /// Size of the event ring buffer: a power of two, at least a page.
     pub event_ring_bytes: u32,
@@ -122,7 +122,7 @@ pub struct LoadOptions<'a> {
 impl KernelProgram {
     /// Loads (or takes over) the pinned state, attaches the programs to `cgroup`,
     /// and replaces any links a previous agent left, new before old, so no
-    /// connection goes unseen in between (the cookie record keeps counts exact
+    /// connection goes unseen in between (the socket's storage keeps counts exact
     /// while both are attached).
     pub fn load(options: &LoadOptions<'_>) -> Result<Self, LoadError> {
         if EBPF_OBJECT.is_empty() {

@@ -489,8 +489,8 @@ fn accept_close_run(
     })
 }
 
-/// The kernel's own run time for the open and close code, through the sync
-/// program (the same functions sock_ops calls), per kind of request.
+/// The kernel's own run time for the seeded sessions' open and close code
+/// (SOCKETS records), through the sync program, per kind of request.
 fn map_work_section(ctx: &Ctx, port: u16) -> Result<Section> {
     let sessions = if ctx.quick { 20_000 } else { 200_000 };
     let pin_dir = BenchAgent::pin_dir_for("overhead-sync");
@@ -524,11 +524,13 @@ fn map_work_section(ctx: &Ctx, port: u16) -> Result<Section> {
     Ok(Section {
         title: "Kernel map work per operation".into(),
         method: format!(
-            "BPF_PROG_TEST_RUN of the sync program, which runs the very functions sock_ops \
-             calls at accept (socket-record insert, per-IP LPM-trie lookup or insert, atomic \
-             add, ring-buffer event) and at close (record lookup and delete, LPM lookup, \
-             atomic sub, event), on {} sessions from {} rotating IPv4 sources, one request \
-             per run; run time as the kernel timed it. The baseline is a malformed request \
+            "BPF_PROG_TEST_RUN of the sync program, which runs the seeded sessions' code: at \
+             open a SOCKETS record insert, per-IP LPM-trie lookup or insert, atomic add and \
+             ring-buffer event; at close the record's lookup and delete, LPM lookup, atomic \
+             sub and event (sock_ops runs the same code for sessions accepted while the agent \
+             seeds; other accepted sessions use their socket's storage instead of the \
+             record), on {} sessions from {} rotating IPv4 sources, one request per run; \
+             run time as the kernel timed it. The baseline is a malformed request \
              (the program returns at once): the test run's own overhead, included in every \
              other row. The adjust row is one LPM lookup and an atomic add alone.",
             fmt_count(sessions as f64),
