@@ -112,17 +112,15 @@ const _: () = assert!(size_of::<SessionStorage>() == 32);
 pub mod session_state {
     /// Closed (or never counted): nothing to undo.
     pub const DONE: u32 = 0;
-    /// Counted through this storage alone.
+    /// Counted through this storage.
     pub const COUNTED: u32 = 1;
-    /// Accepted while the agent was seeding: also has a `SOCKETS` record (so
-    /// the seeding cannot count it twice), and that record's deletion uncounts it.
-    pub const MIRRORED: u32 = 2;
 }
 
 /// Indexes of the `CONTROL` array, which the agent writes and the programs read.
 pub mod control {
-    /// Non-zero while the agent seeds: sock_ops then also writes a `SOCKETS`
-    /// record for each accepted session, which the seeding's insert-if-absent sees.
+    /// Non-zero while the agent seeds: sock_ops then tracks each accepted
+    /// session by a `SOCKETS` record instead of socket storage, which the
+    /// seeding's insert-if-absent sees.
     pub const MIRROR_TO_SOCKETS: u32 = 0;
     pub const COUNT: u32 = 4;
 }

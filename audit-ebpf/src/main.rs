@@ -223,8 +223,9 @@ fn on_close(ctx: &SockOpsContext) -> Result<(), ()> {
     }
     let storage = session_storage(sk, None);
     if storage.is_null() {
-        // State callbacks asked for by a program whose storage map is gone
-        // (the pinned state was cleaned up): a seeded record may remain.
+        // Accepted while the agent seeded (a SOCKETS record and no storage), or
+        // state callbacks asked for by a program whose storage map was cleaned
+        // up since (the session may have been seeded again).
         return forget(cookie).map(|_| ());
     }
     // SAFETY: `storage` is this socket's storage, valid for this invocation;
@@ -235,15 +236,12 @@ fn on_close(ctx: &SockOpsContext) -> Result<(), ()> {
             session_state::DONE,
         )
     };
-    match before {
-        session_state::COUNTED => {
-            // SAFETY: as above; the record is copied out.
-            let record = unsafe { (*storage).record };
-            uncount(cookie, &record)
-        }
-        session_state::MIRRORED => forget(cookie).map(|_| ()),
-        _ => Ok(()),
+    if before != session_state::COUNTED {
+        return Ok(());
     }
+    // SAFETY: as above; the record is copied out.
+    let record = unsafe { (*storage).record };
+    uncount(cookie, &record)
 }
 
 fn on_passive_established(ctx: &SockOpsContext) -> Result<(), ()> {
@@ -267,17 +265,9 @@ fn on_passive_established(ctx: &SockOpsContext) -> Result<(), ()> {
         .get(control::MIRROR_TO_SOCKETS)
         .is_some_and(|&flag| flag != 0);
     let counted = if mirror {
-        let tracked = track(ctx, EVENT_OPEN, cookie, family, addr, service);
-        tracked == sync_result::APPLIED
-            && mark_session(
-                ctx,
-                fields.sk,
-                cookie,
-                family,
-                addr,
-                service,
-                session_state::MIRRORED,
-            )
+        // A SOCKETS record, which the seeding's insert-if-absent finds, and
+        // which the close finds in turn: the socket gets no storage.
+        track(ctx, EVENT_OPEN, cookie, family, addr, service) == sync_result::APPLIED
     } else {
         open_session(ctx, fields.sk, cookie, family, addr, service)
     };
@@ -286,42 +276,6 @@ fn on_passive_established(ctx: &SockOpsContext) -> Result<(), ()> {
         let _ = ctx.set_cb_flags((fields.cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
     Ok(())
-}
-
-fn accepted_record(family: u8, addr: [u8; 16], service: u32) -> SocketRecord {
-    SocketRecord {
-        addr,
-        family,
-        service: service as u8,
-        origin: record_origin::ACCEPTED,
-        _pad: [0; 5],
-    }
-}
-
-/// Gives the socket its storage in state `state`. False if it cannot be had,
-/// after undoing the SOCKETS record that counted it (a mirrored session whose
-/// close could not be told apart from a seeded one's would need the backstop).
-fn mark_session(
-    ctx: &SockOpsContext,
-    sk: *mut bpf_sock,
-    cookie: u64,
-    family: u8,
-    addr: [u8; 16],
-    service: u32,
-    state: u32,
-) -> bool {
-    let init = SessionStorage {
-        record: accepted_record(family, addr, service),
-        state,
-        _pad: 0,
-    };
-    if !session_storage(sk, Some(&init)).is_null() {
-        return true;
-    }
-    let _ = forget(cookie);
-    bump_stat(stat::SOCKET_TABLE_FULL);
-    warn!(ctx, "no socket storage: session {} is not counted", cookie);
-    false
 }
 
 /// Counts an accepted session through the socket's own storage.
@@ -337,7 +291,13 @@ fn open_session(
         return false;
     }
     let init = SessionStorage {
-        record: accepted_record(family, addr, service),
+        record: SocketRecord {
+            addr,
+            family,
+            service: service as u8,
+            origin: record_origin::ACCEPTED,
+            _pad: [0; 5],
+        },
         state: session_state::COUNTED,
         _pad: 0,
     };

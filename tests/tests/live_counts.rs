@@ -179,6 +179,57 @@ fn sessions_from_before_the_agent_and_across_restarts_are_counted() {
     agent.expect_count("127.0.0.0/8", "SMTP", 0);
 }
 
+/// While the agent seeds, sock_ops tracks accepted sessions by a SOCKETS record
+/// (which the seeding's insert-if-absent sees) instead of socket storage. Here
+/// the flag is raised by hand, as an agent that died mid-seeding leaves it.
+#[test]
+fn sessions_accepted_while_the_agent_seeds_are_tracked_by_record() {
+    require_ebpf!();
+    let (cgroup, server) = start("mirror");
+    let agent = start_agent("mirror", &cgroup, &server, &[]);
+    let smtp = SocketAddr::new(ip("127.0.0.1"), server.ports[0]);
+    let pinned = |name: &str| aya::maps::MapData::from_pin(agent.pin_dir.join(name)).unwrap();
+    let mut control: aya::maps::Array<_, u32> =
+        aya::maps::Map::Array(pinned("CONTROL")).try_into().unwrap();
+    let records = || {
+        let sockets: aya::maps::HashMap<_, u64, audit_common::SocketRecord> =
+            aya::maps::Map::HashMap(pinned("SOCKETS"))
+                .try_into()
+                .unwrap();
+        sockets.keys().filter(Result::is_ok).count()
+    };
+    assert_eq!(records(), 0);
+
+    control.set(0, 1, 0).unwrap();
+    let mirrored: Vec<_> = (0..2)
+        .map(|_| connect_from(ip("127.0.0.7"), smtp))
+        .collect();
+    agent.expect_count("127.0.0.7", "SMTP", 2);
+    assert_eq!(records(), 2);
+    control.set(0, 0, 0).unwrap();
+    let stored = connect_from(ip("127.0.0.7"), smtp);
+    agent.expect_count("127.0.0.7", "SMTP", 3);
+    assert_eq!(records(), 2);
+    integration_tests::eventually("the kernel reports 3 tracked sessions", || {
+        agent.stat("kernel_sessions") == 3
+    });
+
+    // Each kind of session is uncounted once at its close, whatever the flag says now.
+    let mut mirrored = mirrored;
+    reset(mirrored.pop().unwrap());
+    agent.expect_count("127.0.0.7", "SMTP", 2);
+    assert_eq!(records(), 1);
+    drop(stored);
+    agent.expect_count("127.0.0.7", "SMTP", 1);
+    drop(mirrored);
+    agent.expect_count("127.0.0.7", "SMTP", 0);
+    integration_tests::eventually("no record is left", || records() == 0);
+    assert_eq!(
+        sock_diag_count(&server.ports[..2], &cgroup, &net("127.0.0.0/8")),
+        0
+    );
+}
+
 /// The tp_btf backstop runs for every TCP state change on the host; it must be
 /// attached exactly while seeded sessions (whose closes only it sees) remain.
 #[test]

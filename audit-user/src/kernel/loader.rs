@@ -148,7 +148,7 @@ impl KernelProgram {
         check_layout(&mut ebpf, &pin_dir)?;
         let mut control: Array<MapData, u32> = take_map(&mut ebpf, map_names::CONTROL)?;
         // Before attaching: every session accepted from here until the agent
-        // has seeded also gets a SOCKETS record, so seeding cannot count it twice.
+        // has seeded gets a SOCKETS record, so seeding cannot count it twice.
         set_mirroring(&mut control, true)?;
         let sessions = match ebpf.take_map(map_names::SESSIONS) {
             Some(aya::maps::Map::SkStorage(data)) => data,
