@@ -68,6 +68,8 @@ fn fill(set: &SyntheticSet, now: Duration) -> Monitors {
 }
 
 struct SizeRun {
+    /// The agent's resident memory once it has loaded the windows and settled.
+    rss: u64,
     size: usize,
     set: SyntheticSet,
     monitors: Monitors,
@@ -108,13 +110,17 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             .load(&state_file, now)
             .context("loading the monitor state back")?;
         let started = agent.start()?;
+        agent.wait_quiet(Duration::from_millis(2500))?;
+        let rss = env::rss_bytes(agent.pid().context("agent pid")?).unwrap_or(0);
         println!(
-            "[windows] {} IPs in {FILLED_WINDOWS} windows; agent answering after {:.1} s",
+            "[windows] {} IPs in {FILLED_WINDOWS} windows; agent answering after {:.1} s, RSS {:.1} MiB",
             fmt_count(size as f64),
-            started.as_secs_f64()
+            started.as_secs_f64(),
+            rss as f64 / 1_048_576.0
         );
         let client = agent.client()?;
         runs.push(SizeRun {
+            rss,
             size,
             set,
             monitors,
@@ -266,6 +272,23 @@ fn write_report(runs: &[SizeRun], plan: &latency::Plan, report: &mut Report) {
     let Some(largest) = runs.iter().max_by_key(|r| r.size) else {
         return;
     };
+    if let Some(smallest) = runs.iter().min_by_key(|r| r.size) {
+        let per_entry = largest.rss.saturating_sub(smallest.rss) as f64
+            / (largest.size - smallest.size).max(1) as f64;
+        report.note(format!(
+            "Agent memory with the monitor state loaded: {} (VmRSS once settled); {per_entry:.0} B \
+             per (IP, window) entry between the smallest and the largest size, the running \
+             totals and the indexes' hash maps included.",
+            runs.iter()
+                .map(|r| format!(
+                    "{} MiB at {} IPs",
+                    fmt_count(r.rss as f64 / 1_048_576.0),
+                    fmt_count(r.size as f64)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let size = fmt_count(largest.size as f64);
     latency::judge(
         report,
