@@ -366,6 +366,12 @@ fn apply_reload(source: &ConfigSource, program: &Mutex<KernelProgram>, state: &S
             fixed.join(", ")
         );
     }
+    let watched_before: std::collections::HashSet<u16> = running
+        .config
+        .services
+        .iter()
+        .flat_map(|s| s.ports.iter().copied())
+        .collect();
     let slots = {
         let mut program = program.lock().unwrap_or_else(|p| p.into_inner());
         let in_use = match program.snapshot_tracked() {
@@ -378,13 +384,30 @@ fn apply_reload(source: &ConfigSource, program: &Mutex<KernelProgram>, state: &S
                 return;
             }
         };
-        match program.configure_services(&config.services, |slot| in_use.contains(&slot)) {
+        let slots = match program
+            .configure_services(&config.services, |slot| in_use.contains(&slot))
+        {
             Ok(slots) => slots,
             Err(e) => {
                 log::error!("SIGHUP: services not applied, the running configuration stays: {e}");
                 return;
             }
+        };
+        let newly_watched: HashMap<u16, u8> = config
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter().map(|&p| (p, slots[&s.name])))
+            .filter(|(port, _)| !watched_before.contains(port))
+            .collect();
+        if !newly_watched.is_empty() {
+            seed_newly_watched(
+                &mut program,
+                &newly_watched,
+                config.cgroup.as_deref(),
+                state,
+            );
         }
+        slots
     };
     state
         .lock_monitors()
@@ -406,6 +429,46 @@ fn apply_reload(source: &ConfigSource, program: &Mutex<KernelProgram>, state: &S
         config.policy_limits.len()
     );
     state.replace_setup(Setup { config, slots });
+}
+
+/// Counts the sessions already open on ports a reload started watching, as
+/// the start-up does for every port: sock_ops never saw them accepted.
+fn seed_newly_watched(
+    program: &mut KernelProgram,
+    ports: &HashMap<u16, u8>,
+    cgroup: Option<&std::path::Path>,
+    state: &SharedState,
+) {
+    let seeded = (|| -> Result<seed::SeedReport, seed::SeedError> {
+        // As at start-up: the backstop before anything is seeded, and
+        // sessions accepted meanwhile tracked by record, so none counts twice.
+        program.start_mirroring()?;
+        program.attach_close_backstop()?;
+        let report = seed::seed_existing(program, ports, cgroup);
+        program.stop_mirroring()?;
+        report
+    })();
+    match seeded {
+        Ok(report) => {
+            AgentStats::set(
+                &state.stats.close_backstop_attached,
+                program.close_backstop_attached().into(),
+            );
+            log::info!(
+                "SIGHUP: newly watched ports {:?}: {} open sessions seeded, {} already tracked, {} closed meanwhile",
+                ports.keys().collect::<Vec<_>>(),
+                report.seeded,
+                report.already_tracked,
+                report.vanished
+            );
+        }
+        Err(e) => {
+            let _ = program.stop_mirroring();
+            log::error!(
+                "SIGHUP: sessions already open on newly watched ports are not counted: {e}"
+            );
+        }
+    }
 }
 
 async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: Shutdown) {

@@ -272,6 +272,9 @@ fn sighup_reloads_services_monitors_and_limits_without_losing_counts() {
         .query("msys.audit.inbound_session_count('127.0.0.61', 'Control')")
         .starts_with("ERR unknown_service "));
 
+    // Open before its port is watched: sock_ops never sees it accepted.
+    let early = from("127.0.0.63", control);
+
     // A new service and a new monitor; the running ones keep their counts.
     write_config(&format!(
         "monitors = [\"60,1\", \"300,2\"]\n[services]\nSMTP = [{}]\nControl = [{}]\n",
@@ -282,6 +285,16 @@ fn sighup_reloads_services_monitors_and_limits_without_losing_counts() {
         "msys.audit.inbound_session_count('127.0.0.61', 'Control')",
         "OK 0",
     );
+    // The session already open on the newly watched port is seeded, and its
+    // close is seen (by the close backstop, attached again for it).
+    agent.expect_count("127.0.0.63", "Control", 1);
+    assert!(
+        agent.log_text().contains("1 open sessions seeded"),
+        "{}",
+        agent.log_text()
+    );
+    drop(early);
+    agent.expect_count("127.0.0.63", "Control", 0);
     let c = from("127.0.0.61", control);
     agent.expect_count("127.0.0.61", "Control", 1);
     agent.expect_count("127.0.0.61", "SMTP", 2);

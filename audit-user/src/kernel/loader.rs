@@ -218,10 +218,33 @@ impl KernelProgram {
         })
     }
 
-    /// Ends the start-up's mirroring of accepted sessions into SOCKETS (see
-    /// `control::MIRROR_TO_SOCKETS`): call once the seeding is done.
+    /// Has accepted sessions tracked by SOCKETS records while the agent seeds
+    /// (see `control::MIRROR_TO_SOCKETS`); the start-up does it from `load`.
+    pub fn start_mirroring(&mut self) -> Result<(), LoadError> {
+        set_mirroring(&mut self.control, true)
+    }
+
+    /// Ends that mirroring: call once the seeding is done.
     pub fn stop_mirroring(&mut self) -> Result<(), LoadError> {
         set_mirroring(&mut self.control, false)
+    }
+
+    /// Attaches the tp_btf close backstop again, before sessions are seeded
+    /// after start-up (newly watched ports). Returns whether it was detached.
+    pub fn attach_close_backstop(&mut self) -> Result<bool, LoadError> {
+        if self.close_backstop_attached() {
+            return Ok(false);
+        }
+        let set_state: &mut BtfTracePoint = program(&mut self.ebpf, program_names::SET_STATE)?;
+        let link_id = set_state
+            .attach()
+            .map_err(program_error(program_names::SET_STATE))?;
+        let link: FdLink = set_state
+            .take_link(link_id)
+            .map_err(program_error(program_names::SET_STATE))?
+            .into();
+        replace_pinned_link(link, &self.pin_dir.join(SET_STATE_LINK))?;
+        Ok(true)
     }
 
     /// The SESSIONS map, for sock_diag requests that read sockets' storage.
