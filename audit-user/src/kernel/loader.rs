@@ -182,14 +182,7 @@ impl KernelProgram {
         set_state
             .load("inet_sock_set_state", &btf)
             .map_err(program_error(program_names::SET_STATE))?;
-        let link_id = set_state
-            .attach()
-            .map_err(program_error(program_names::SET_STATE))?;
-        let link: FdLink = set_state
-            .take_link(link_id)
-            .map_err(program_error(program_names::SET_STATE))?
-            .into();
-        replace_pinned_link(link, &pin_dir.join(SET_STATE_LINK))?;
+        attach_backstop(&mut ebpf, &pin_dir)?;
 
         let sync: &mut Xdp = program(&mut ebpf, program_names::SYNC)?;
         sync.load().map_err(program_error(program_names::SYNC))?;
@@ -235,15 +228,7 @@ impl KernelProgram {
         if self.close_backstop_attached() {
             return Ok(false);
         }
-        let set_state: &mut BtfTracePoint = program(&mut self.ebpf, program_names::SET_STATE)?;
-        let link_id = set_state
-            .attach()
-            .map_err(program_error(program_names::SET_STATE))?;
-        let link: FdLink = set_state
-            .take_link(link_id)
-            .map_err(program_error(program_names::SET_STATE))?
-            .into();
-        replace_pinned_link(link, &self.pin_dir.join(SET_STATE_LINK))?;
+        attach_backstop(&mut self.ebpf, &self.pin_dir)?;
         Ok(true)
     }
 
@@ -610,6 +595,19 @@ fn check_layout(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
             expected: LAYOUT_VERSION,
         }),
     }
+}
+
+/// Attaches the (loaded) tp_btf close backstop and pins its link.
+fn attach_backstop(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
+    let set_state: &mut BtfTracePoint = program(ebpf, program_names::SET_STATE)?;
+    let link_id = set_state
+        .attach()
+        .map_err(program_error(program_names::SET_STATE))?;
+    let link: FdLink = set_state
+        .take_link(link_id)
+        .map_err(program_error(program_names::SET_STATE))?
+        .into();
+    replace_pinned_link(link, &pin_dir.join(SET_STATE_LINK))
 }
 
 fn set_mirroring(control: &mut Array<MapData, u32>, on: bool) -> Result<(), LoadError> {
