@@ -218,10 +218,11 @@ fn on_close(ctx: &SockOpsContext) -> Result<(), ()> {
     let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
     // SAFETY: the sock_ops context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    if sk.is_null() {
-        return Ok(());
-    }
-    let storage = session_storage(sk, None);
+    let storage = if sk.is_null() {
+        core::ptr::null_mut()
+    } else {
+        session_storage(sk, None)
+    };
     if storage.is_null() {
         // Accepted while the agent seeded (a SOCKETS record and no storage), or
         // state callbacks asked for by a program whose storage map was cleaned

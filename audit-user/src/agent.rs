@@ -269,7 +269,8 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
 /// passes build large tables they drop again. glibc serves such blocks from the
 /// heap once its threshold has adapted upwards (up to 32 MiB), and a freed block
 /// then stays resident wherever a live one sits above it: measured at 100k
-/// IPs, 184 bytes of RSS per IP instead of 50. A fixed threshold keeps every
+/// IPs (before the index had its hash maps), 184 bytes of RSS per IP instead
+/// of 50. A fixed threshold keeps every
 /// block of 64 KiB or more in its own mapping, returned whole on free (and
 /// grown with mremap, without copying).
 fn return_large_blocks_on_free() {
