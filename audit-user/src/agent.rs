@@ -133,22 +133,23 @@ fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         event_ring_bytes: config.event_ring_bytes,
     })?;
 
-    // A slot whose service is gone can be reused only once no session holds it.
-    let mut slot_in_use = [false; MAX_SERVICES];
-    for record in program.snapshot_tracked()? {
-        if let Some(used) = slot_in_use.get_mut(record.service as usize) {
-            *used = true;
-        }
-    }
-    let slots = program.configure_services(&config.services, |slot| slot_in_use[slot as usize])?;
-
     // Events queued while no agent ran are already in the kernel's records: drop
-    // them, then take the records as the starting point.
+    // them, then take the records as the starting point (one snapshot: at 1M
+    // sessions reading them takes seconds).
     let mut events = program
         .take_events()
         .ok_or(LoadError::MissingMap("EVENTS"))?;
     while events.next().is_some() {}
     let records = program.snapshot_tracked()?;
+
+    // A slot whose service is gone can be reused only once no session holds it.
+    let mut slot_in_use = [false; MAX_SERVICES];
+    for record in &records {
+        if let Some(used) = slot_in_use.get_mut(record.service as usize) {
+            *used = true;
+        }
+    }
+    let slots = program.configure_services(&config.services, |slot| slot_in_use[slot as usize])?;
     let ports: HashMap<u16, u8> = config
         .services
         .iter()
@@ -163,9 +164,10 @@ fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
     let report = seed::seed_existing(&program, &ports, state.setup().config.cgroup.as_deref())?;
     // Seeding is over: from here on an accepted session needs no SOCKETS record.
     program.stop_mirroring()?;
-    let after_seeding = program.snapshot_records()?;
-    let seeded = release_close_backstop(&mut program, &after_seeding)?;
-    drop(after_seeding);
+    // An upper bound (a seeded session may have closed since the snapshot):
+    // the first reconcile pass detaches the backstop if it was one too many.
+    let seeded = seeded_records(&records) + report.seeded;
+    release_close_backstop(&mut program, seeded)?;
     AgentStats::set(&state.stats.kernel_seeded_sessions, seeded as u64);
     AgentStats::set(
         &state.stats.close_backstop_attached,
@@ -609,23 +611,24 @@ fn save_monitor_state(state: &SharedState) {
     }
 }
 
-/// Detaches the tp_btf close backstop once no seeded session is left in
-/// `records`: every other session's close is seen by sock_ops. Returns the
-/// seeded sessions left.
-fn release_close_backstop(
-    program: &mut KernelProgram,
-    records: &[SocketRecord],
-) -> Result<usize, LoadError> {
-    let seeded = records
+/// Sessions among `records` that were seeded: only the tp_btf backstop sees
+/// their close.
+fn seeded_records(records: &[SocketRecord]) -> usize {
+    records
         .iter()
         .filter(|r| r.origin == record_origin::SEEDED)
-        .count();
+        .count()
+}
+
+/// Detaches the tp_btf close backstop when no seeded session is left: every
+/// other session's close is seen by sock_ops.
+fn release_close_backstop(program: &mut KernelProgram, seeded: usize) -> Result<(), LoadError> {
     if seeded == 0 && program.detach_close_backstop()? {
         log::info!(
             "no seeded session left: tp_btf close backstop detached (sock_ops sees every close)"
         );
     }
-    Ok(seeded)
+    Ok(())
 }
 
 /// What one reconcile pass read from the kernel, and did to it.
@@ -660,11 +663,12 @@ fn kernel_pass(
         }
     }
     let collected = program.collect_zero_entries(&live);
-    let seeded_sessions = release_close_backstop(&mut program, &records)? as u64;
+    let seeded_sessions = seeded_records(&records);
+    release_close_backstop(&mut program, seeded_sessions)?;
     Ok(KernelPass {
         truth,
         sessions: records.len() as u64,
-        seeded_sessions,
+        seeded_sessions: seeded_sessions as u64,
         backstop_attached: program.close_backstop_attached(),
         lost: program.stat(stat::EVENTS_LOST),
         ip_table_full: program.stat(stat::IP_TABLE_FULL),
