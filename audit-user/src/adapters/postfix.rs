@@ -340,7 +340,10 @@ pub struct PolicyMemory {
     last_refused: Option<String>,
 }
 
-/// Whether an access(5) action refuses the mail (a 4xx/5xx code, reject, defer).
+/// Whether an access(5) action refuses the mail (a 4xx/5xx code, reject, defer,
+/// defer_if_permit). Not `defer_if_reject`: it defers only a message that a
+/// later restriction rejects, and that refusal is Postfix's own, which never
+/// reaches the agent; counting it here would count mail Postfix accepts.
 fn refuses(action: &str) -> bool {
     let word = action
         .split_whitespace()
@@ -351,11 +354,7 @@ fn refuses(action: &str) -> bool {
         || word.starts_with('5')
         || matches!(
             word.as_str(),
-            "reject"
-                | "defer"
-                | "defer_if_permit"
-                | "defer_if_reject"
-                | "reject_unauth_destination"
+            "reject" | "defer" | "defer_if_permit" | "reject_unauth_destination"
         )
 }
 
@@ -549,6 +548,29 @@ mod tests {
             ),
             1
         );
+    }
+
+    #[test]
+    fn only_actions_that_refuse_the_mail_count_as_rejections() {
+        for action in [
+            "421 4.7.0 Too many",
+            "550 5.7.1",
+            "REJECT go away",
+            "defer",
+            "defer_if_permit",
+        ] {
+            assert!(refuses(action), "{action}");
+        }
+        for action in [
+            "defer_if_reject",
+            "dunno",
+            "OK",
+            "warn watch this",
+            "prepend X-Audit: 1",
+            "",
+        ] {
+            assert!(!refuses(action), "{action}");
+        }
     }
 
     #[test]
