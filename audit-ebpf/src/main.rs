@@ -292,13 +292,7 @@ fn open_session(
         return false;
     }
     let init = SessionStorage {
-        record: SocketRecord {
-            addr,
-            family,
-            service: service as u8,
-            origin: record_origin::ACCEPTED,
-            _pad: [0; 5],
-        },
+        record: session_record(family, addr, service, record_origin::ACCEPTED),
         state: session_state::COUNTED,
         _pad: 0,
     };
@@ -308,23 +302,12 @@ fn open_session(
         warn!(ctx, "no socket storage: session {} is not counted", cookie);
         return false;
     }
-    let Some(counts) = live_counts(family, &addr, true) else {
+    if !count_open(ctx, EVENT_OPEN, cookie, &init.record) {
         // Not counted, so it must not be uncounted at close either.
         // SAFETY: `storage` is this socket's storage, valid for this invocation.
         unsafe { (*storage).state = session_state::DONE };
-        bump_stat(stat::IP_TABLE_FULL);
-        warn!(ctx, "per-IP table full: session {} is not counted", cookie);
         return false;
-    };
-    // SAFETY: `counts` points into a map value that outlives this invocation
-    // (RCU), and `service` is bounds checked above.
-    unsafe {
-        let slot = (*counts).sessions.as_mut_ptr().add(service as usize);
-        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            slot, 1,
-        );
     }
-    emit(EVENT_OPEN, cookie, &init.record);
     true
 }
 
@@ -366,18 +349,7 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
             };
             // The delta travels in the cookie field; two's complement makes a
             // wrapping add of its low 32 bits a signed add.
-            // SAFETY: as in `track`; the service slot is bounds checked above.
-            unsafe {
-                let slot = (*counts)
-                    .sessions
-                    .as_mut_ptr()
-                    .add(request.service as usize);
-                core::intrinsics::atomic_xadd::<
-                    u32,
-                    u32,
-                    { core::intrinsics::AtomicOrdering::Relaxed },
-                >(slot, request.cookie as u32);
-            }
+            add_to_slot(counts, request.service as usize, request.cookie as u32);
             Ok(sync_result::APPLIED)
         }
         _ => Err(()),
@@ -396,17 +368,12 @@ fn track<C: EbpfContext>(
     if service as usize >= MAX_SERVICES {
         return sync_result::INVALID;
     }
-    let record = SocketRecord {
-        addr,
-        family,
-        service: service as u8,
-        origin: if event == EVENT_SEED {
-            record_origin::SEEDED
-        } else {
-            record_origin::ACCEPTED
-        },
-        _pad: [0; 5],
+    let origin = if event == EVENT_SEED {
+        record_origin::SEEDED
+    } else {
+        record_origin::ACCEPTED
     };
+    let record = session_record(family, addr, service, origin);
     match SOCKETS.insert(cookie, record, BPF_NOEXIST as u64) {
         Ok(()) => {}
         // Already tracked: this socket was counted by another path.
@@ -417,23 +384,52 @@ fn track<C: EbpfContext>(
             return sync_result::TABLE_FULL;
         }
     }
-    let Some(counts) = live_counts(family, &addr, true) else {
+    if !count_open(ctx, event, cookie, &record) {
         // Not counted, so it must not be uncounted at close either.
         let _ = SOCKETS.remove(cookie);
+        return sync_result::TABLE_FULL;
+    }
+    sync_result::APPLIED
+}
+
+/// A session's record; `service` is a slot below MAX_SERVICES.
+fn session_record(family: u8, addr: [u8; 16], service: u32, origin: u8) -> SocketRecord {
+    SocketRecord {
+        addr,
+        family,
+        service: service as u8,
+        origin,
+        _pad: [0; 5],
+    }
+}
+
+/// Adds an opened session to its IP's count and reports it as `event`. False
+/// (and nothing changed) when the per-IP table is full.
+fn count_open<C: EbpfContext>(ctx: &C, event: u8, cookie: u64, record: &SocketRecord) -> bool {
+    let Some(counts) = live_counts(record.family, &record.addr, true) else {
         bump_stat(stat::IP_TABLE_FULL);
         warn!(ctx, "per-IP table full: session {} is not counted", cookie);
-        return sync_result::TABLE_FULL;
+        return false;
     };
+    add_to_slot(counts, record.service as usize, 1);
+    emit(event, cookie, record);
+    true
+}
+
+/// Adds `delta` (two's complement: a wrapping add is a signed add) to one
+/// service's counter of an IP, atomically.
+fn add_to_slot(counts: *mut LiveCounts, service: usize, delta: u32) {
+    if service >= MAX_SERVICES {
+        return;
+    }
     // SAFETY: `counts` points into a map value that outlives this invocation
     // (RCU), and `service` is bounds checked above.
     unsafe {
-        let slot = (*counts).sessions.as_mut_ptr().add(service as usize);
+        let slot = (*counts).sessions.as_mut_ptr().add(service);
         core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            slot, 1,
+            slot, delta,
         );
     }
-    emit(event, cookie, &record);
-    sync_result::APPLIED
 }
 
 const EEXIST: i32 = -17;
@@ -458,13 +454,7 @@ fn uncount(cookie: u64, record: &SocketRecord) -> Result<(), ()> {
         return Err(());
     }
     if let Some(counts) = live_counts(record.family, &record.addr, false) {
-        // SAFETY: as in `track`; the service slot is bounds checked above.
-        unsafe {
-            let slot = (*counts).sessions.as_mut_ptr().add(record.service as usize);
-            core::intrinsics::atomic_xsub::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                slot, 1,
-            );
-        }
+        add_to_slot(counts, record.service as usize, 1u32.wrapping_neg());
     }
     emit(EVENT_CLOSE, cookie, record);
     Ok(())
