@@ -163,6 +163,15 @@ impl Drop for Sysctl {
     }
 }
 
+/// A TcpExt counter from /proc/net/netstat (e.g. `ListenOverflows`).
+pub fn tcp_ext_counter(name: &str) -> Option<u64> {
+    let netstat = fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 pub fn sysctl(name: &str) -> String {
     read_trimmed(&format!("/proc/sys/{}", name.replace('.', "/")))
 }

@@ -10,6 +10,7 @@ mod env;
 mod kernel;
 mod latency;
 mod net;
+mod reference;
 mod report;
 mod scenarios {
     pub mod alternatives;

@@ -98,7 +98,10 @@ pub fn serve(listen: &[SocketAddr]) -> Result<()> {
         // Restarting after a kill must not wait for the old TIME_WAIT sockets.
         socket.set_reuse_address(true)?;
         socket.bind(&(*addr).into())?;
-        socket.listen(4096)?;
+        // Capped by net.core.somaxconn at this call: the rate runs raise it so
+        // the accept queue never overflows (a dropped handshake stalls its
+        // client for a 1 s SYN retransmit, which would time a timer, not CPU).
+        socket.listen(65535)?;
         socket.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(socket.into());
         poll.registry()
@@ -136,41 +139,24 @@ pub fn serve(listen: &[SocketAddr]) -> Result<()> {
     let mut events = Events::with_capacity(1024);
     let mut buffer = [0u8; 4096];
     let mut emfile_reported = false;
+    // Listeners whose last accept failed (out of descriptors) with connections
+    // still queued: readiness is edge-triggered, so no new event would come
+    // for those; they are retried after every turn of the loop instead.
+    let mut stalled: Vec<usize> = Vec::new();
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = (!stalled.is_empty()).then_some(std::time::Duration::from_millis(1));
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e.into());
         }
+        let mut ready: Vec<usize> = std::mem::take(&mut stalled);
         for event in events.iter() {
             let token = event.token().0;
             if token < first_conn {
-                loop {
-                    match listeners[token].accept() {
-                        Ok((mut stream, _)) => {
-                            let slot = free.pop().unwrap_or_else(|| {
-                                conns.push(None);
-                                conns.len() - 1
-                            });
-                            poll.registry().register(
-                                &mut stream,
-                                Token(first_conn + slot),
-                                Interest::READABLE,
-                            )?;
-                            conns[slot] = Some(stream);
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                            open.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            if !emfile_reported {
-                                eprintln!("bench serve: accept: {e}");
-                                emfile_reported = true;
-                            }
-                            break;
-                        }
-                    }
+                if !ready.contains(&token) {
+                    ready.push(token);
                 }
                 continue;
             }
@@ -193,6 +179,38 @@ pub fn serve(listen: &[SocketAddr]) -> Result<()> {
                 }
                 free.push(slot);
                 open.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        // Accepts after the reads, so connections closed this turn have
+        // given their descriptors back.
+        for token in ready {
+            loop {
+                match listeners[token].accept() {
+                    Ok((mut stream, _)) => {
+                        let slot = free.pop().unwrap_or_else(|| {
+                            conns.push(None);
+                            conns.len() - 1
+                        });
+                        poll.registry().register(
+                            &mut stream,
+                            Token(first_conn + slot),
+                            Interest::READABLE,
+                        )?;
+                        conns[slot] = Some(stream);
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        open.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        if !emfile_reported {
+                            eprintln!("bench serve: accept: {e} (retrying)");
+                            emfile_reported = true;
+                        }
+                        stalled.push(token);
+                        break;
+                    }
+                }
             }
         }
     }

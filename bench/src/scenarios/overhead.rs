@@ -26,6 +26,7 @@ use crate::{
     env::{self, Sysctl},
     kernel,
     net::{connect_from, ServerProcess},
+    reference::{Reference, ReferenceSockOps},
     report::{fmt_count, Report, Section},
     Ctx,
 };
@@ -68,6 +69,8 @@ struct RunResult {
     errors: u64,
     /// CPU time the machine spent busy during the run (all CPUs).
     busy_secs: f64,
+    /// Handshakes the listener dropped because its accept queue was full.
+    listen_overflows: u64,
 }
 
 impl RunResult {
@@ -87,6 +90,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         (11, Duration::from_secs(2))
     };
     let port = env::free_port(&[])?;
+    // Room in the accept queue for a whole run's connections: the server
+    // (one thread against two clients) falls behind, and an overflowing queue
+    // drops handshakes, whose clients then wait out a 1 s SYN retransmit.
+    let _backlog = Sysctl::set("net.core.somaxconn", "65535")?;
     let mut server = ServerProcess::start(&ctx.cgroup, &[port])?;
     let mut agent = BenchAgent::new(
         &ctx.agent_binary,
@@ -114,23 +121,34 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let one_cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
     let pinned = {
         env::pin_process(server.pid(), Some(one_cpu))?;
-        let pairs = rate_pairs(
+        let arms = [
+            Arm::Without,
+            Arm::Agent,
+            Arm::Reference(Reference::Floor),
+            Arm::Reference(Reference::LpmCounter),
+            Arm::Reference(Reference::HashCounter),
+        ];
+        let rounds = rate_rounds(
             &mut server,
             &mut agent,
+            ctx.cgroup.path(),
             target,
             &mut source,
+            &arms,
             pairs,
             run_for,
             Some(one_cpu),
         );
         env::pin_process(server.pid(), None)?;
-        pairs?
+        rounds?
     };
-    let default = rate_pairs(
+    let default = rate_rounds(
         &mut server,
         &mut agent,
+        ctx.cgroup.path(),
         target,
         &mut source,
+        &[Arm::Without, Arm::Agent],
         pairs.div_ceil(2),
         run_for,
         None,
@@ -207,13 +225,17 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     }
     drop(agent);
 
-    // Calibration: the same run with only a sock_ops program that asks for
-    // state callbacks and does nothing else: the floor any sock_ops design that
-    // sees closes pays on this machine.
-    {
-        let empty = kernel::FloorSockOps::attach(ctx.cgroup.path())?;
+    // Calibration: the same run with only a reference program attached (see
+    // crate::reference): what the invocations alone cost, and what the least a
+    // design with per-IP counts in an LPM trie must do costs.
+    for reference in [
+        Reference::Floor,
+        Reference::LpmCounter,
+        Reference::HashCounter,
+    ] {
+        let program = ReferenceSockOps::attach(reference, ctx.cgroup.path())?;
         let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
-        let before = empty.stats()?;
+        let before = program.stats()?;
         let run = accept_close_run(
             &mut server,
             target,
@@ -222,12 +244,13 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             MANY_SOURCES,
             None,
         )?;
-        let after = empty.stats()?;
+        let after = program.stats()?;
+        check_counters(&program, reference)?;
         costs.push(KernelCost {
-            label: "floor: a sock_ops program that only asks for state callbacks (no agent)",
+            label: reference_cost_label(reference),
             connections: run.connections,
             programs: vec![(
-                "floor sock-ops".into(),
+                format!("{} sock-ops", reference.short()),
                 after.run_time_ns - before.run_time_ns,
                 after.run_count - before.run_count,
             )],
@@ -256,7 +279,14 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
              session that predates the agent (seeded from sock_diag) is open; it runs for every \
              TCP state change on the machine, here both ends of each loopback connection (a \
              remote client's side would not be on this host). bpf_stats' own clock reads are \
-             included. The first run is the judged figure; the others show where the time goes.",
+             included. The first run is the judged figure; the others show where the time goes. \
+             The reference rows are raw sock_ops programs attached instead of ours (no agent): \
+             the floor, which only asks for state callbacks (what any sock_ops design that \
+             learns of closes pays); the LPM counter, the least a program that keeps per-IP \
+             counts in an LPM trie can do (lookup, insert at zero if absent, atomic +1 at \
+             accept; lookup and atomic -1 at close; no port filter, no per-socket state, no \
+             events); and the same counter in a preallocated hash map. Each counter map is \
+             checked after its run: an entry per source seen, and every count back at zero.",
             run_for.as_secs_f64()
         ),
         columns: [
@@ -296,110 +326,108 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     );
 
     let mut rows = Vec::new();
-    for (placement, pairs) in [("one CPU", &pinned), ("default", &default)] {
-        let rates = |runs: &[RunResult]| runs.iter().map(RunResult::rate).collect::<Vec<_>>();
-        let spread = |values: &[f64]| {
-            format!(
-                "{} – {}",
-                fmt_count(quantile(values, 0.0)),
-                fmt_count(quantile(values, 1.0))
-            )
-        };
-        let ratios = pairs.ratios();
+    for (placement, rounds) in [("one CPU", &pinned), ("default", &default)] {
+        let without = rounds.runs(Arm::Without);
+        let without_cpu = median(&busy(without));
         rows.push(vec![
             placement.into(),
-            "without agent".into(),
-            fmt_count(median(&rates(&pairs.without))),
-            spread(&rates(&pairs.without)),
-        ]);
-        rows.push(vec![
-            placement.into(),
-            "with agent".into(),
-            fmt_count(median(&rates(&pairs.with))),
-            spread(&rates(&pairs.with)),
-        ]);
-        rows.push(vec![
-            placement.into(),
-            "ratio with / without".into(),
-            format!("{:.1} %", median(&ratios) * 100.0),
-            format!(
-                "{:.1} % – {:.1} %",
-                quantile(&ratios, 0.0) * 100.0,
-                quantile(&ratios, 1.0) * 100.0
-            ),
-        ]);
-        let busy = |runs: &[RunResult]| {
-            runs.iter()
-                .map(RunResult::busy_us_per_connection)
-                .collect::<Vec<_>>()
-        };
-        let cpu_ratios = pairs.cpu_ratios();
-        rows.push(vec![
-            placement.into(),
-            "machine CPU per connection without / with agent".into(),
-            format!(
-                "{:.1} µs / {:.1} µs",
-                median(&busy(&pairs.without)),
-                median(&busy(&pairs.with))
-            ),
+            Arm::Without.label().into(),
+            fmt_count(median(&rates(without))),
+            spread_count(&rates(without)),
+            String::new(),
+            String::new(),
+            format!("{without_cpu:.1} µs"),
+            String::new(),
             String::new(),
         ]);
-        rows.push(vec![
-            placement.into(),
-            "CPU ratio without / with (rate ratio if CPU-bound)".into(),
-            format!("{:.1} %", median(&cpu_ratios) * 100.0),
-            format!(
-                "{:.1} % – {:.1} %",
-                quantile(&cpu_ratios, 0.0) * 100.0,
-                quantile(&cpu_ratios, 1.0) * 100.0
-            ),
-        ]);
-        rows.push(vec![
-            placement.into(),
-            "agent CPU per connection (user space)".into(),
-            format!("{:.1} µs", median(&pairs.agent_cpu_per_conn)),
-            String::new(),
-        ]);
+        for &arm in rounds.arms.iter().filter(|&&arm| arm != Arm::Without) {
+            let runs = rounds.runs(arm);
+            let ratios = rounds.ratios(arm);
+            let cpu_ratios = rounds.cpu_ratios(arm);
+            let cpu = median(&busy(runs));
+            rows.push(vec![
+                placement.into(),
+                arm.label().into(),
+                fmt_count(median(&rates(runs))),
+                spread_count(&rates(runs)),
+                format!("{:.1} %", median(&ratios) * 100.0),
+                spread_percent(&ratios),
+                format!("{cpu:.1} µs (+{:.1})", cpu - without_cpu),
+                format!("{:.1} %", median(&cpu_ratios) * 100.0),
+                spread_percent(&cpu_ratios),
+            ]);
+        }
     }
     let errors: u64 = [&pinned, &default]
         .iter()
-        .flat_map(|p| p.with.iter().chain(&p.without))
+        .flat_map(|r| r.runs.iter().flatten())
         .map(|r| r.errors)
         .sum();
+    let overflows: u64 = [&pinned, &default]
+        .iter()
+        .flat_map(|r| r.runs.iter().flatten())
+        .map(|r| r.listen_overflows)
+        .sum();
+    let agent_cpu = median(&pinned.agent_cpu_per_conn);
     report.sections.push(Section {
         title: "Accept + close rate with and without the agent".into(),
         method: format!(
             "{CLIENTS} client threads connect and close as fast as they can for {} s per run; \
-             a run ends when the server has accepted and closed every connection. With: the \
-             agent running with its programs attached to the server's cgroup. Without: the \
-             agent stopped and its programs detached (`inbound-audit cleanup`). Pairs of runs, \
-             alternating which goes first; ratio per pair. Judged: {} pairs with the clients, \
-             the server and the agent all on one CPU, so the rate is bounded by CPU work (the \
-             clients' included, as they share the host on loopback). Then {} pairs where the \
-             scheduler puts them. Machine CPU: busy time of all CPUs from /proc/stat (user, \
-             system, irq, softirq; not idle or steal) over the run, per connection; its ratio \
-             is what the rate ratio would be on a CPU-bound machine, without the wakeup \
-             latencies. bpf_stats off. Connect errors over all runs: {errors}.",
+             a run ends when the server has accepted and closed every connection. With the \
+             agent: running, with its programs attached to the server's cgroup. Without: the \
+             agent stopped and its programs detached (`inbound-audit cleanup`). Rounds of one \
+             run per arm, the order rotating between rounds; ratios per round against that \
+             round's run without. Judged: {} rounds with the clients, the server and the agent \
+             all on one CPU, so the rate is bounded by CPU work (the clients' included, as they \
+             share the host on loopback). The same rounds run three reference programs \
+             instead of the agent (raw sock_ops programs attached to the same cgroup, no \
+             agent): the floor, which only asks for state callbacks; the LPM counter, the \
+             least a program that keeps per-IP counts in an LPM trie can do (+1 at accept, \
+             -1 at close, no port filter, no per-socket state, no events); and the same \
+             counter in a hash map. Then {} rounds where the scheduler puts the processes, \
+             with and without the agent only. Machine CPU: busy time of all CPUs from \
+             /proc/stat (user, system, irq, softirq; not idle or steal) over the run, per \
+             connection; its ratio (without ÷ with) is what the rate ratio would be on a \
+             CPU-bound machine, without the wakeup latencies. The agent process itself used \
+             {agent_cpu:.1} µs of CPU per connection (user and system, median, one CPU). \
+             bpf_stats off. The listener's accept queue holds 65,535 connections \
+             (net.core.somaxconn raised for the scenario), so the server may fall behind \
+             without dropping a handshake; handshakes dropped over all runs \
+             (TcpExt ListenOverflows): {overflows}. Connect errors over all runs: {errors}.",
             run_for.as_secs_f64(),
-            pinned.with.len(),
-            default.with.len(),
+            pinned.rounds(),
+            default.rounds(),
         ),
-        columns: ["placement", "", "connections/s (median)", "min – max"]
-            .map(String::from)
-            .to_vec(),
+        columns: [
+            "placement",
+            "",
+            "connections/s (median)",
+            "min – max",
+            "rate ÷ without (median)",
+            "min – max",
+            "machine CPU per connection (median)",
+            "CPU ratio without ÷ with (median)",
+            "min – max",
+        ]
+        .map(String::from)
+        .to_vec(),
         rows,
         data: json!({
             "one_cpu": pinned.json(), "default": default.json(),
         }),
     });
-    let ratio = median(&pinned.ratios());
+    let ratio = median(&pinned.ratios(Arm::Agent));
+    let lpm = Arm::Reference(Reference::LpmCounter);
     report.target(
-        "Accept rate with the agent vs without, all on one CPU (median of pairs)",
+        "Accept rate with the agent vs without, all on one CPU (median of rounds)",
         format!(
-            "{:.1} % (default placement: {:.1} %; machine CPU per connection, without ÷ with: {:.1} %)",
+            "{:.1} % (CPU ratio {:.1} %; LPM counter alone, no agent: {:.1} %, CPU ratio {:.1} %; \
+             default placement: {:.1} %)",
             ratio * 100.0,
-            median(&default.ratios()) * 100.0,
-            median(&pinned.cpu_ratios()) * 100.0
+            median(&pinned.cpu_ratios(Arm::Agent)) * 100.0,
+            median(&pinned.ratios(lpm)) * 100.0,
+            median(&pinned.cpu_ratios(lpm)) * 100.0,
+            median(&default.ratios(Arm::Agent)) * 100.0,
         ),
         ratio * 100.0,
         "≥ 95 %",
@@ -456,6 +484,7 @@ fn accept_close_run(
             errors.fetch_add(e, Ordering::Relaxed);
         }));
     }
+    let overflows_before = env::tcp_ext_counter("ListenOverflows").unwrap_or(0);
     barrier.wait();
     let start = Instant::now();
     let busy_before = env::machine_busy_seconds().unwrap_or(f64::NAN);
@@ -486,6 +515,9 @@ fn accept_close_run(
         secs: start.elapsed().as_secs_f64(),
         errors: errors.load(Ordering::Relaxed),
         busy_secs: env::machine_busy_seconds().unwrap_or(f64::NAN) - busy_before,
+        listen_overflows: env::tcp_ext_counter("ListenOverflows")
+            .unwrap_or(0)
+            .saturating_sub(overflows_before),
     })
 }
 
@@ -560,104 +592,219 @@ fn map_work_section(ctx: &Ctx, port: u16) -> Result<Section> {
     })
 }
 
-/// Alternating with/without runs.
-struct RatePairs {
-    with: Vec<RunResult>,
-    without: Vec<RunResult>,
+fn rates(runs: &[RunResult]) -> Vec<f64> {
+    runs.iter().map(RunResult::rate).collect()
+}
+
+fn busy(runs: &[RunResult]) -> Vec<f64> {
+    runs.iter().map(RunResult::busy_us_per_connection).collect()
+}
+
+fn spread_count(values: &[f64]) -> String {
+    format!(
+        "{} – {}",
+        fmt_count(quantile(values, 0.0)),
+        fmt_count(quantile(values, 1.0))
+    )
+}
+
+fn spread_percent(values: &[f64]) -> String {
+    format!(
+        "{:.1} % – {:.1} %",
+        quantile(values, 0.0) * 100.0,
+        quantile(values, 1.0) * 100.0
+    )
+}
+
+/// A reference counter that did not count every accept and close would
+/// measure less than its work: fail the run instead.
+fn check_counters(program: &ReferenceSockOps, reference: Reference) -> Result<()> {
+    // The last sockets may still wait for their final ACK (LAST_ACK).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match program.counters()? {
+            Some((entries, sum)) if entries == 0 || sum != 0 => {
+                if Instant::now() > deadline {
+                    bail!(
+                        "the {} program counted wrong: {entries} IPs, {sum} sessions left \
+                         after every connection closed",
+                        reference.short()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+fn reference_cost_label(reference: Reference) -> &'static str {
+    match reference {
+        Reference::Floor => {
+            "reference, no agent: a sock_ops program that only asks for state callbacks, \
+             65,024 sources"
+        }
+        Reference::LpmCounter => {
+            "reference, no agent: LPM counter (per-IP count in an LPM trie, nothing else), \
+             65,024 sources"
+        }
+        Reference::HashCounter => {
+            "reference, no agent: the same counter in a hash map, 65,024 sources"
+        }
+    }
+}
+
+/// What a rate run has attached to the server's cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arm {
+    Without,
+    Agent,
+    Reference(Reference),
+}
+
+impl Arm {
+    fn label(self) -> &'static str {
+        match self {
+            Arm::Without => "without agent (nothing attached)",
+            Arm::Agent => "with agent",
+            Arm::Reference(reference) => reference.label(),
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Arm::Without => "without",
+            Arm::Agent => "with",
+            Arm::Reference(Reference::Floor) => "floor",
+            Arm::Reference(Reference::LpmCounter) => "lpm_counter",
+            Arm::Reference(Reference::HashCounter) => "hash_counter",
+        }
+    }
+}
+
+/// Rounds of one rate run per arm; `runs[i][r]` is arm i's run in round r.
+struct RateRounds {
+    arms: Vec<Arm>,
+    runs: Vec<Vec<RunResult>>,
+    /// The agent process's CPU time (user and system) per connection, per round.
     agent_cpu_per_conn: Vec<f64>,
 }
 
-impl RatePairs {
-    fn ratios(&self) -> Vec<f64> {
-        self.with
+impl RateRounds {
+    fn rounds(&self) -> usize {
+        self.runs.first().map_or(0, Vec::len)
+    }
+
+    fn runs(&self, arm: Arm) -> &[RunResult] {
+        self.arms
             .iter()
-            .zip(&self.without)
+            .position(|&a| a == arm)
+            .map_or(&[], |i| &self.runs[i])
+    }
+
+    /// Per round: the arm's rate ÷ the rate without.
+    fn ratios(&self, arm: Arm) -> Vec<f64> {
+        self.runs(arm)
+            .iter()
+            .zip(self.runs(Arm::Without))
             .map(|(w, o)| w.rate() / o.rate())
             .collect()
     }
 
-    /// Per pair: machine CPU per connection without ÷ with, the rate ratio a
-    /// CPU-bound machine would see; wakeup latencies do not enter it.
-    fn cpu_ratios(&self) -> Vec<f64> {
-        self.with
+    /// Per round: machine CPU per connection without ÷ with the arm, the rate
+    /// ratio a CPU-bound machine would see; wakeup latencies do not enter it.
+    fn cpu_ratios(&self, arm: Arm) -> Vec<f64> {
+        self.runs(arm)
             .iter()
-            .zip(&self.without)
+            .zip(self.runs(Arm::Without))
             .map(|(w, o)| o.busy_us_per_connection() / w.busy_us_per_connection())
             .collect()
     }
 
     fn json(&self) -> serde_json::Value {
-        let rates = |runs: &[RunResult]| runs.iter().map(RunResult::rate).collect::<Vec<_>>();
-        let busy = |runs: &[RunResult]| {
-            runs.iter()
-                .map(RunResult::busy_us_per_connection)
-                .collect::<Vec<_>>()
-        };
-        json!({
-            "with": rates(&self.with), "without": rates(&self.without), "ratios": self.ratios(),
-            "busy_us_per_connection_with": busy(&self.with),
-            "busy_us_per_connection_without": busy(&self.without),
-            "cpu_ratios": self.cpu_ratios(),
-            "agent_cpu_us_per_connection": self.agent_cpu_per_conn,
-        })
+        let arms: serde_json::Map<String, serde_json::Value> = self
+            .arms
+            .iter()
+            .map(|&arm| {
+                (
+                    arm.key().to_string(),
+                    json!({
+                        "rates": rates(self.runs(arm)),
+                        "busy_us_per_connection": busy(self.runs(arm)),
+                        "ratios": self.ratios(arm),
+                        "cpu_ratios": self.cpu_ratios(arm),
+                    }),
+                )
+            })
+            .collect();
+        json!({ "arms": arms, "agent_cpu_us_per_connection": self.agent_cpu_per_conn })
     }
 }
 
-/// `pairs` pairs of rate runs, the agent started for each "with" run and
-/// stopped (programs detached) after it. With `cpu`, the client threads and
-/// the agent run on that CPU (the caller pins the server).
-fn rate_pairs(
+/// `rounds` rounds of one rate run per arm, the order rotating between rounds.
+/// The agent is started for its run and stopped (programs detached) after it;
+/// a reference program is attached for its run only. With `cpu`, the client
+/// threads and the agent run on that CPU (the caller pins the server).
+#[allow(clippy::too_many_arguments)]
+fn rate_rounds(
     server: &mut ServerProcess,
     agent: &mut BenchAgent,
+    cgroup: &std::path::Path,
     target: SocketAddr,
     source: &mut u32,
-    pairs: usize,
+    arms: &[Arm],
+    rounds: usize,
     run_for: Duration,
     cpu: Option<usize>,
-) -> Result<RatePairs> {
-    let mut out = RatePairs {
-        with: Vec::new(),
-        without: Vec::new(),
+) -> Result<RateRounds> {
+    let mut out = RateRounds {
+        arms: arms.to_vec(),
+        runs: arms.iter().map(|_| Vec::new()).collect(),
         agent_cpu_per_conn: Vec::new(),
     };
-    let label = if cpu.is_some() { "one CPU" } else { "default" };
-    for pair in 0..pairs {
-        let order = if pair % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for attached in order {
-            if attached {
-                agent.start()?;
-                let pid = agent.pid().context("pid")?;
-                if cpu.is_some() {
-                    env::pin_process(pid, cpu)?;
+    let placement = if cpu.is_some() { "one CPU" } else { "default" };
+    for round in 0..rounds {
+        for k in 0..arms.len() {
+            let i = (k + round) % arms.len();
+            let run = match arms[i] {
+                Arm::Without => {
+                    accept_close_run(server, target, run_for, source, MANY_SOURCES, cpu)?
                 }
-                // Past the start-up reconcile passes (1 s and 2 s after start).
-                agent.wait_quiet(Duration::from_millis(2500))?;
-                let cpu_before = env::cpu_seconds(pid).unwrap_or(0.0);
-                let run = accept_close_run(server, target, run_for, source, MANY_SOURCES, cpu)?;
-                // The agent follows the ring buffer asynchronously: let it finish.
-                std::thread::sleep(Duration::from_millis(300));
-                let used = env::cpu_seconds(pid).unwrap_or(0.0) - cpu_before;
-                out.agent_cpu_per_conn
-                    .push(used / run.connections as f64 * 1e6);
-                println!(
-                    "[overhead] {label}: with agent:    {:>8.0} connections/s",
-                    run.rate()
-                );
-                out.with.push(run);
-                agent.stop()?;
-                agent.cleanup_pins()?;
-            } else {
-                let run = accept_close_run(server, target, run_for, source, MANY_SOURCES, cpu)?;
-                println!(
-                    "[overhead] {label}: without agent: {:>8.0} connections/s",
-                    run.rate()
-                );
-                out.without.push(run);
-            }
+                Arm::Agent => {
+                    agent.start()?;
+                    let pid = agent.pid().context("pid")?;
+                    if cpu.is_some() {
+                        env::pin_process(pid, cpu)?;
+                    }
+                    // Past the start-up reconcile passes (1 s and 2 s after start).
+                    agent.wait_quiet(Duration::from_millis(2500))?;
+                    let cpu_before = env::cpu_seconds(pid).unwrap_or(0.0);
+                    let run = accept_close_run(server, target, run_for, source, MANY_SOURCES, cpu)?;
+                    // The agent follows the ring buffer asynchronously: let it finish.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let used = env::cpu_seconds(pid).unwrap_or(0.0) - cpu_before;
+                    out.agent_cpu_per_conn
+                        .push(used / run.connections as f64 * 1e6);
+                    agent.stop()?;
+                    agent.cleanup_pins()?;
+                    run
+                }
+                Arm::Reference(reference) => {
+                    let program = ReferenceSockOps::attach(reference, cgroup)?;
+                    let run = accept_close_run(server, target, run_for, source, MANY_SOURCES, cpu)?;
+                    check_counters(&program, reference)?;
+                    run
+                }
+            };
+            println!(
+                "[overhead] {placement}: {:<14} {:>8.0} connections/s, {:.1} µs CPU each, {} \
+                 handshakes dropped",
+                arms[i].key(),
+                run.rate(),
+                run.busy_us_per_connection(),
+                run.listen_overflows
+            );
+            out.runs[i].push(run);
         }
     }
     Ok(out)
