@@ -12,15 +12,28 @@
 //!   trie, as ours must.
 //! - **Hash counter**: the same with an exact-match hash map, to show what the
 //!   trie itself costs.
+//! - **LPM counter with events**: the LPM counter, and per accept and close a
+//!   40-byte event (the socket's cookie, the address, the change) into a ring
+//!   buffer without waking anyone, which a thread of the bench drains every
+//!   100 ms as our agent does. What getting each connection to user space
+//!   costs on top of the counter, with none of our agent's work on it.
 
 use std::{
     collections::HashMap,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
-use aya::programs::loaded_programs;
+use aya::{
+    maps::{Map, MapData, RingBuf},
+    programs::loaded_programs,
+};
 
 use crate::kernel::ProgramStats;
 
@@ -29,6 +42,7 @@ pub enum Reference {
     Floor,
     LpmCounter,
     HashCounter,
+    LpmCounterEvents,
 }
 
 impl Reference {
@@ -39,6 +53,10 @@ impl Reference {
                 "LPM counter: per-IP count in an LPM trie, +1 at accept, -1 at close, nothing else"
             }
             Reference::HashCounter => "hash counter: the same in an exact-match hash map",
+            Reference::LpmCounterEvents => {
+                "LPM counter with events: the same, plus a 40-byte ring-buffer event per accept \
+                 and close, drained every 100 ms by a reader thread"
+            }
         }
     }
 
@@ -47,17 +65,69 @@ impl Reference {
             Reference::Floor => "floor",
             Reference::LpmCounter => "LPM counter",
             Reference::HashCounter => "hash counter",
+            Reference::LpmCounterEvents => "LPM counter with events",
         }
     }
 }
 
-/// A reference program attached to a cgroup; detached (and its map freed)
+/// A reference program attached to a cgroup; detached (and its maps freed)
 /// when dropped.
 pub struct ReferenceSockOps {
     id: u32,
-    _program: OwnedFd,
+    // Field order is drop order: the link (detach) before the maps.
     _link: OwnedFd,
+    _program: OwnedFd,
     _map: Option<OwnedFd>,
+    reader: Option<EventReader>,
+}
+
+/// Drains a reference program's ring buffer every 100 ms (as the agent does
+/// on its timer) and counts the events.
+struct EventReader {
+    stop: Arc<AtomicBool>,
+    read: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
+impl EventReader {
+    fn start(ring: OwnedFd) -> Result<Self> {
+        let data = MapData::from_fd(ring).context("opening the reference ring buffer")?;
+        let mut ring =
+            RingBuf::try_from(Map::RingBuf(data)).context("mapping the reference ring buffer")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let read = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, read) = (stop.clone(), read.clone());
+            std::thread::spawn(move || loop {
+                let done = stop.load(Ordering::Relaxed);
+                let mut n = 0;
+                while let Some(event) = ring.next() {
+                    n += u64::from(event.len() == EVENT_BYTES as usize);
+                }
+                read.fetch_add(n, Ordering::Relaxed);
+                if done {
+                    return;
+                }
+                std::thread::sleep(DRAIN_EVERY);
+            })
+        };
+        Ok(Self {
+            stop,
+            read,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EventReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -70,6 +140,11 @@ const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+/// As our agent's default ring.
+const RING_BYTES: u32 = 4 << 20;
+/// As our events.
+const EVENT_BYTES: i32 = 40;
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Room for the bench's 65,024 sources and then some.
@@ -128,6 +203,24 @@ fn create_counter_map(map_type: u32) -> Result<OwnedFd> {
     bpf_new_fd(BPF_MAP_CREATE, &mut create).context("creating the reference counter map")
 }
 
+fn create_ring() -> Result<OwnedFd> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let mut create = MapCreate {
+        map_type: BPF_MAP_TYPE_RINGBUF,
+        max_entries: RING_BYTES,
+        ..MapCreate::default()
+    };
+    bpf_new_fd(BPF_MAP_CREATE, &mut create).context("creating the reference ring buffer")
+}
+
 /// Just enough of an eBPF assembler for these programs: instructions, labels
 /// and jumps to them.
 #[derive(Default)]
@@ -143,6 +236,7 @@ const MOV64_IMM: u8 = 0xb7;
 const ADD64_IMM: u8 = 0x07;
 const LDX_W: u8 = 0x61;
 const STX_W: u8 = 0x63;
+const STX_DW: u8 = 0x7b;
 const ST_W: u8 = 0x62;
 const ST_DW: u8 = 0x7a;
 const JA: u8 = 0x05;
@@ -176,6 +270,9 @@ const STATE_CB_FLAG: i32 = 4;
 const HELPER_MAP_LOOKUP: i32 = 1;
 const HELPER_MAP_UPDATE: i32 = 2;
 const HELPER_CB_FLAGS_SET: i32 = 59;
+const HELPER_GET_SOCKET_COOKIE: i32 = 46;
+const HELPER_RINGBUF_OUTPUT: i32 = 130;
+const BPF_RB_NO_WAKEUP: i32 = 1;
 const BPF_NOEXIST: i32 = 1;
 
 impl Assembler {
@@ -229,7 +326,8 @@ fn floor_program() -> Vec<u64> {
     asm.finish()
 }
 
-fn counter_program(map: i32) -> Vec<u64> {
+/// The counter in `map`; with `ring`, an event per change too.
+fn counter_program(map: i32, ring: Option<i32>) -> Vec<u64> {
     let mut asm = Assembler::default();
     asm.op(MOV64_REG, R6, R1, 0, 0)
         .op(LDX_W, R2, R6, OPS_OP, 0)
@@ -271,8 +369,26 @@ fn counter_program(map: i32) -> Vec<u64> {
         .op(CALL, 0, 0, 0, HELPER_MAP_LOOKUP)
         .jump(JEQ_IMM, R0, 0, "out")
         .label("add")
-        .op(ATOMIC_DW, R0, R7, 0, 0)
-        .label("out")
+        .op(ATOMIC_DW, R0, R7, 0, 0);
+    if let Some(ring) = ring {
+        // The event at fp-56: cookie, address, change, zeros to 40 bytes.
+        asm.op(MOV64_REG, R1, R6, 0, 0)
+            .op(CALL, 0, 0, 0, HELPER_GET_SOCKET_COOKIE)
+            .op(STX_DW, R10, R0, -56, 0)
+            .op(LDX_W, R2, R10, -4, 0)
+            .op(STX_W, R10, R2, -48, 0)
+            .op(STX_W, R10, R7, -44, 0)
+            .op(ST_DW, R10, 0, -40, 0)
+            .op(ST_DW, R10, 0, -32, 0)
+            .op(ST_DW, R10, 0, -24, 0)
+            .load_map(R1, ring)
+            .op(MOV64_REG, R2, R10, 0, 0)
+            .op(ADD64_IMM, R2, 0, 0, -56)
+            .op(MOV64_IMM, R3, 0, 0, EVENT_BYTES)
+            .op(MOV64_IMM, R4, 0, 0, BPF_RB_NO_WAKEUP)
+            .op(CALL, 0, 0, 0, HELPER_RINGBUF_OUTPUT);
+    }
+    asm.label("out")
         .op(MOV64_IMM, R0, 0, 0, 1)
         .op(EXIT, 0, 0, 0, 0);
     asm.finish()
@@ -282,12 +398,20 @@ impl ReferenceSockOps {
     pub fn attach(reference: Reference, cgroup: &Path) -> Result<Self> {
         let map = match reference {
             Reference::Floor => None,
-            Reference::LpmCounter => Some(create_counter_map(BPF_MAP_TYPE_LPM_TRIE)?),
+            Reference::LpmCounter | Reference::LpmCounterEvents => {
+                Some(create_counter_map(BPF_MAP_TYPE_LPM_TRIE)?)
+            }
             Reference::HashCounter => Some(create_counter_map(BPF_MAP_TYPE_HASH)?),
+        };
+        let ring = match reference {
+            Reference::LpmCounterEvents => Some(create_ring()?),
+            _ => None,
         };
         let instructions = match &map {
             None => floor_program(),
-            Some(map) => counter_program(map.as_raw_fd()),
+            Some(map) => {
+                counter_program(map.as_raw_fd(), ring.as_ref().map(|ring| ring.as_raw_fd()))
+            }
         };
         let license = b"GPL\0";
         let mut log = vec![0u8; 64 * 1024];
@@ -312,6 +436,7 @@ impl ReferenceSockOps {
             Reference::Floor => &b"ref_floor"[..],
             Reference::LpmCounter => b"ref_lpm_count",
             Reference::HashCounter => b"ref_hash_count",
+            Reference::LpmCounterEvents => b"ref_lpm_events",
         };
         name[..short.len()].copy_from_slice(short);
         let mut load = ProgLoad {
@@ -371,11 +496,13 @@ impl ReferenceSockOps {
             info: info.as_mut_ptr() as u64,
         };
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get).context("program info")?;
+        let reader = ring.map(EventReader::start).transpose()?;
         Ok(Self {
             id: info[1],
-            _program: program,
             _link: link,
+            _program: program,
             _map: map,
+            reader,
         })
     }
 
@@ -428,6 +555,14 @@ impl ReferenceSockOps {
             sum += value;
         }
         Ok(Some((entries, sum)))
+    }
+
+    /// Events the reader has drained so far (None without events), after
+    /// waiting out one drain.
+    pub fn events_read(&self) -> Option<u64> {
+        let reader = self.reader.as_ref()?;
+        std::thread::sleep(DRAIN_EVERY * 2);
+        Some(reader.read.load(Ordering::Relaxed))
     }
 
     pub fn stats(&self) -> Result<ProgramStats> {
