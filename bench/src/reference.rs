@@ -77,7 +77,7 @@ pub struct ReferenceSockOps {
     // Field order is drop order: the link (detach) before the maps.
     _link: OwnedFd,
     _program: OwnedFd,
-    _map: Option<OwnedFd>,
+    map: Option<OwnedFd>,
     reader: Option<EventReader>,
 }
 
@@ -175,19 +175,25 @@ fn bpf_new_fd<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The head of `union bpf_attr` for BPF_MAP_CREATE.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+fn create_map(mut create: MapCreate, what: &'static str) -> Result<OwnedFd> {
+    bpf_new_fd(BPF_MAP_CREATE, &mut create).with_context(|| format!("creating the {what}"))
+}
+
 /// A counter map keyed like an LPM trie key for an IPv4 /32 (prefix length,
 /// then the address), with a u64 value.
 fn create_counter_map(map_type: u32) -> Result<OwnedFd> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-    let mut create = MapCreate {
+    let create = MapCreate {
         map_type,
         key_size: 8,
         value_size: 8,
@@ -200,25 +206,16 @@ fn create_counter_map(map_type: u32) -> Result<OwnedFd> {
             0
         },
     };
-    bpf_new_fd(BPF_MAP_CREATE, &mut create).context("creating the reference counter map")
+    create_map(create, "reference counter map")
 }
 
 fn create_ring() -> Result<OwnedFd> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-    let mut create = MapCreate {
+    let create = MapCreate {
         map_type: BPF_MAP_TYPE_RINGBUF,
         max_entries: RING_BYTES,
         ..MapCreate::default()
     };
-    bpf_new_fd(BPF_MAP_CREATE, &mut create).context("creating the reference ring buffer")
+    create_map(create, "reference ring buffer")
 }
 
 /// Just enough of an eBPF assembler for these programs: instructions, labels
@@ -501,7 +498,7 @@ impl ReferenceSockOps {
             id: info[1],
             _link: link,
             _program: program,
-            _map: map,
+            map,
             reader,
         })
     }
@@ -511,7 +508,7 @@ impl ReferenceSockOps {
     /// entry and every close took its +1 back: entries > 0 and a zero sum
     /// show the program did its work.
     pub fn counters(&self) -> Result<Option<(u64, i64)>> {
-        let Some(map) = &self._map else {
+        let Some(map) = &self.map else {
             return Ok(None);
         };
         #[repr(C)]
