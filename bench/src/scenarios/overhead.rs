@@ -631,30 +631,32 @@ fn check_counters(
     connections: u64,
 ) -> Result<()> {
     // The last sockets may still wait for their final ACK (LAST_ACK), which
-    // can take a retransmission or two.
+    // can take a retransmission or two; the event reader drains every 100 ms.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match program.counters()? {
-            Some((entries, sum)) if entries == 0 || sum != 0 => {
-                if Instant::now() > deadline {
-                    bail!(
-                        "the {} program counted wrong: {entries} IPs, {sum} sessions left \
-                         after every connection closed",
-                        reference.short()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            _ => break,
+        let counters = program.counters()?;
+        let events = program.events_read();
+        let counted = !matches!(counters, Some((entries, sum)) if entries == 0 || sum != 0);
+        let reported = events.is_none_or(|read| read == 2 * connections);
+        if counted && reported {
+            return Ok(());
         }
-    }
-    match program.events_read() {
-        Some(read) if read != 2 * connections => bail!(
-            "the {} program's reader got {read} events for {connections} connections \
-             (expected two each)",
-            reference.short()
-        ),
-        _ => Ok(()),
+        if Instant::now() > deadline {
+            if let Some((entries, sum)) = counters.filter(|_| !counted) {
+                bail!(
+                    "the {} program counted wrong: {entries} IPs, {sum} sessions left after \
+                     every connection closed",
+                    reference.short()
+                );
+            }
+            bail!(
+                "the {} program's reader got {} events for {connections} connections \
+                 (expected two each)",
+                reference.short(),
+                events.unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
