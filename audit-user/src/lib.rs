@@ -1,20 +1,26 @@
 //! The inbound-audit agent: counts live inbound TCP sessions per remote IP from
 //! the kernel's own truth and answers Momentum-style queries for any CIDR.
 //!
-//! Data path: kernel (ring buffer, maps) → index/state → protocol → connection
-//! → command → server.
+//! Layers, lowest first; every `use crate::` points to a lower one (checked by
+//! `tests/layers.rs`):
+//! - [`domain`]: shared types (services, monitor specs, series, limits, the clock);
+//! - [`config`], [`sys`] (users, capabilities, the listening socket, signal
+//!   masks), [`kernel`] (loading, seeding, sock_diag);
+//! - [`counting`]: the CIDR index, monitors and their persistence, the shared state;
+//! - [`serving`]: protocol → connection → command → server, and the client;
+//! - [`adapters`]: the MTAs' own hooks (Postfix policy delegation);
+//! - [`agent`]: start-up, signals, reload, events, reconcile.
+
+pub mod domain;
+
+pub mod config;
+pub mod kernel;
+pub mod sys;
+
+pub mod counting;
+
+pub mod serving;
 
 pub mod adapters;
+
 pub mod agent;
-pub mod client;
-pub mod command;
-pub mod config;
-pub mod connection;
-pub mod index;
-pub mod kernel;
-pub mod monitors;
-pub mod privileges;
-pub mod protocol;
-pub mod server;
-pub mod shutdown;
-pub mod state;

@@ -5,9 +5,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use inbound_audit::{
     agent::{self, AgentOptions},
-    client,
     config::{self, Config},
     kernel::loader,
+    serving::client,
 };
 
 #[derive(Parser)]
@@ -168,7 +168,7 @@ fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
             .monitors
             .iter()
             .map(|m| m.parse())
-            .collect::<Result<_, inbound_audit::monitors::MonitorSpecError>>()?;
+            .collect::<Result<_, inbound_audit::domain::MonitorSpecError>>()?;
     }
     if let Some(path) = args.policy_socket.clone() {
         config.policy_socket = Some(path);

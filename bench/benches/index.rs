@@ -1,4 +1,4 @@
-//! In-process query cost of the CIDR index (`inbound_audit::index::CidrIndex`)
+//! In-process query cost of the CIDR index (`inbound_audit::counting::index::CidrIndex`)
 //! at 1k, 100k and 1M tracked IPs, for /32, /24, /16 and IPv6 /64 queries.
 //!
 //! Each iteration answers the next query of a fixed, pre-generated list (each
@@ -13,7 +13,7 @@
 use std::{hint::black_box, time::Duration};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use inbound_audit::index::CidrIndex;
+use inbound_audit::counting::index::CidrIndex;
 use inbound_bench::synthetic::{QueryKind, SyntheticSet};
 
 const QUERIES: usize = 4096;

@@ -109,7 +109,7 @@ impl BenchAgent {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            if inbound_audit::client::query(&self.socket, "stats").is_ok() {
+            if inbound_audit::serving::client::query(&self.socket, "stats").is_ok() {
                 return Ok(started.elapsed());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok()?) {
@@ -216,7 +216,7 @@ impl BenchAgent {
 
     /// The agent's `stats` counters.
     pub fn stats(&self) -> Result<HashMap<String, String>> {
-        let lines = inbound_audit::client::query_report(&self.socket, "stats")?
+        let lines = inbound_audit::serving::client::query_report(&self.socket, "stats")?
             .map_err(|e| anyhow::anyhow!("stats: {e}"))?;
         Ok(lines
             .iter()

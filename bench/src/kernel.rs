@@ -23,10 +23,10 @@ use aya::{
     },
 };
 use inbound_audit::{
-    config::ServicePorts,
+    domain::ServicePorts,
     kernel::{
         loader::{KernelProgram, LoadError, LoadOptions},
-        seed, sock_diag,
+        sock_diag,
     },
 };
 
@@ -197,7 +197,7 @@ pub fn socket_records(pin_dir: &Path) -> Result<usize> {
         Map::HashMap(data).try_into()?;
     let records = map.keys().filter(Result::is_ok).count();
     let sessions = MapData::from_pin(pin_dir.join(map_names::SESSIONS))?;
-    let live = sock_diag::state_mask(&seed::LIVE_STATES);
+    let live = sock_diag::state_mask(&sock_diag::LIVE_STATES);
     let stored = sock_diag::dump_tcp_with_sessions(live, sessions.fd().as_fd())?
         .iter()
         .filter(|s| s.session.is_some_and(|s| s.state == session_state::COUNTED))

@@ -5,9 +5,10 @@
 use std::{collections::HashMap, sync::OnceLock, time::Duration};
 
 use inbound_audit::{
-    adapters::postfix::{decide, LimitConfig, PolicyMemory, PolicyReader},
-    config::{Config, ServicePorts},
-    state::SharedState,
+    adapters::postfix::{decide, PolicyMemory, PolicyReader},
+    config::{Config, LimitConfig},
+    counting::state::SharedState,
+    domain::ServicePorts,
 };
 use libfuzzer_sys::fuzz_target;
 

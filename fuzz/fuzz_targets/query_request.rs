@@ -6,10 +6,13 @@
 use std::{collections::HashMap, sync::OnceLock, time::Duration};
 
 use inbound_audit::{
-    command,
-    config::{Config, ServicePorts},
-    protocol::{parse_request, Reply},
-    state::SharedState,
+    config::Config,
+    counting::state::SharedState,
+    domain::ServicePorts,
+    serving::{
+        command,
+        protocol::{parse_request, Reply},
+    },
 };
 use libfuzzer_sys::fuzz_target;
 

@@ -355,7 +355,7 @@ impl Agent {
         loop {
             // The socket is bound before the kernel program is attached; only
             // an answer means the agent counts and serves.
-            if inbound_audit::client::query(&self.socket, "show 127.0.0.1").is_ok() {
+            if inbound_audit::serving::client::query(&self.socket, "show 127.0.0.1").is_ok() {
                 return;
             }
             if let Some(status) = self
@@ -455,13 +455,13 @@ impl Agent {
     }
 
     pub fn query(&self, request: &str) -> String {
-        inbound_audit::client::query(&self.socket, request)
+        inbound_audit::serving::client::query(&self.socket, request)
             .unwrap_or_else(|e| panic!("query {request:?}: {e}\n{}", self.log_text()))
     }
 
     /// One figure of the `stats` report.
     pub fn stat(&self, name: &str) -> u64 {
-        inbound_audit::client::query_report(&self.socket, "stats")
+        inbound_audit::serving::client::query_report(&self.socket, "stats")
             .expect("stats request")
             .expect("stats report")
             .iter()

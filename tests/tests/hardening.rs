@@ -217,13 +217,13 @@ fn a_full_kernel_table_refuses_new_ips_keeps_existing_counts_exact_and_says_so()
     agent.expect_count("127.0.0.52", "SMTP", 1);
     agent.expect_count("127.0.0.53", "SMTP", 0);
     integration_tests::eventually("stats report the saturation", || {
-        let report = inbound_audit::client::query_report(&agent.socket, "stats")
+        let report = inbound_audit::serving::client::query_report(&agent.socket, "stats")
             .unwrap()
             .unwrap();
         report.contains(&"kernel_ip_table_full 1".to_string())
             && report.contains(&"kernel_tables_saturated yes".to_string())
     });
-    let show = inbound_audit::client::query_report(&agent.socket, "show 127.0.0.0/8")
+    let show = inbound_audit::serving::client::query_report(&agent.socket, "show 127.0.0.0/8")
         .unwrap()
         .unwrap();
     assert!(
@@ -360,7 +360,7 @@ fn the_agent_keeps_only_cap_bpf_and_still_does_its_work() {
             .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
             .unwrap()
     };
-    let cap_bpf = 1u64 << inbound_audit::privileges::CAP_BPF;
+    let cap_bpf = 1u64 << inbound_audit::sys::caps::CAP_BPF;
     // Capabilities are per thread: every thread of the agent must have dropped them.
     integration_tests::eventually("every thread keeps only CAP_BPF", || {
         std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -397,7 +397,7 @@ fn the_agent_keeps_only_cap_bpf_and_still_does_its_work() {
     agent.expect_count("127.0.0.71", "SMTP", 0);
     // Zero entries are still collected from the kernel map (a bpf() call).
     integration_tests::eventually("the agent collects zero entries", || {
-        inbound_audit::client::query_report(&agent.socket, "stats")
+        inbound_audit::serving::client::query_report(&agent.socket, "stats")
             .unwrap()
             .unwrap()
             .iter()
@@ -452,7 +452,7 @@ fn lost_kernel_events_are_noticed_and_repaired_from_the_socket_records() {
         assert!(
             Instant::now() < deadline,
             "no lost events seen: {:?}\n{}",
-            inbound_audit::client::query_report(&agent.socket, "stats"),
+            inbound_audit::serving::client::query_report(&agent.socket, "stats"),
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));

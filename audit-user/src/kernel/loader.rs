@@ -26,7 +26,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 
-use crate::config::ServicePorts;
+use crate::domain::ServicePorts;
 
 /// The compiled kernel program, embedded by build.rs (empty when it was not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/audit-ebpf.o"));
@@ -319,7 +319,7 @@ impl KernelProgram {
     /// storage of every other accepted session still open, read through sock_diag.
     pub fn snapshot_tracked(&self) -> Result<Vec<SocketRecord>, LoadError> {
         let mut records = self.snapshot_records()?;
-        let live = super::sock_diag::state_mask(&super::seed::LIVE_STATES);
+        let live = super::sock_diag::state_mask(&super::sock_diag::LIVE_STATES);
         records.extend(
             super::sock_diag::dump_tcp_with_sessions(live, self.sessions_fd())?
                 .iter()

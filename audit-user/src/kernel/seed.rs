@@ -17,7 +17,7 @@ use audit_common::{
 
 use super::{
     loader::{KernelProgram, LoadError},
-    sock_diag::{self, tcp_state, SockDiagError, TcpSocket},
+    sock_diag::{self, tcp_state, SockDiagError, TcpSocket, LIVE_STATES},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,17 +39,6 @@ pub struct SeedReport {
     /// Sessions that closed while being seeded, uncounted again.
     pub vanished: usize,
 }
-
-/// The TCP states between PASSIVE_ESTABLISHED and TCP_CLOSE: the span in which
-/// the kernel program counts a session.
-pub const LIVE_STATES: [u8; 6] = [
-    tcp_state::ESTABLISHED,
-    tcp_state::FIN_WAIT1,
-    tcp_state::FIN_WAIT2,
-    tcp_state::CLOSE_WAIT,
-    tcp_state::LAST_ACK,
-    tcp_state::CLOSING,
-];
 
 /// Inbound live sockets on the configured ports, in the watched cgroup subtree;
 /// with their storage in `sessions` (the kernel program's SESSIONS map) if given.

@@ -44,6 +44,17 @@ pub struct TcpSocket {
     pub session: Option<SessionStorage>,
 }
 
+/// The TCP states between PASSIVE_ESTABLISHED and TCP_CLOSE: the span in which
+/// the kernel program counts a session.
+pub const LIVE_STATES: [u8; 6] = [
+    tcp_state::ESTABLISHED,
+    tcp_state::FIN_WAIT1,
+    tcp_state::FIN_WAIT2,
+    tcp_state::CLOSE_WAIT,
+    tcp_state::LAST_ACK,
+    tcp_state::CLOSING,
+];
+
 /// TCP states with the kernel's numbering (`include/net/tcp_states.h`).
 pub mod tcp_state {
     pub const ESTABLISHED: u8 = 1;

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use inbound_bench::stats::{median, quantile};
 use serde_json::json;
 
-use inbound_audit::config::ServicePorts;
+use inbound_audit::domain::ServicePorts;
 
 use crate::{
     agent::BenchAgent,

@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use inbound_audit::{config::ServicePorts, index::CidrIndex};
+use inbound_audit::{counting::index::CidrIndex, domain::ServicePorts};
 use inbound_bench::{
     stats::{median, quantile, Rounds},
     synthetic::{session_count_request, QueryKind, SyntheticSet},

@@ -11,7 +11,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use inbound_audit::monitors::{MonitorSpec, Monitors, Series};
+use inbound_audit::{
+    counting::monitors::Monitors,
+    domain::{MonitorSpec, Series},
+};
 use inbound_bench::synthetic::{QueryKind, SyntheticSet};
 use ipnet::IpNet;
 use serde_json::json;
@@ -84,7 +87,7 @@ struct SizeRun {
 pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let plan = latency::Plan::new(ctx.quick);
     let port = env::free_port(&[])?;
-    let now = inbound_audit::server::unix_now();
+    let now = inbound_audit::domain::unix_now();
     let mut runs = Vec::new();
     for &size in &plan.sizes {
         let set = SyntheticSet::generate(size);
@@ -154,7 +157,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
 /// The agent's answers for a sample of queries equal the in-process sums: it
 /// really serves the state the runner built.
 fn verify(run: &mut SizeRun) -> Result<()> {
-    let now = inbound_audit::server::unix_now();
+    let now = inbound_audit::domain::unix_now();
     for kind in QueryKind::ALL {
         for net in run.set.queries(kind, 200, 99) {
             let answer = run.client.count(request(&net).as_bytes())?;
@@ -168,7 +171,7 @@ fn verify(run: &mut SizeRun) -> Result<()> {
 }
 
 fn measure_inproc(run: &mut SizeRun, plan: &latency::Plan, round: usize) {
-    let now = inbound_audit::server::unix_now();
+    let now = inbound_audit::domain::unix_now();
     // Found once: the agent's parsing of the "W,N" key is not the index.
     let monitor = run.monitors.by_key(MONITOR).expect("the bench monitor");
     for (kind, rounds) in run.inproc.iter_mut() {

@@ -18,8 +18,8 @@ use ipnet::IpNet;
 
 use crate::{
     config::Config,
-    index::CidrIndex,
-    monitors::{Monitors, Series},
+    counting::{index::CidrIndex, monitors::Monitors},
+    domain::Series,
 };
 
 /// Live session counts per service slot.

@@ -2,17 +2,19 @@
 
 use std::{
     collections::HashMap,
-    fmt, fs,
+    fs,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use audit_common::MAX_SERVICES;
 
-use crate::{
-    adapters::postfix::{Limit, LimitConfig},
-    monitors::{MonitorSpec, MonitorSpecError},
-};
+mod limits;
+
+pub use limits::LimitConfig;
+
+use crate::domain::{Limit, MonitorSpec, MonitorSpecError, ServicePorts, DEFAULT_PIN_DIR};
+use crate::sys::users::{group_id, user_id};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/inbound-audit/inbound-audit.toml";
@@ -33,20 +35,6 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
-}
-
-/// A named set of local ports, e.g. SMTP = 25, 465, 587.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServicePorts {
-    pub name: String,
-    pub ports: Vec<u16>,
-}
-
-impl fmt::Display for ServicePorts {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
-        write!(f, "{}={}", self.name, ports.join(","))
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +115,7 @@ impl Default for Config {
             socket_mode: 0o660,
             socket_group: None,
             cgroup: None,
-            pin_dir: crate::kernel::loader::DEFAULT_PIN_DIR.into(),
+            pin_dir: DEFAULT_PIN_DIR.into(),
             max_clients: DEFAULT_MAX_CLIENTS,
             reconcile_interval: Duration::from_secs(10),
             monitors: Vec::new(),
@@ -214,22 +202,6 @@ fn resolve_all(
     lookup: fn(&str) -> Option<u32>,
 ) -> Result<Vec<u32>, ConfigError> {
     ids.iter().map(|id| id.resolve(key, lookup)).collect()
-}
-
-fn user_id(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
-    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
-    // SAFETY: non-null result of getpwnam.
-    (!entry.is_null()).then(|| unsafe { (*entry).pw_uid })
-}
-
-pub fn group_id(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getgrnam returns NULL or a pointer to static storage, read at once.
-    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
-    // SAFETY: non-null result of getgrnam.
-    (!entry.is_null()).then(|| unsafe { (*entry).gr_gid })
 }
 
 impl Config {

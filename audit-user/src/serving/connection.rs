@@ -9,7 +9,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::protocol::{Reply, MAX_REQUEST_LEN};
+use crate::serving::protocol::{Reply, MAX_REQUEST_LEN};
 
 /// What the buffered bytes hold.
 #[derive(Debug, PartialEq, Eq)]

@@ -5,15 +5,13 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::{
-    monitors::{Monitor, Monitors, Series},
-    protocol::{ErrorCode, MonitorRef, Query, QueryError, Reply, Request, ServiceArg},
-    state::{AgentStats, SharedState},
+    counting::{
+        monitors::{Monitor, Monitors},
+        state::{AgentStats, SharedState},
+    },
+    domain::{Series, CLUSTER_SERVICE, DEFAULT_SERVICE},
+    serving::protocol::{ErrorCode, MonitorRef, Query, QueryError, Reply, Request, ServiceArg},
 };
-
-/// Momentum's default service when a call names none.
-pub const DEFAULT_SERVICE: &str = "SMTP";
-/// Momentum's cluster-wide SMTP view; there is no cluster yet.
-pub const CLUSTER_SERVICE: &str = "inbound_cidr";
 
 pub fn execute(request: &Request, state: &SharedState, now: Duration) -> Reply {
     // Every answer reflects every event the kernel had produced when it was asked.
@@ -248,9 +246,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{Config, ServicePorts},
-        protocol::parse_request,
-        state::ApplyOutcome,
+        config::Config, counting::state::ApplyOutcome, domain::ServicePorts,
+        serving::protocol::parse_request,
     };
 
     fn state() -> SharedState {

@@ -14,101 +14,18 @@
 
 use std::{
     collections::VecDeque,
-    fmt,
     io::{self, Read, Write},
     net::IpAddr,
     path::{Path, PathBuf},
-    str::FromStr,
     time::Duration,
 };
 
 use ipnet::IpNet;
 
-use crate::index::CidrIndex;
-
-/// What a monitor counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Series {
-    /// Connections accepted by the kernel on any configured service.
-    Connections,
-    /// Messages received, as reported by the MTA.
-    Receptions,
-    /// Messages rejected, as reported by the MTA.
-    Rejections,
-}
-
-impl Series {
-    pub const ALL: [Series; 3] = [Series::Connections, Series::Receptions, Series::Rejections];
-
-    fn slot(self) -> usize {
-        self as usize
-    }
-
-    /// The name Momentum's console prints (`Connections 300/0: 30`).
-    pub fn title(self) -> &'static str {
-        match self {
-            Series::Connections => "Connections",
-            Series::Receptions => "Receptions",
-            Series::Rejections => "Rejections",
-        }
-    }
-
-    /// The name in requests (`msys.audit.receptions`, `add receptions`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Series::Connections => "connections",
-            Series::Receptions => "receptions",
-            Series::Rejections => "rejections",
-        }
-    }
-}
-
-/// "W,N": windows of W seconds, N previous ones kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MonitorSpec {
-    pub window_secs: u64,
-    pub kept: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("monitor {text:?}: {reason} (expected \"W,N\": N windows of W seconds, e.g. \"300,6\")")]
-pub struct MonitorSpecError {
-    pub text: String,
-    pub reason: &'static str,
-}
-
-impl FromStr for MonitorSpec {
-    type Err = MonitorSpecError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let error = |reason| MonitorSpecError {
-            text: text.to_string(),
-            reason,
-        };
-        let (window, kept) = text.split_once(',').ok_or_else(|| error("no comma"))?;
-        let window_secs: u64 = window
-            .trim()
-            .parse()
-            .map_err(|_| error("W is not a whole number"))?;
-        let kept: u32 = kept
-            .trim()
-            .parse()
-            .map_err(|_| error("N is not a whole number"))?;
-        if window_secs == 0 || window_secs > 366 * 86_400 {
-            return Err(error("W must be 1 second to 1 year"));
-        }
-        if kept == 0 || kept > 10_000 {
-            return Err(error("N must be 1 to 10000"));
-        }
-        Ok(Self { window_secs, kept })
-    }
-}
-
-impl fmt::Display for MonitorSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{},{}", self.window_secs, self.kept)
-    }
-}
+use crate::{
+    counting::index::CidrIndex,
+    domain::{MonitorSpec, Series},
+};
 
 struct Window {
     /// Start time / W.

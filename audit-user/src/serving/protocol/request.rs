@@ -6,13 +6,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use super::cidr::{parse_cidr, CidrArg};
 use super::lua::{syntax_error, Reader, TableKey, Value};
 use super::reply::{ErrorCode, QueryError};
-use crate::monitors::Series;
+use crate::domain::{Series, DEFAULT_SERVICE};
 
 /// Longest accepted request in bytes, not counting the terminating LF.
 pub const MAX_REQUEST_LEN: usize = 4096;
-
-/// The service Momentum counts when a call names none.
-const DEFAULT_SERVICE: &str = "SMTP";
 
 /// Who is asking: the connection on whose behalf Momentum would evaluate the
 /// call. Momentum knows this implicitly; over the socket the caller states it
@@ -1378,7 +1375,7 @@ mod tests {
         #[test]
         fn every_outcome_fits_one_reply_line(text in request_like_text()) {
             if let Err(error) = parse_request(text.as_bytes()) {
-                let line = crate::protocol::Reply::from(error).to_line();
+                let line = crate::serving::protocol::Reply::from(error).to_line();
                 prop_assert!(line.ends_with('\n'));
                 prop_assert_eq!(line.matches('\n').count(), 1);
             }

@@ -1,0 +1,170 @@
+//! The agent: loads the kernel side, builds the index from the kernel's maps,
+//! seeds sessions that predate it, then serves queries while following the
+//! kernel's events and reconciling with its maps.
+
+mod events;
+mod reconcile;
+mod reload;
+mod signals;
+mod startup;
+
+use std::sync::{Arc, Mutex};
+
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    adapters::postfix,
+    config::Config,
+    counting::state::SharedState,
+    kernel::{
+        loader::{self, KernelProgram, LoadError},
+        seed::SeedError,
+    },
+    serving::{server, shutdown},
+    sys::{
+        caps as privileges,
+        memory::{release_freed_memory, return_large_blocks_on_free},
+        signals::HeldSignals,
+        socket::{QuerySocket, SocketError},
+    },
+};
+
+use self::{
+    events::{follow_events, forward_kernel_logs},
+    reconcile::reconcile,
+    reload::apply_reload,
+    signals::{Signal, Signals},
+    startup::{prepare, save_monitor_state},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("finding the cgroup to watch: {0}")]
+    Cgroup(std::io::Error),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("start-up sync of existing sessions: {0}")]
+    Seed(#[from] SeedError),
+    #[error("query socket: {0}")]
+    Socket(#[from] SocketError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Reads the configuration again (file and flags), for SIGHUP.
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+pub struct AgentOptions {
+    pub config: Config,
+    /// Remove pinned programs and maps on exit (otherwise counting goes on).
+    pub detach_on_exit: bool,
+    /// Where SIGHUP reads the new configuration; None: SIGHUP is ignored.
+    pub reload: Option<ConfigSource>,
+}
+
+/// Runs the agent until SIGTERM/SIGINT. Start-up (sockets, loading, attaching,
+/// seeding) runs on this thread alone, so that dropping capabilities afterwards
+/// covers every thread the runtime then creates: capabilities are per thread.
+pub fn run(options: AgentOptions) -> Result<(), AgentError> {
+    return_large_blocks_on_free();
+    // Held back, not lost, while the handlers are not installed yet: a stop
+    // requested during start-up is still a clean stop.
+    let held = HeldSignals::block();
+    let prepared = prepare(options)?;
+    release_freed_memory();
+    match privileges::keep_only(&[privileges::CAP_BPF]) {
+        Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
+        Err(e) => log::warn!("could not drop capabilities: {e}"),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::Io {
+            what: "starting the async runtime",
+            source,
+        })?;
+    runtime.block_on(serve(prepared, held))
+}
+
+/// Everything start-up produced, handed to the runtime.
+struct Prepared {
+    socket: QuerySocket,
+    policy_socket: Option<QuerySocket>,
+    program: KernelProgram,
+    events: RingBuf<MapData>,
+    state: Arc<SharedState>,
+    detach_on_exit: bool,
+    reload: Option<ConfigSource>,
+}
+
+async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> {
+    let Prepared {
+        socket,
+        policy_socket,
+        mut program,
+        events,
+        state,
+        detach_on_exit,
+        reload,
+    } = prepared;
+    let mut signals = Signals::install()?;
+    held.release();
+
+    let (trigger, shutdown) = shutdown::channel();
+    if let Some(logger) = program.take_logger() {
+        tokio::spawn(forward_kernel_logs(logger, shutdown.clone()));
+    }
+    let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
+    let program = Arc::new(Mutex::new(program));
+    let reconcile_task = tokio::spawn(reconcile(program.clone(), state.clone(), shutdown.clone()));
+
+    log::info!("serving queries on {}", socket.path().display());
+    let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone()));
+    let policy_task = policy_socket.map(|socket| {
+        log::info!(
+            "serving Postfix policy requests on {} with {} limits",
+            socket.path().display(),
+            state.setup().config.policy_limits.len()
+        );
+        tokio::spawn(postfix::serve(socket, state.clone(), shutdown.clone()))
+    });
+
+    while signals.next().await == Signal::Reload {
+        match &reload {
+            Some(source) => apply_reload(source, &program, &state),
+            None => log::info!("SIGHUP ignored: no configuration source to read again"),
+        }
+    }
+    log::info!("shutting down");
+    trigger.trigger();
+    let _ = server_task.await;
+    if let Some(task) = policy_task {
+        let _ = task.await;
+    }
+    let _ = events_task.await;
+    let _ = reconcile_task.await;
+
+    save_monitor_state(&state);
+    let pin_dir = state.setup().config.pin_dir.clone();
+    drop(program);
+    if detach_on_exit {
+        let removed = loader::cleanup(&pin_dir).map_err(|source| AgentError::Io {
+            what: "removing pinned state",
+            source,
+        })?;
+        log::info!(
+            "detached: removed {} pinned objects from {}",
+            removed.len(),
+            pin_dir.display()
+        );
+    } else {
+        log::info!(
+            "kernel programs stay attached; counts go on in {}",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Start-up: sockets bound, the kernel side loaded and attached, the index
+//! built from the kernel's records, sessions that predate us seeded, and the
+//! monitor windows read back.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use audit_common::{record_origin, SocketRecord, MAX_SERVICES};
+
+use crate::{
+    counting::{
+        monitors::StateError,
+        state::{tally_records, AgentStats, SharedState},
+    },
+    domain::unix_now,
+    kernel::{
+        cgroup,
+        loader::{KernelProgram, LoadError, LoadOptions},
+        seed,
+    },
+    sys::socket::QuerySocket,
+};
+
+use super::{AgentError, AgentOptions, Prepared};
+
+pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
+    let AgentOptions {
+        config,
+        detach_on_exit,
+        reload,
+    } = options;
+    let cgroup_path: PathBuf = match &config.cgroup {
+        Some(path) => path.clone(),
+        None => cgroup::cgroup2_root().map_err(AgentError::Cgroup)?,
+    };
+    // The socket first: a second agent on the same path must fail before it
+    // touches the kernel. Clients that connect meanwhile wait in the backlog.
+    let socket = QuerySocket::bind(
+        &config.socket,
+        config.socket_mode,
+        config.socket_group.as_deref(),
+    )?;
+    let policy_socket = config
+        .policy_socket
+        .as_deref()
+        .map(|path| {
+            QuerySocket::bind(
+                path,
+                config.policy_socket_mode,
+                config.policy_socket_group.as_deref(),
+            )
+        })
+        .transpose()?;
+    let mut program = KernelProgram::load(&LoadOptions {
+        pin_dir: &config.pin_dir,
+        cgroup: &cgroup_path,
+        max_tracked_ips: config.max_tracked_ips,
+        max_tracked_sessions: config.max_tracked_sessions,
+        event_ring_bytes: config.event_ring_bytes,
+    })?;
+
+    // Events queued while no agent ran are already in the kernel's records: drop
+    // them, then take the records as the starting point (one snapshot: at 1M
+    // sessions reading them takes seconds).
+    let mut events = program
+        .take_events()
+        .ok_or(LoadError::MissingMap("EVENTS"))?;
+    while events.next().is_some() {}
+    let records = program.snapshot_tracked()?;
+
+    // A slot whose service is gone can be reused only once no session holds it.
+    let mut slot_in_use = [false; MAX_SERVICES];
+    for record in &records {
+        if let Some(used) = slot_in_use.get_mut(record.service as usize) {
+            *used = true;
+        }
+    }
+    let slots = program.configure_services(&config.services, |slot| slot_in_use[slot as usize])?;
+    let ports: HashMap<u16, u8> = config
+        .services
+        .iter()
+        .flat_map(|s| s.ports.iter().map(|&p| (p, slots[&s.name])))
+        .collect();
+    let state = Arc::new(SharedState::new(config, slots));
+    state.write_sessions().load(&tally_records(&records));
+    load_monitor_state(&state);
+
+    // Seeded sessions reach the index as ordinary events, read once the
+    // runtime follows the ring buffer.
+    let report = seed::seed_existing(&program, &ports, state.setup().config.cgroup.as_deref())?;
+    // Seeding is over: from here on an accepted session needs no SOCKETS record.
+    program.stop_mirroring()?;
+    // An upper bound (a seeded session may have closed since the snapshot):
+    // the first reconcile pass detaches the backstop if it was one too many.
+    let seeded = seeded_records(&records) + report.seeded;
+    release_close_backstop(&mut program, seeded)?;
+    AgentStats::set(&state.stats.kernel_seeded_sessions, seeded as u64);
+    AgentStats::set(
+        &state.stats.close_backstop_attached,
+        program.close_backstop_attached().into(),
+    );
+    log::info!(
+        "watching cgroup {}; services {}; {} sessions from pinned state; start-up sync: {} seeded, {} already tracked, {} closed meanwhile",
+        cgroup_path.display(),
+        state.setup().config.services.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+        records.len(),
+        report.seeded,
+        report.already_tracked,
+        report.vanished,
+    );
+    if seeded > 0 {
+        log::info!(
+            "{seeded} sessions predate the kernel program: the tp_btf close backstop stays attached until they close"
+        );
+    }
+    Ok(Prepared {
+        socket,
+        policy_socket,
+        program,
+        events,
+        state,
+        detach_on_exit,
+        reload,
+    })
+}
+
+/// Reads back the monitor windows saved at the last shutdown. A file that does
+/// not check out is set aside (renamed) with a message, never half-loaded.
+pub(super) fn load_monitor_state(state: &SharedState) {
+    let path = state.setup().config.monitor_state_path();
+    if state.setup().config.monitors.is_empty() || !path.exists() {
+        return;
+    }
+    let result = state.lock_monitors().load(&path, unix_now());
+    match result {
+        Ok(report) => {
+            log::info!(
+                "monitor state restored from {} ({} monitors{})",
+                path.display(),
+                report.restored.len(),
+                if report.ignored.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; no longer configured, ignored: {:?}",
+                        report
+                            .ignored
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                    )
+                }
+            );
+        }
+        Err(e @ (StateError::Corrupt { .. } | StateError::Foreign { .. })) => {
+            let aside = path.with_extension(format!("rejected-{}", unix_now().as_secs()));
+            let moved = std::fs::rename(&path, &aside);
+            log::error!(
+                "{e}; starting with empty monitors; the file {}",
+                match moved {
+                    Ok(()) => format!("was moved to {}", aside.display()),
+                    Err(err) => format!("could not be moved aside ({err})"),
+                }
+            );
+        }
+        Err(e) => log::error!("monitor state not restored: {e}"),
+    }
+}
+
+pub(super) fn save_monitor_state(state: &SharedState) {
+    if state.setup().config.monitors.is_empty() {
+        return;
+    }
+    let path = state.setup().config.monitor_state_path();
+    match state.lock_monitors().save(&path) {
+        Ok(()) => log::info!("monitor state saved to {}", path.display()),
+        Err(e) => log::error!("monitor state not saved: {e}"),
+    }
+}
+
+/// Sessions among `records` that were seeded: only the tp_btf backstop sees
+/// their close.
+pub(super) fn seeded_records(records: &[SocketRecord]) -> usize {
+    records
+        .iter()
+        .filter(|r| r.origin == record_origin::SEEDED)
+        .count()
+}
+
+/// Detaches the tp_btf close backstop when no seeded session is left: every
+/// other session's close is seen by sock_ops.
+pub(super) fn release_close_backstop(
+    program: &mut KernelProgram,
+    seeded: usize,
+) -> Result<(), LoadError> {
+    if seeded == 0 && program.detach_close_backstop()? {
+        log::info!(
+            "no seeded session left: tp_btf close backstop detached (sock_ops sees every close)"
+        );
+    }
+    Ok(())
+}

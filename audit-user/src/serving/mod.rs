@@ -1,0 +1,11 @@
+//! Serving queries on the Unix socket, along the data path: protocol (parsing
+//! a request line) → connection (framing) → command (answering from the
+//! counting state) → server (accepting, limits, timeouts). Also the client
+//! the CLI and tests use.
+
+pub mod client;
+pub mod command;
+pub mod connection;
+pub mod protocol;
+pub mod server;
+pub mod shutdown;
