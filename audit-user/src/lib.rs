@@ -7,6 +7,7 @@
 //! - [`config`], [`sys`] (users, capabilities, the listening socket, signal
 //!   masks), [`kernel`] (loading, seeding, sock_diag);
 //! - [`counting`]: the CIDR index, monitors and their persistence, the shared state;
+//! - [`cluster`]: fleet-wide counts merged from every node through Redis;
 //! - [`serving`]: protocol → connection → command → server, and the client;
 //! - [`adapters`]: the MTAs' own hooks (Postfix policy delegation);
 //! - [`agent`]: start-up, signals, reload, events, reconcile.
@@ -18,6 +19,8 @@ pub mod kernel;
 pub mod sys;
 
 pub mod counting;
+
+pub mod cluster;
 
 pub mod serving;
 

@@ -19,6 +19,7 @@ const LAYERS: &[&[&str]] = &[
     &["sys"],
     &["config", "kernel"],
     &["counting"],
+    &["cluster"],
     &["serving"],
     &["adapters"],
     &["agent"],

@@ -1,0 +1,203 @@
+//! The connection to Redis: one multiplexed connection, dropped on any error
+//! and made again on the next use. Under Sentinel every new connection asks
+//! the sentinels for the current primary, so a failover is followed by the
+//! next reconnect. (The redis crate's ConnectionManager reconnects to the
+//! address it started with, which after a failover is the old primary.)
+
+use std::time::Duration;
+
+use redis::{
+    aio::MultiplexedConnection,
+    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo,
+};
+
+/// Why the Redis URL or password cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("redis URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot read the Redis password file {path}: {source}")]
+    PasswordFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where Redis is.
+#[derive(Clone)]
+pub enum Target {
+    /// `redis://[user:password@]host:port/db`.
+    Direct(ConnectionInfo),
+    /// `redis+sentinel://[user:password@]host:port[,host:port...]/primary[/db]`:
+    /// the sentinels, the name they know the primary by, and how to log in to it.
+    Sentinel {
+        sentinels: Vec<ConnectionInfo>,
+        primary: String,
+        redis: RedisConnectionInfo,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    // Never prints a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Direct(info) => write!(f, "redis://{}", info.addr()),
+            Target::Sentinel {
+                sentinels, primary, ..
+            } => {
+                let addrs: Vec<String> = sentinels.iter().map(|s| s.addr().to_string()).collect();
+                write!(f, "redis+sentinel://{}/{primary}", addrs.join(","))
+            }
+        }
+    }
+}
+
+impl Target {
+    /// Parses the configured URL; `password` (from the password file) replaces
+    /// any password in it.
+    pub fn parse(url: &str, password: Option<&str>) -> Result<Self, TargetError> {
+        let invalid = |reason: &str| TargetError::Url {
+            // The URL may hold a password: only its scheme is repeated.
+            url: url.split("://").next().unwrap_or("").to_string() + "://…",
+            reason: reason.to_string(),
+        };
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (auth, rest) = match rest.rsplit_once('@') {
+                Some((auth, rest)) => (Some(auth), rest),
+                None => (None, rest),
+            };
+            let (hosts, path) = rest
+                .split_once('/')
+                .ok_or_else(|| invalid("needs /primary-name after the sentinels"))?;
+            let (primary, db) = match path.split_once('/') {
+                Some((primary, db)) => (
+                    primary,
+                    db.parse::<i64>()
+                        .map_err(|_| invalid("the database is not a number"))?,
+                ),
+                None => (path, 0),
+            };
+            if primary.is_empty() {
+                return Err(invalid("the primary's name is empty"));
+            }
+            let sentinels = hosts
+                .split(',')
+                .map(|host| {
+                    format!("redis://{host}")
+                        .into_connection_info()
+                        .map_err(|_| invalid("a sentinel is not host:port"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut redis = RedisConnectionInfo::default().set_db(db);
+            if let Some((user, pass)) = auth.and_then(|a| a.split_once(':')) {
+                if !user.is_empty() {
+                    redis = redis.set_username(user);
+                }
+                redis = redis.set_password(pass);
+            }
+            if let Some(password) = password {
+                redis = redis.set_password(password);
+            }
+            return Ok(Target::Sentinel {
+                sentinels,
+                primary: primary.to_string(),
+                redis,
+            });
+        }
+        if url.starts_with("rediss://") {
+            return Err(invalid("TLS (rediss://) is not supported yet"));
+        }
+        if !url.starts_with("redis://") && !url.starts_with("unix://") {
+            return Err(invalid("expected redis://, unix:// or redis+sentinel://"));
+        }
+        let mut info = url
+            .into_connection_info()
+            .map_err(|e| invalid(&e.to_string()))?;
+        if let Some(password) = password {
+            let redis = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(redis);
+        }
+        Ok(Target::Direct(info))
+    }
+}
+
+/// Reads a password file: its first line, without the line break.
+pub fn read_password(path: &std::path::Path) -> Result<String, TargetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TargetError::PasswordFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// A connection made on demand.
+pub struct Link {
+    target: Target,
+    config: AsyncConnectionConfig,
+    timeout: Duration,
+    connection: Option<MultiplexedConnection>,
+}
+
+impl Link {
+    /// `timeout` bounds connecting and every answer: a stopped Redis makes
+    /// a round fail after it, never hang.
+    pub fn new(target: Target, timeout: Duration) -> Self {
+        Self {
+            target,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout)),
+            timeout,
+            connection: None,
+        }
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The connection, made now if there is none.
+    pub async fn get(&mut self) -> redis::RedisResult<&mut MultiplexedConnection> {
+        if self.connection.is_none() {
+            let client = match &self.target {
+                Target::Direct(info) => Client::open(info.clone())?,
+                Target::Sentinel {
+                    sentinels,
+                    primary,
+                    redis,
+                } => {
+                    let mut sentinel = SentinelClient::build(
+                        sentinels.clone(),
+                        primary.clone(),
+                        Some(
+                            SentinelNodeConnectionInfo::default()
+                                .set_redis_connection_info(redis.clone()),
+                        ),
+                        SentinelServerType::Master,
+                    )?;
+                    let connect = sentinel.async_get_client();
+                    // Asking the sentinels has no timeout of its own.
+                    tokio::time::timeout(self.timeout, connect)
+                        .await
+                        .map_err(|_| {
+                            redis::RedisError::from(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "asking the sentinels for the primary timed out",
+                            ))
+                        })??
+                }
+            };
+            let connection = client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await?;
+            self.connection = Some(connection);
+        }
+        Ok(self.connection.as_mut().expect("set above"))
+    }
+
+    /// Forgets the connection after an error; the next use makes a new one.
+    pub fn broken(&mut self) {
+        self.connection = None;
+    }
+}

@@ -1,0 +1,149 @@
+//! Fleet-wide counts (Momentum's cluster view) through Redis.
+//!
+//! Every node publishes its own counts to Redis and follows every other
+//! node's, merging them into a local [`Fleet`]; a cluster answer is this
+//! node's local index plus the fleet's sum, both in memory, so the query path
+//! never waits on Redis. Per node, under `<prefix>:node:<name>:`:
+//! - `hb`: the heartbeat (run epoch, last batch, a beat counter), with a TTL;
+//! - `snap`: a full snapshot of the node's counts as of one batch;
+//! - `log`: a stream of batches of changed counts, one entry per publish.
+//!
+//! and `<prefix>:nodes`, the set of node names. Entries hold absolute counts
+//! ([`wire`]), so replays are harmless and a reader that misses a batch (a
+//! gap in the sequence) reloads the snapshot. A node restarted under a new
+//! epoch replaces its earlier share; one whose heartbeat stops moving for
+//! `node_ttl` leaves the sum.
+//!
+//! Why this shape and not per-prefix hashes summed in Redis: answers for any
+//! prefix length and for one node's own view come from memory in
+//! microseconds, and Redis being slow or gone cannot slow a query. The cost
+//! is that every node reads every other node's stream (N² fan-out), which
+//! the README's sizing section puts in numbers.
+
+mod fleet;
+mod link;
+mod node;
+pub mod wire;
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, RwLock, RwLockReadGuard,
+    },
+    time::{Duration, Instant},
+};
+
+pub use fleet::{Fleet, NodeShare};
+pub use link::{read_password, Target, TargetError};
+pub use node::{run, LocalShare, Settings};
+
+/// The fleet view is older than `node_ttl`: Redis has not answered for that
+/// long, so the other nodes' counts can no longer be vouched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no fleet data for {age_secs} s (node_ttl_secs {ttl_secs}): Redis unreachable")]
+pub struct Unavailable {
+    pub age_secs: u64,
+    pub ttl_secs: u64,
+}
+
+/// Counters for `stats`.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub batches_published: AtomicU64,
+    pub snapshots_published: AtomicU64,
+    pub publish_errors: AtomicU64,
+    pub follow_errors: AtomicU64,
+    pub snapshots_loaded: AtomicU64,
+    /// Entries (or whole keys) read from Redis and refused as malformed.
+    pub refused: AtomicU64,
+}
+
+impl ClusterStats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What queries read: the merged fleet, and whether it is fresh enough.
+pub struct ClusterView {
+    node: String,
+    ttl: Duration,
+    started: Instant,
+    fleet: RwLock<Fleet>,
+    synced_at: Mutex<Option<Instant>>,
+    pub stats: ClusterStats,
+}
+
+impl ClusterView {
+    pub fn new(node: &str, ttl: Duration) -> Self {
+        Self {
+            node: node.to_string(),
+            ttl,
+            started: Instant::now(),
+            fleet: RwLock::new(Fleet::default()),
+            synced_at: Mutex::new(None),
+            stats: ClusterStats::default(),
+        }
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The other nodes' counts, while the last complete round with Redis is
+    /// younger than `node_ttl`.
+    pub fn fleet(&self) -> Result<RwLockReadGuard<'_, Fleet>, Unavailable> {
+        let age = self.sync_age();
+        match age {
+            Some(age) if age < self.ttl => Ok(self.fleet.read().unwrap_or_else(|p| p.into_inner())),
+            _ => Err(Unavailable {
+                age_secs: age.map_or(u64::MAX, |a| a.as_secs()),
+                ttl_secs: self.ttl.as_secs(),
+            }),
+        }
+    }
+
+    /// Time since the last complete round with Redis; None before the first.
+    pub fn sync_age(&self) -> Option<Duration> {
+        self.synced_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| at.elapsed())
+    }
+
+    /// How long ago each live node was last heard from.
+    pub fn node_ages(&self) -> Vec<(String, Duration)> {
+        let now = self.clock();
+        let fleet = self.fleet.read().unwrap_or_else(|p| p.into_inner());
+        fleet
+            .node_names()
+            .filter_map(|name| {
+                let share = fleet.node(name)?;
+                Some((name.to_string(), now.saturating_sub(share.alive_at)))
+            })
+            .collect()
+    }
+
+    /// Monotonic time since the view was made: node liveness is judged on
+    /// this node's own clock, never by comparing clocks across hosts.
+    fn clock(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Fleet> {
+        self.fleet.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn synced(&self) {
+        *self.synced_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+}

@@ -1,0 +1,337 @@
+//! The cluster rounds against a real redis-server: several nodes (each its own
+//! round task, view and local counts) on one private Redis, checked for exact
+//! sums, freshness, restarted and dead nodes, a Redis restarted empty or
+//! stopped, and hostile data under the prefix. The agents' end-to-end use of
+//! this (real kernel, real sessions) is tested in the tests crate.
+//!
+//! Skips, saying why, where `redis-server` is not installed.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use inbound_audit::cluster::{
+    self,
+    wire::{Entry, EntryKey},
+    ClusterStats, ClusterView, LocalShare, Settings, Target,
+};
+
+/// A private redis-server on a loopback port below the ephemeral range.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Option<Self> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("ia-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut redis = Self {
+            child: None,
+            port,
+            dir,
+        };
+        redis.spawn();
+        Some(redis)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    let base = 20_000 + (std::process::id() % 2_000) as u16 * 4;
+    (base..base + 4_000)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port below 32768")
+}
+
+/// A node's own counts, as the agent's shared state would give them.
+#[derive(Default)]
+struct FakeLocal {
+    counts: Mutex<(HashMap<EntryKey, u64>, HashSet<EntryKey>)>,
+}
+
+impl FakeLocal {
+    fn set(&self, service: &str, ip: &str, count: u64) {
+        let entry = Entry::sessions(service, ip.parse().unwrap(), count);
+        let mut counts = self.counts.lock().unwrap();
+        if count == 0 {
+            counts.0.remove(&entry.key);
+        } else {
+            counts.0.insert(entry.key.clone(), count);
+        }
+        counts.1.insert(entry.key);
+    }
+}
+
+impl LocalShare for FakeLocal {
+    fn take_changes(&self) -> Vec<Entry> {
+        let mut counts = self.counts.lock().unwrap();
+        let dirty = std::mem::take(&mut counts.1);
+        dirty
+            .into_iter()
+            .map(|key| Entry {
+                count: counts.0.get(&key).copied().unwrap_or(0),
+                key,
+            })
+            .collect()
+    }
+
+    fn snapshot(&self) -> Vec<Entry> {
+        let counts = self.counts.lock().unwrap();
+        counts
+            .0
+            .iter()
+            .map(|(key, &count)| Entry {
+                key: key.clone(),
+                count,
+            })
+            .collect()
+    }
+}
+
+/// One node: its round task, view and counts.
+struct Node {
+    view: Arc<ClusterView>,
+    local: Arc<FakeLocal>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const TTL: Duration = Duration::from_secs(2);
+
+fn node(redis: &Redis, name: &str, prefix: &str, local: Arc<FakeLocal>) -> Node {
+    let target = Target::parse(&redis.url(), None).expect("url");
+    let mut settings = Settings::new(target, name, prefix, TTL);
+    settings.snapshot_every = Duration::from_secs(2);
+    let view = Arc::new(ClusterView::new(name, TTL));
+    let task = tokio::spawn(cluster::run(settings, view.clone(), local.clone()));
+    Node { view, local, task }
+}
+
+fn net(text: &str) -> ipnet::IpNet {
+    text.parse().unwrap()
+}
+
+/// The other nodes' sessions from `cidr`, as `node` sees them.
+fn fleet_sessions(node: &Node, cidr: &str) -> Option<u64> {
+    node.view
+        .fleet()
+        .ok()
+        .map(|fleet| fleet.sessions("SMTP", &net(cidr)))
+}
+
+async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sum_exactly_and_survive_restarts_deaths_and_a_lost_redis() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let a = node(&redis, "mx1", "t1", Arc::new(FakeLocal::default()));
+    let b = node(&redis, "mx2", "t1", Arc::new(FakeLocal::default()));
+    let c = node(&redis, "mx3", "t1", Arc::new(FakeLocal::default()));
+
+    // Exact: each node sees the sum of the others.
+    a.local.set("SMTP", "192.0.2.1", 3);
+    a.local.set("SMTP", "192.0.2.2", 1);
+    b.local.set("SMTP", "192.0.2.9", 2);
+    c.local.set("SMTP", "198.51.100.1", 5);
+    c.local.set("Control", "192.0.2.1", 7);
+    let exact = |n: &Node, cidr: &str, want: u64| fleet_sessions(n, cidr) == Some(want);
+    eventually("sums", Duration::from_secs(3), || {
+        exact(&a, "192.0.2.0/24", 2)
+            && exact(&b, "192.0.2.0/24", 4)
+            && exact(&c, "192.0.2.0/24", 6)
+            && exact(&a, "0.0.0.0/0", 7)
+            && exact(&c, "192.0.2.1/32", 3)
+    })
+    .await;
+    assert_eq!(
+        a.view
+            .fleet()
+            .unwrap()
+            .node_sessions("mx3", "SMTP", &net("198.51.100.0/24")),
+        5
+    );
+
+    // Fresh: a change on one node shows on another well within 1 s.
+    let mut lags = Vec::new();
+    for i in 0..10u64 {
+        a.local.set("SMTP", "192.0.2.1", 10 + i);
+        lags.push(
+            eventually("fresh", Duration::from_secs(1), || {
+                exact(&b, "192.0.2.1/32", 10 + i)
+            })
+            .await,
+        );
+    }
+    lags.sort();
+    eprintln!("replication lag: p50 {:?}, max {:?}", lags[5], lags[9]);
+    a.local.set("SMTP", "192.0.2.1", 3);
+
+    // A restarted node replaces its earlier share: never counted twice.
+    c.task.abort();
+    let c = node(&redis, "mx3", "t1", c.local.clone());
+    eventually("restart", Duration::from_secs(3), || {
+        exact(&a, "198.51.100.0/24", 5) && c.view.fleet().is_ok()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        exact(&a, "0.0.0.0/0", 7),
+        "{:?}",
+        fleet_sessions(&a, "0.0.0.0/0")
+    );
+
+    // A dead node stops counting within the TTL.
+    c.task.abort();
+    let gone = eventually("death", TTL + Duration::from_secs(2), || {
+        exact(&a, "0.0.0.0/0", 2) && exact(&b, "198.51.100.0/24", 0)
+    })
+    .await;
+    eprintln!("dead node dropped after {gone:?}");
+    let c = node(&redis, "mx3", "t1", c.local.clone());
+
+    // Redis restarted empty: the view converges back to exact.
+    redis.kill();
+    a.local.set("SMTP", "192.0.2.2", 4);
+    redis.spawn();
+    let converged = eventually("redis restarted empty", Duration::from_secs(5), || {
+        exact(&b, "192.0.2.0/24", 7) && exact(&c, "192.0.2.0/24", 9) && exact(&a, "0.0.0.0/0", 7)
+    })
+    .await;
+    eprintln!("converged {converged:?} after Redis restarted empty");
+
+    // Redis stopped: the last view is served while younger than the TTL,
+    // then cluster answers are refused; rounds resume when it comes back.
+    redis.signal("-STOP");
+    let stopped = Instant::now();
+    assert!(b.view.fleet().is_ok());
+    eventually("unavailable", TTL + Duration::from_secs(2), || {
+        b.view.fleet().is_err()
+    })
+    .await;
+    assert!(
+        stopped.elapsed() >= TTL - Duration::from_millis(300),
+        "{:?}",
+        stopped.elapsed()
+    );
+    redis.signal("-CONT");
+    eventually("back", Duration::from_secs(5), || {
+        exact(&b, "192.0.2.0/24", 7)
+    })
+    .await;
+
+    // Hostile data under the prefix is refused entry by entry, never applied.
+    let refused_before = ClusterStats::get(&b.view.stats.refused);
+    redis.cli(&["SADD", "t1:nodes", "bad name", "evil"]);
+    redis.cli(&[
+        "SET",
+        "t1:node:evil:hb",
+        "v1 00000000000000aa 1 1",
+        "PX",
+        "60000",
+    ]);
+    redis.cli(&[
+        "SET",
+        "t1:node:evil:snap",
+        "v1 00000000000000aa 1\ns SMTP 192.0.2.77 1\ns SMTP 192.0.2.78 99999999999999\nw junk\n",
+    ]);
+    redis.cli(&[
+        "XADD",
+        "t1:node:evil:log",
+        "*",
+        "epoch",
+        "zz",
+        "seq",
+        "2",
+        "data",
+        "x",
+    ]);
+    redis.cli(&["SET", "t1:node:mx1:hb", "garbage"]);
+    eventually("hostile entries counted", Duration::from_secs(3), || {
+        ClusterStats::get(&b.view.stats.refused) >= refused_before + 4
+    })
+    .await;
+    eventually("evil's one good entry", Duration::from_secs(3), || {
+        exact(&b, "192.0.2.77/32", 1) && exact(&b, "192.0.2.78/32", 0)
+    })
+    .await;
+
+    for n in [a, b, c] {
+        n.task.abort();
+    }
+}
