@@ -26,10 +26,15 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Option<Self> {
         if Command::new("redis-server")
             .arg("--version")
             .output()
@@ -45,6 +50,7 @@ impl Redis {
             child: None,
             port,
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         redis.spawn();
         Some(redis)
@@ -56,6 +62,7 @@ impl Redis {
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -104,11 +111,18 @@ impl Drop for Redis {
     }
 }
 
+/// A free loopback port below the ephemeral range, never one handed out
+/// before by this process (servers restart on theirs).
 fn free_port() -> u16 {
-    let base = 20_000 + (std::process::id() % 2_000) as u16 * 4;
-    (base..base + 4_000)
-        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
-        .expect("a free port below 32768")
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 1_000) as u16 * 8;
+    loop {
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(port < 32_768, "no free port below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A node's own counts, as the agent's shared state would give them.
@@ -166,7 +180,17 @@ struct Node {
 const TTL: Duration = Duration::from_secs(2);
 
 fn node(redis: &Redis, name: &str, prefix: &str, local: Arc<FakeLocal>) -> Node {
-    let target = Target::parse(&redis.url(), None).expect("url");
+    node_at(&redis.url(), None, name, prefix, local)
+}
+
+fn node_at(
+    url: &str,
+    password: Option<&str>,
+    name: &str,
+    prefix: &str,
+    local: Arc<FakeLocal>,
+) -> Node {
+    let target = Target::parse(url, password).expect("url");
     let mut settings = Settings::new(target, name, prefix, TTL);
     settings.snapshot_every = Duration::from_secs(2);
     let view = Arc::new(ClusterView::new(name, TTL));
@@ -334,4 +358,156 @@ async fn nodes_sum_exactly_and_survive_restarts_deaths_and_a_lost_redis() {
     for n in [a, b, c] {
         n.task.abort();
     }
+}
+
+/// The README's ACL line, for key prefix `t2`: the nodes work with exactly
+/// these commands, and the user can touch nothing outside the prefix.
+const ACL: &str = "ACL SETUSER ia on >s3cret resetkeys ~t2:* resetchannels -@all \
+    +get +set +del +exists +strlen +mget +sadd +smembers +xadd +xrange +multi +exec +ping";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_work_as_a_least_privilege_acl_user() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let line: Vec<&str> = ACL.split_whitespace().collect();
+    assert_eq!(redis.cli(&line).trim(), "OK");
+    let dir = std::env::temp_dir().join(format!("ia-pass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("redis.pass");
+    std::fs::write(&file, "s3cret\n").unwrap();
+    let password = cluster::read_password(&file).unwrap();
+    let url = format!("redis://ia@127.0.0.1:{}/0", redis.port);
+    let a = node_at(
+        &url,
+        Some(&password),
+        "mx1",
+        "t2",
+        Arc::new(FakeLocal::default()),
+    );
+    let b = node_at(
+        &url,
+        Some(&password),
+        "mx2",
+        "t2",
+        Arc::new(FakeLocal::default()),
+    );
+    a.local.set("SMTP", "192.0.2.1", 2);
+    b.local.set("SMTP", "192.0.2.2", 1);
+    eventually("sums as the ACL user", Duration::from_secs(3), || {
+        fleet_sessions(&a, "192.0.2.0/24") == Some(1)
+            && fleet_sessions(&b, "192.0.2.0/24") == Some(2)
+    })
+    .await;
+    assert_eq!(ClusterStats::get(&a.view.stats.publish_errors), 0);
+    // Outside the prefix the user is refused.
+    let out = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--user",
+            "ia",
+            "--pass",
+            "s3cret",
+            "--no-auth-warning",
+        ])
+        .args(["SET", "other:key", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("NOPERM"),
+        "{out:?}"
+    );
+    // A wrong password: rounds fail, counted, and nothing is merged.
+    let c = node_at(
+        &url,
+        Some("wrong"),
+        "mx3",
+        "t2",
+        Arc::new(FakeLocal::default()),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(c.view.fleet().is_err());
+    for n in [a, b, c] {
+        n.task.abort();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Redis primary, its replica and one sentinel: the primary is killed, the
+/// sentinel promotes the replica, and the nodes follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_is_survived() {
+    if Command::new("redis-sentinel")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: redis-sentinel is not installed (apt-get install redis-sentinel)");
+        return;
+    }
+    let Some(mut primary) = Redis::start() else {
+        return;
+    };
+    let replica_of = primary.port.to_string();
+    let Some(replica) = Redis::start_with(&["--replicaof", "127.0.0.1", &replica_of]) else {
+        return;
+    };
+    let sentinel_port = free_port();
+    let conf = primary.dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel_port}\nbind 127.0.0.1\ndir {}\n\
+             sentinel monitor ia 127.0.0.1 {} 1\n\
+             sentinel down-after-milliseconds ia 1000\n\
+             sentinel failover-timeout ia 5000\n",
+            primary.dir.display(),
+            primary.port
+        ),
+    )
+    .unwrap();
+    let mut sentinel = Command::new("redis-sentinel")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-sentinel");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", sentinel_port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-sentinel did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("redis+sentinel://127.0.0.1:{sentinel_port}/ia");
+    let a = node_at(&url, None, "mx1", "t3", Arc::new(FakeLocal::default()));
+    let b = node_at(&url, None, "mx2", "t3", Arc::new(FakeLocal::default()));
+    a.local.set("SMTP", "192.0.2.1", 4);
+    b.local.set("SMTP", "192.0.2.2", 1);
+    let exact = |a: &Node, b: &Node| {
+        fleet_sessions(a, "192.0.2.0/24") == Some(1) && fleet_sessions(b, "192.0.2.0/24") == Some(4)
+    };
+    eventually("sums through the sentinel", Duration::from_secs(5), || {
+        exact(&a, &b)
+    })
+    .await;
+    // Let the replica catch up, then lose the primary.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    primary.kill();
+    a.local.set("SMTP", "192.0.2.1", 6);
+    let failed_over = eventually("failover", Duration::from_secs(20), || {
+        fleet_sessions(&b, "192.0.2.0/24") == Some(6)
+            && fleet_sessions(&a, "192.0.2.0/24") == Some(1)
+    })
+    .await;
+    eprintln!("converged {failed_over:?} after the primary was killed");
+    assert!(
+        replica.cli(&["ROLE"]).starts_with("master"),
+        "{}",
+        replica.cli(&["ROLE"])
+    );
+    for n in [a, b] {
+        n.task.abort();
+    }
+    let _ = sentinel.kill();
+    let _ = sentinel.wait();
 }
