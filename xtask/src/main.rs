@@ -53,7 +53,7 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only this target (query_request or policy_request).
+        /// Only this target (query_request, policy_request or cluster_entries).
         #[arg(long)]
         target: Option<String>,
     },
@@ -294,7 +294,7 @@ fn ensure_bpf_linker(root: &Path) -> Result<PathBuf> {
     Ok(bin_dir)
 }
 
-const FUZZ_TARGETS: [&str; 2] = ["query_request", "policy_request"];
+const FUZZ_TARGETS: [&str; 3] = ["query_request", "policy_request", "cluster_entries"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Runs each fuzz target for `seconds` from the committed seeds (fuzz/seeds)
