@@ -235,3 +235,169 @@ impl ReferenceSockOps {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each reference against real connections in a cgroup of its own. Needs
+    //! root and the objects `cargo xtask bench` builds (or `cargo +nightly
+    //! build -p bench-ebpf ...`, see xtask); skips, saying why, without them.
+
+    use std::{
+        io::Read,
+        net::{Ipv4Addr, TcpListener, TcpStream},
+        path::PathBuf,
+        sync::Mutex,
+        time::Instant,
+    };
+
+    use integration_tests::{connect_from, ebpf_unavailable, TestCgroup};
+
+    use super::*;
+    use crate::env::Sysctl;
+
+    /// One test at a time: each moves this whole process between cgroups for
+    /// a moment, and turns the kernel's run-time statistics on and back.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    /// Distinct sources, and connections from each.
+    const SOURCES: u8 = 10;
+    const PER_SOURCE: usize = 2;
+
+    fn skip_reason(reference: Reference) -> Option<String> {
+        if let Some(why) = ebpf_unavailable() {
+            return Some(why);
+        }
+        if reference.object().0.is_empty() {
+            return Some(format!(
+                "the {} object was not built (cargo xtask bench builds bench-ebpf)",
+                reference.short()
+            ));
+        }
+        None
+    }
+
+    /// The cgroup2 directory this process is in, to come back to.
+    fn own_cgroup() -> PathBuf {
+        let line = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+        let relative = line
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup2 line");
+        inbound_audit::kernel::cgroup::cgroup2_root()
+            .expect("cgroup2")
+            .join(relative.trim_start_matches('/'))
+    }
+
+    fn move_to(cgroup: &Path) {
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .unwrap_or_else(|e| panic!("joining {}: {e}", cgroup.display()));
+    }
+
+    /// A listener that belongs to `cgroup` (a socket's cgroup is its
+    /// creator's at creation; accepted sockets take the listener's), while
+    /// this process, and so every client socket, stays where it was.
+    fn listener_in(cgroup: &TestCgroup) -> TcpListener {
+        let home = own_cgroup();
+        move_to(cgroup.path());
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0));
+        move_to(&home);
+        listener.expect("listening on 127.0.0.1")
+    }
+
+    /// Polls `read` until it gives `expected` or 10 s pass (closes may wait
+    /// for a last ACK; the reader drains every 100 ms).
+    fn eventually<T: PartialEq + std::fmt::Debug>(
+        what: &str,
+        expected: T,
+        mut read: impl FnMut() -> T,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = read();
+            if got == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {got:?}, not {expected:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn check(reference: Reference) {
+        if let Some(why) = skip_reason(reference) {
+            eprintln!("skipping the {} test: {why}", reference.short());
+            return;
+        }
+        let _serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cgroup = TestCgroup::new(&format!("bench-ref-{}", reference.object().1));
+        let listener = listener_in(&cgroup);
+        let server = listener.local_addr().expect("listener address");
+        let program = ReferenceSockOps::attach(reference, cgroup.path()).expect("attach");
+        let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1").expect("bpf stats on");
+        let before = program.stats().expect("stats");
+
+        let mut open = Vec::new();
+        for source in 1..=SOURCES {
+            for _ in 0..PER_SOURCE {
+                let client = connect_from(Ipv4Addr::new(127, 31, 0, source).into(), server);
+                let (accepted, _) = listener.accept().expect("accept");
+                open.push((client, accepted));
+            }
+        }
+        let connections = open.len() as i64;
+        let expected_open = match reference {
+            Reference::Floor => None,
+            _ => Some((u64::from(SOURCES), connections)),
+        };
+        eventually("counters with every connection open", expected_open, || {
+            program.counters().expect("counters")
+        });
+
+        // As in the bench: the client closes, the server reads EOF and closes.
+        for (client, mut accepted) in open {
+            drop::<TcpStream>(client);
+            let mut rest = Vec::new();
+            accepted.read_to_end(&mut rest).expect("reading to EOF");
+        }
+        let expected_closed = expected_open.map(|(entries, _)| (entries, 0));
+        eventually("counters after every close", expected_closed, || {
+            program.counters().expect("counters")
+        });
+        let expected_events =
+            (reference == Reference::LpmCounterEvents).then_some(2 * connections as u64);
+        eventually("events read", expected_events, || program.events_read());
+
+        let after = program.stats().expect("stats");
+        // PASSIVE_ESTABLISHED and the state changes through to TCP_CLOSE at least.
+        assert!(
+            after.run_count - before.run_count >= 2 * connections as u64,
+            "the {} program ran {} times for {connections} connections",
+            reference.short(),
+            after.run_count - before.run_count
+        );
+    }
+
+    #[test]
+    fn floor_runs_for_every_connection() {
+        check(Reference::Floor);
+    }
+
+    #[test]
+    fn lpm_counter_counts_each_source_and_back_to_zero() {
+        check(Reference::LpmCounter);
+    }
+
+    #[test]
+    fn hash_counter_counts_each_source_and_back_to_zero() {
+        check(Reference::HashCounter);
+    }
+
+    #[test]
+    fn lpm_events_counts_and_reports_two_events_per_connection() {
+        check(Reference::LpmCounterEvents);
+    }
+}
