@@ -250,6 +250,7 @@ mod tests {
         time::Instant,
     };
 
+    use aya::maps::{MapInfo, MapType};
     use integration_tests::{connect_from, ebpf_unavailable, TestCgroup};
 
     use super::*;
@@ -325,6 +326,51 @@ mod tests {
         }
     }
 
+    /// (type, key bytes, value bytes, max entries, flags).
+    type Shape = (MapType, u32, u32, u32, u32);
+
+    /// What the hand-written programs' maps were, so the figures stay
+    /// comparable: the counters keyed by (prefix length 32, IPv4 address)
+    /// with u64 values, the trie allocating on demand (BPF_F_NO_PREALLOC),
+    /// the hash preallocated, the ring 4 MiB.
+    fn expected_maps(reference: Reference) -> Vec<Shape> {
+        let trie = (MapType::LpmTrie, 8, 8, 1 << 17, 1);
+        match reference {
+            Reference::Floor => vec![],
+            Reference::LpmCounter => vec![trie],
+            Reference::HashCounter => vec![(MapType::Hash, 8, 8, 1 << 17, 0)],
+            Reference::LpmCounterEvents => vec![trie, (MapType::RingBuf, 0, 0, 4 << 20, 0)],
+        }
+    }
+
+    fn maps_of(program: &ReferenceSockOps) -> Vec<Shape> {
+        let (_, name) = program.reference.object();
+        let info = program
+            .ebpf
+            .program(name)
+            .expect("program")
+            .info()
+            .expect("info");
+        let mut shapes: Vec<Shape> = info
+            .map_ids()
+            .expect("map ids")
+            .expect("this kernel reports map ids")
+            .into_iter()
+            .map(|id| {
+                let map = MapInfo::from_id(id).expect("map info");
+                (
+                    map.map_type().expect("known map type"),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries(),
+                    map.map_flags(),
+                )
+            })
+            .collect();
+        shapes.sort_by_key(|shape| shape.0 as u32);
+        shapes
+    }
+
     fn check(reference: Reference) {
         if let Some(why) = skip_reason(reference) {
             eprintln!("skipping the {} test: {why}", reference.short());
@@ -337,6 +383,14 @@ mod tests {
         let listener = listener_in(&cgroup);
         let server = listener.local_addr().expect("listener address");
         let program = ReferenceSockOps::attach(reference, cgroup.path()).expect("attach");
+        let mut expected = expected_maps(reference);
+        expected.sort_by_key(|shape| shape.0 as u32);
+        assert_eq!(
+            maps_of(&program),
+            expected,
+            "the {} maps",
+            reference.short()
+        );
         let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1").expect("bpf stats on");
         let before = program.stats().expect("stats");
 
