@@ -174,6 +174,20 @@ impl LimitConfig {
     /// configured is checked with the whole configuration (flags may add them),
     /// in `Config::check_references`.
     pub fn check(self) -> Result<Limit, LimitError> {
+        // The kind's keys first, then the shared ones, as before the kinds
+        // were types: a limit with several faults reports the same one.
+        let windowed = match (self.count.series(), self.monitor) {
+            (Some(series), Some(text)) => Some((series, text.parse::<MonitorSpec>()?)),
+            (Some(_), None) => return Err(LimitError::NeedsMonitor),
+            (None, Some(_)) => return Err(LimitError::MonitorOnSessions),
+            (None, None) => None,
+        };
+        if windowed.is_none() && (self.startv.is_some() || self.endv.is_some()) {
+            return Err(LimitError::WindowsOnSessions);
+        }
+        if windowed.is_some() && self.service.is_some() {
+            return Err(LimitError::ServiceOnWindowed);
+        }
         let prefixes = Prefixes::new(
             self.ipv4_prefix.unwrap_or(32),
             self.ipv6_prefix.unwrap_or(128),
@@ -189,33 +203,19 @@ impl LimitConfig {
             max: self.max,
             action,
         };
-        match self.count.series() {
-            None => {
-                if self.monitor.is_some() {
-                    return Err(LimitError::MonitorOnSessions);
-                }
-                if self.startv.is_some() || self.endv.is_some() {
-                    return Err(LimitError::WindowsOnSessions);
-                }
-                Ok(Limit::Sessions {
-                    service: self.service,
-                    rule,
-                })
-            }
-            Some(series) => {
-                let monitor: MonitorSpec = self.monitor.ok_or(LimitError::NeedsMonitor)?.parse()?;
-                if self.service.is_some() {
-                    return Err(LimitError::ServiceOnWindowed);
-                }
-                Ok(Limit::Windowed {
-                    series,
-                    monitor,
-                    first: self.startv.unwrap_or(0),
-                    last: self.endv.unwrap_or(0),
-                    rule,
-                })
-            }
-        }
+        Ok(match windowed {
+            Some((series, monitor)) => Limit::Windowed {
+                series,
+                monitor,
+                first: self.startv.unwrap_or(0),
+                last: self.endv.unwrap_or(0),
+                rule,
+            },
+            None => Limit::Sessions {
+                service: self.service,
+                rule,
+            },
+        })
     }
 }
 

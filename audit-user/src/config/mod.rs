@@ -21,10 +21,7 @@ mod values;
 
 pub use error::{ConfigError, Position};
 pub use limits::{check_action, ActionError, LimitConfig, LimitCount, LimitError};
-pub use values::{
-    FileMode, Gid, Monitor, Port, PositiveCount, PositiveSecs, RingBytes, TableSize, Uid,
-    ValueError,
-};
+pub use values::{PositiveCount, PositiveSecs, ValueError};
 
 use crate::domain::{Limit, MonitorSpec, ServicePorts, CLUSTER_SERVICE};
 use error::invalid;
