@@ -17,12 +17,13 @@ pub enum ConfigError {
         at: Option<Position>,
         reason: String,
     },
-    /// One key's value (from the file: with its position; from the flags or
-    /// a check across keys: without).
-    #[error("config key `{key}`{}: {reason}", in_file(at))]
+    /// One key's value (from the file: with its position, and the file when
+    /// it was read from one; from the flags or a check across keys: without).
+    #[error("config key `{key}`{}: {reason}", located(file, at))]
     Invalid {
         key: String,
         reason: String,
+        file: Option<PathBuf>,
         at: Option<Position>,
     },
 }
@@ -64,10 +65,39 @@ fn in_file(at: &Option<Position>) -> String {
     at.map_or_else(String::new, |at| format!(" ({at})"))
 }
 
+fn located(file: &Option<PathBuf>, at: &Option<Position>) -> String {
+    match (file, at) {
+        (Some(file), Some(at)) => format!(" ({}, {at})", file.display()),
+        (Some(file), None) => format!(" ({})", file.display()),
+        (None, _) => in_file(at),
+    }
+}
+
+impl ConfigError {
+    /// Names `path` in a key's error that came from that file.
+    pub(crate) fn in_file(self, path: &std::path::Path) -> Self {
+        match self {
+            ConfigError::Invalid {
+                key,
+                reason,
+                file: None,
+                at,
+            } if !path.as_os_str().is_empty() => ConfigError::Invalid {
+                key,
+                reason,
+                file: Some(path.to_path_buf()),
+                at,
+            },
+            other => other,
+        }
+    }
+}
+
 pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
         reason: reason.into(),
+        file: None,
         at: None,
     }
 }

@@ -134,11 +134,17 @@ impl Config {
                         at,
                         reason,
                     },
-                    key => ConfigError::Invalid { key, reason, at },
+                    key => ConfigError::Invalid {
+                        key,
+                        reason,
+                        file: None,
+                        at,
+                    }
+                    .in_file(path),
                 }
             })?;
         let config = Config::from(file);
-        config.validate()?;
+        config.validate().map_err(|e| e.in_file(path))?;
         Ok(config)
     }
 
@@ -418,6 +424,7 @@ mod tests {
                 ConfigError::Invalid {
                     key: k,
                     reason: r,
+                    file: None,
                     at: Some(at),
                 } => {
                     assert_eq!((k.as_str(), at), (key, Position { line, column }), "{text}");
@@ -445,6 +452,33 @@ mod tests {
         assert!(
             unterminated.to_string().contains("line 2, column"),
             "{unterminated}"
+        );
+    }
+
+    #[test]
+    fn errors_from_a_file_name_it() {
+        let dir =
+            std::env::temp_dir().join(format!("inbound-audit-unit-config-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        fs::write(&path, "socket = \"/x\"\nevent_ring_bytes = 5000\n").unwrap();
+        let value = Config::from_file(&path).unwrap_err().to_string();
+        fs::write(&path, "[services]\n\"bad name\" = [25]\n").unwrap();
+        let across = Config::from_file(&path).unwrap_err().to_string();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            value,
+            format!(
+                "config key `event_ring_bytes` ({}, line 2, column 20): 5000 is not a power of two between 4096 and 1073741824",
+                path.display()
+            )
+        );
+        assert!(
+            across.starts_with(&format!(
+                "config key `services.bad name` ({}): ",
+                path.display()
+            )),
+            "{across}"
         );
     }
 
