@@ -21,7 +21,7 @@ use crate::{
     sys::{
         fs::Trust,
         limits::{self, LimitError, OWN_DESCRIPTORS},
-        socket::QuerySocket,
+        socket::{socket_dir, QuerySocket},
     },
 };
 
@@ -147,18 +147,12 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
 /// uses them.
 fn check_directories(config: &Config) -> Result<(), AgentError> {
     let trust = Trust::current();
-    let parent = |path: &'static str, socket: &std::path::Path| {
-        socket
-            .parent()
-            .filter(|dir| !dir.as_os_str().is_empty())
-            .map(|dir| (path, dir.to_path_buf()))
-    };
     let dirs = [
-        parent("the query socket's directory", &config.socket),
+        Some(("the query socket's directory", socket_dir(&config.socket))),
         config
             .policy_socket
             .as_deref()
-            .and_then(|socket| parent("the policy socket's directory", socket)),
+            .map(|socket| ("the policy socket's directory", socket_dir(socket))),
         Some(("the state directory", config.state_dir.clone())),
         Some(("the pin directory", config.pin_dir.clone())),
     ];

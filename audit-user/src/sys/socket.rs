@@ -63,14 +63,12 @@ impl QuerySocket {
                 source,
             }
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            Trust::current()
-                .ensure(dir)
-                .map_err(|source| SocketError::Directory {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-        }
+        Trust::current()
+            .ensure(&socket_dir(path))
+            .map_err(|source| SocketError::Directory {
+                path: path.to_path_buf(),
+                source,
+            })?;
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(SocketError::NotASocket {
@@ -142,6 +140,14 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// The directory `path` lies in; "." for a bare file name.
+pub fn socket_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// bind(2) creates the socket file with 0777 less the umask: with the umask
 /// set to the complement of `mode`, it is born with `mode`, never wider.
 /// The umask is per process: binds from several threads (the unit tests) take
@@ -182,6 +188,15 @@ mod tests {
         std::fs::create_dir(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path
+    }
+
+    #[test]
+    fn a_bare_socket_name_lies_in_the_current_directory() {
+        assert_eq!(socket_dir(Path::new("audit.sock")), Path::new("."));
+        assert_eq!(
+            socket_dir(Path::new("/run/inbound-audit/audit.sock")),
+            Path::new("/run/inbound-audit")
+        );
     }
 
     #[test]
