@@ -9,6 +9,7 @@ use std::{
     os::unix::{
         fs::{MetadataExt, PermissionsExt},
         net::UnixStream,
+        process::CommandExt,
     },
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
@@ -107,17 +108,77 @@ fn an_ancestor_writable_by_everyone_is_refused_and_nothing_is_pinned() {
     assert!(!socket.exists());
 }
 
+/// A real unprivileged user with a group of its own (useradd), removed on drop.
+struct LocalUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl LocalUser {
+    fn create(tag: &str) -> Option<Self> {
+        let name = format!("ia-{tag}-{}", std::process::id());
+        let _ = Command::new("userdel").arg(&name).output();
+        let added = Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--shell", "/usr/sbin/nologin"])
+            .arg(&name)
+            .output()
+            .ok()?;
+        if !added.status.success() {
+            eprintln!(
+                "SKIPPED (useradd failed): {}",
+                String::from_utf8_lossy(&added.stderr)
+            );
+            return None;
+        }
+        let user = Self {
+            uid: inbound_audit::sys::users::user_id(&name)?,
+            gid: inbound_audit::sys::users::group_id(&name)?,
+            name,
+        };
+        Some(user)
+    }
+}
+
+impl Drop for LocalUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).output();
+        let _ = Command::new("groupdel").arg(&self.name).output();
+    }
+}
+
 #[test]
 fn a_group_writable_socket_directory_is_refused() {
     require_ebpf!();
+    let Some(member) = LocalUser::create("group-dir") else {
+        return;
+    };
     let dir = TempDir::new("group-dir");
+    // Root's directory, writable by a group a local user is in: the old
+    // refusal message suggested exactly this.
     let shared = dir.path().join("shared");
     mkdir(&shared, 0o770);
+    std::os::unix::fs::chown(&shared, Some(0), Some(member.gid)).unwrap();
+    // The member can indeed put things there (and so swap the socket).
+    let planted = Command::new("touch")
+        .arg(shared.join("planted"))
+        .uid(member.uid)
+        .gid(member.gid)
+        .output()
+        .unwrap();
+    assert!(planted.status.success(), "{planted:?}");
+    std::fs::remove_file(shared.join("planted")).unwrap();
+
     let socket = shared.join("audit.sock");
     let (status, stderr) = run_refused("group-dir", &dir, &["--socket", socket.to_str().unwrap()]);
     assert!(!status.success(), "{stderr}");
     assert!(
-        stderr.contains(&format!("{} (owner uid 0", shared.display())),
+        stderr.contains(&format!(
+            "{} (owner uid 0, group gid {}, mode 0770)",
+            shared.display(),
+            member.gid
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("writable by its group"), "{stderr}");
