@@ -3,7 +3,9 @@
 //! layers must agree on, and the clock monitor windows are aligned on. It
 //! imports nothing from the crate: everything else builds on it.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
+
+use ipnet::IpNet;
 
 /// The service relative forms and Sieve calls count when none is named.
 pub const DEFAULT_SERVICE: &str = "SMTP";
@@ -117,27 +119,61 @@ impl fmt::Display for MonitorSpec {
     }
 }
 
-/// What a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LimitCount {
+/// A checked policy limit. The two kinds carry only what applies to them, so a
+/// windowed limit without its monitor cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Limit {
     /// Live sessions now.
-    Sessions,
-    Connections,
-    Receptions,
-    Rejections,
+    Sessions {
+        /// None: the service of the client's server_port, else [`DEFAULT_SERVICE`].
+        service: Option<String>,
+        rule: LimitRule,
+    },
+    /// A series summed over windows `first..=last` of a monitor (0 = current).
+    Windowed {
+        series: Series,
+        monitor: MonitorSpec,
+        first: u32,
+        last: u32,
+        rule: LimitRule,
+    },
 }
 
-/// A checked limit.
+impl Limit {
+    pub fn rule(&self) -> &LimitRule {
+        match self {
+            Limit::Sessions { rule, .. } | Limit::Windowed { rule, .. } => rule,
+        }
+    }
+}
+
+/// What every limit has: whose count it reads, when it fires, what it answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limit {
-    pub count: LimitCount,
-    pub service: Option<String>,
-    pub monitor: Option<MonitorSpec>,
-    pub first: u32,
-    pub last: u32,
-    pub ipv4_prefix: u8,
-    pub ipv6_prefix: u8,
+pub struct LimitRule {
+    pub prefixes: Prefixes,
+    /// The limit fires when the count is above this.
     pub max: u64,
+    /// The access(5) action our explanation is appended to, e.g. "421 4.7.0".
     pub action: String,
+}
+
+/// Prefix lengths a client's address is masked to. The fields are private so
+/// that they are always valid lengths and masking cannot fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefixes {
+    ipv4: u8,
+    ipv6: u8,
+}
+
+impl Prefixes {
+    /// None when `ipv4` is over 32 or `ipv6` over 128.
+    pub fn new(ipv4: u8, ipv6: u8) -> Option<Self> {
+        (ipv4 <= 32 && ipv6 <= 128).then_some(Self { ipv4, ipv6 })
+    }
+
+    /// The network of `ip` at this limit's prefix length for its family.
+    pub fn network(&self, ip: IpAddr) -> IpNet {
+        let prefix = if ip.is_ipv4() { self.ipv4 } else { self.ipv6 };
+        IpNet::new_assert(ip, prefix).trunc()
+    }
 }

@@ -68,7 +68,7 @@ struct AgentArgs {
     pin_dir: Option<PathBuf>,
     /// Most simultaneous query clients.
     #[arg(long)]
-    max_clients: Option<usize>,
+    max_clients: Option<config::PositiveCount>,
     /// A time-windowed monitor "W,N" (N windows of W seconds); repeatable;
     /// replaces the config's monitors.
     #[arg(long = "monitor", value_name = "W,N")]
@@ -84,7 +84,7 @@ struct AgentArgs {
     policy_socket_group: Option<String>,
     /// Seconds between reconcile passes against the kernel's socket records.
     #[arg(long, value_name = "SECS")]
-    reconcile_interval: Option<u64>,
+    reconcile_interval: Option<config::PositiveSecs>,
     /// Remove the pinned programs and maps on exit instead of counting on.
     #[arg(long)]
     detach_on_exit: bool,
@@ -161,7 +161,7 @@ fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
         config.pin_dir = pin_dir;
     }
     if let Some(max) = args.max_clients {
-        config.max_clients = max;
+        config.max_clients = max.0;
     }
     if !args.monitors.is_empty() {
         config.monitors = args
@@ -180,10 +180,7 @@ fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
         config.state_dir = dir;
     }
     if let Some(secs) = args.reconcile_interval {
-        if secs == 0 {
-            anyhow::bail!("--reconcile-interval must be at least 1 second");
-        }
-        config.reconcile_interval = std::time::Duration::from_secs(secs);
+        config.reconcile_interval = secs.0;
     }
     config.validate()?;
     config.check_references()?;

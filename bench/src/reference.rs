@@ -1,6 +1,7 @@
 //! Reference sock_ops programs the bench measures ours against, side by side
-//! in the same runs. They are loaded from raw instructions (no toolchain and
-//! none of our maps) and attached to the bench cgroup like ours:
+//! in the same runs. They are aya-ebpf programs in bench-ebpf/, built by
+//! `cargo xtask bench` with the same toolchain as ours, with none of our maps,
+//! and attached to the bench cgroup like ours:
 //!
 //! - **Floor**: at PASSIVE_ESTABLISHED it asks for state callbacks, as ours
 //!   does, and otherwise returns at once. What the invocations alone cost: the
@@ -10,8 +11,8 @@
 //!   +1; at TCP_CLOSE, -1. No port filter, no per-socket state, no events, no
 //!   agent: a lower bound of any program that keeps per-IP counts in an LPM
 //!   trie, as ours must.
-//! - **Hash counter**: the same with an exact-match hash map, to show what the
-//!   trie itself costs.
+//! - **Hash counter**: the same with an exact-match hash map (preallocated),
+//!   to show what the trie itself costs.
 //! - **LPM counter with events**: the LPM counter, and per accept and close a
 //!   40-byte event (the socket's cookie, the address, the change) into a ring
 //!   buffer without waking anyone, which a thread of the bench drains every
@@ -19,8 +20,7 @@
 //!   costs on top of the counter, with none of our agent's work on it.
 
 use std::{
-    collections::HashMap,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    fs::File,
     path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -31,8 +31,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Map, MapData, RingBuf},
-    programs::loaded_programs,
+    maps::{lpm_trie, HashMap, LpmTrie, MapData, RingBuf},
+    programs::{CgroupAttachMode, SockOps},
+    Ebpf,
 };
 
 use crate::kernel::ProgramStats;
@@ -60,6 +61,16 @@ impl Reference {
         }
     }
 
+    /// The object and the program's name in it.
+    fn object(self) -> (&'static [u8], &'static str) {
+        match self {
+            Reference::Floor => (FLOOR, "ref_floor"),
+            Reference::LpmCounter => (LPM_COUNTER, "ref_lpm_count"),
+            Reference::HashCounter => (HASH_COUNTER, "ref_hash_count"),
+            Reference::LpmCounterEvents => (LPM_EVENTS, "ref_lpm_events"),
+        }
+    }
+
     pub fn short(self) -> &'static str {
         match self {
             Reference::Floor => "floor",
@@ -70,14 +81,24 @@ impl Reference {
     }
 }
 
+// bench-ebpf's objects, one per reference (embedded by build.rs).
+static FLOOR: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ref-floor.o"));
+static LPM_COUNTER: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ref-lpm-counter.o"));
+static HASH_COUNTER: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ref-hash-counter.o"));
+static LPM_EVENTS: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ref-lpm-events.o"));
+
+/// As bench-ebpf's events.
+const EVENT_BYTES: usize = 40;
+
 /// A reference program attached to a cgroup; detached (and its maps freed)
 /// when dropped.
 pub struct ReferenceSockOps {
-    id: u32,
-    // Field order is drop order: the link (detach) before the maps.
-    _link: OwnedFd,
-    _program: OwnedFd,
-    map: Option<OwnedFd>,
+    reference: Reference,
+    // Field order is drop order: the program (detach) before the reader.
+    ebpf: Ebpf,
     reader: Option<EventReader>,
 }
 
@@ -92,10 +113,7 @@ struct EventReader {
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
 
 impl EventReader {
-    fn start(ring: OwnedFd) -> Result<Self> {
-        let data = MapData::from_fd(ring).context("opening the reference ring buffer")?;
-        let mut ring =
-            RingBuf::try_from(Map::RingBuf(data)).context("mapping the reference ring buffer")?;
+    fn start(mut ring: RingBuf<MapData>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let read = Arc::new(AtomicU64::new(0));
         let thread = {
@@ -104,7 +122,7 @@ impl EventReader {
                 let done = stop.load(Ordering::Relaxed);
                 let mut n = 0;
                 while let Some(event) = ring.next() {
-                    n += u64::from(event.len() == EVENT_BYTES as usize);
+                    n += u64::from(event.len() == EVENT_BYTES);
                 }
                 read.fetch_add(n, Ordering::Relaxed);
                 if done {
@@ -113,11 +131,11 @@ impl EventReader {
                 std::thread::sleep(DRAIN_EVERY);
             })
         };
-        Ok(Self {
+        Self {
             stop,
             read,
             thread: Some(thread),
-        })
+        }
     }
 }
 
@@ -130,375 +148,38 @@ impl Drop for EventReader {
     }
 }
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
-const BPF_CGROUP_SOCK_OPS: u32 = 3;
-const BPF_MAP_TYPE_HASH: u32 = 1;
-const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
-const BPF_MAP_TYPE_RINGBUF: u32 = 27;
-/// As our agent's default ring.
-const RING_BYTES: u32 = 4 << 20;
-/// As our events.
-const EVENT_BYTES: i32 = 40;
-const BPF_F_NO_PREALLOC: u32 = 1;
-
-/// Room for the bench's 65,024 sources and then some.
-const COUNTER_ENTRIES: u32 = 1 << 17;
-
-/// bpf(2) with `attr` (a zero-padded prefix of `union bpf_attr`).
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
-    // SAFETY: attr is a valid, fully initialised repr(C) prefix of bpf_attr
-    // whose pointers (if any) outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(ret as i32)
-}
-
-/// A bpf(2) command that returns a new descriptor, which the caller then owns.
-fn bpf_new_fd<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
-    let fd = bpf(cmd, attr)?;
-    // SAFETY: the kernel just returned this descriptor to us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// The head of `union bpf_attr` for BPF_MAP_CREATE.
-#[repr(C)]
-#[derive(Default)]
-struct MapCreate {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-}
-
-fn create_map(mut create: MapCreate, what: &'static str) -> Result<OwnedFd> {
-    bpf_new_fd(BPF_MAP_CREATE, &mut create).with_context(|| format!("creating the {what}"))
-}
-
-/// A counter map keyed like an LPM trie key for an IPv4 /32 (prefix length,
-/// then the address), with a u64 value.
-fn create_counter_map(map_type: u32) -> Result<OwnedFd> {
-    let create = MapCreate {
-        map_type,
-        key_size: 8,
-        value_size: 8,
-        max_entries: COUNTER_ENTRIES,
-        // An LPM trie must allocate on demand; the hash gets its fastest
-        // form, preallocated.
-        map_flags: if map_type == BPF_MAP_TYPE_LPM_TRIE {
-            BPF_F_NO_PREALLOC
-        } else {
-            0
-        },
-    };
-    create_map(create, "reference counter map")
-}
-
-fn create_ring() -> Result<OwnedFd> {
-    let create = MapCreate {
-        map_type: BPF_MAP_TYPE_RINGBUF,
-        max_entries: RING_BYTES,
-        ..MapCreate::default()
-    };
-    create_map(create, "reference ring buffer")
-}
-
-/// Just enough of an eBPF assembler for these programs: instructions, labels
-/// and jumps to them.
-#[derive(Default)]
-struct Assembler {
-    insns: Vec<u64>,
-    labels: HashMap<&'static str, usize>,
-    jumps: Vec<(usize, &'static str)>,
-}
-
-// Opcodes (class | size/source | mode/operation).
-const MOV64_REG: u8 = 0xbf;
-const MOV64_IMM: u8 = 0xb7;
-const ADD64_IMM: u8 = 0x07;
-const LDX_W: u8 = 0x61;
-const STX_W: u8 = 0x63;
-const STX_DW: u8 = 0x7b;
-const ST_W: u8 = 0x62;
-const ST_DW: u8 = 0x7a;
-const JA: u8 = 0x05;
-const JEQ_IMM: u8 = 0x15;
-const JNE_IMM: u8 = 0x55;
-const CALL: u8 = 0x85;
-const EXIT: u8 = 0x95;
-const LD_IMM64: u8 = 0x18;
-/// BPF_STX | BPF_DW | BPF_ATOMIC; the immediate picks the operation (0: add).
-const ATOMIC_DW: u8 = 0xdb;
-const PSEUDO_MAP_FD: u8 = 1;
-
-// Registers.
-const R0: u8 = 0;
-const R1: u8 = 1;
-const R2: u8 = 2;
-const R3: u8 = 3;
-const R4: u8 = 4;
-const R6: u8 = 6;
-const R7: u8 = 7;
-const R10: u8 = 10;
-
-// struct bpf_sock_ops offsets, callbacks, helpers.
-const OPS_OP: i16 = 0;
-const OPS_ARG1: i16 = 8;
-const OPS_REMOTE_IP4: i16 = 24;
-const PASSIVE_ESTABLISHED_CB: i32 = 5;
-const STATE_CB: i32 = 10;
-const TCP_CLOSE: i32 = 7;
-const STATE_CB_FLAG: i32 = 4;
-const HELPER_MAP_LOOKUP: i32 = 1;
-const HELPER_MAP_UPDATE: i32 = 2;
-const HELPER_CB_FLAGS_SET: i32 = 59;
-const HELPER_GET_SOCKET_COOKIE: i32 = 46;
-const HELPER_RINGBUF_OUTPUT: i32 = 130;
-const BPF_RB_NO_WAKEUP: i32 = 1;
-const BPF_NOEXIST: i32 = 1;
-
-impl Assembler {
-    fn op(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) -> &mut Self {
-        self.insns.push(
-            code as u64
-                | ((src << 4 | dst) as u64) << 8
-                | (off as u16 as u64) << 16
-                | (imm as u32 as u64) << 32,
-        );
-        self
-    }
-
-    fn jump(&mut self, code: u8, dst: u8, imm: i32, to: &'static str) -> &mut Self {
-        self.jumps.push((self.insns.len(), to));
-        self.op(code, dst, 0, 0, imm)
-    }
-
-    fn label(&mut self, name: &'static str) -> &mut Self {
-        self.labels.insert(name, self.insns.len());
-        self
-    }
-
-    /// dst = the map behind `fd` (a two-slot instruction the loader resolves).
-    fn load_map(&mut self, dst: u8, fd: i32) -> &mut Self {
-        self.op(LD_IMM64, dst, PSEUDO_MAP_FD, 0, fd)
-            .op(0, 0, 0, 0, 0)
-    }
-
-    fn finish(mut self) -> Vec<u64> {
-        for (at, to) in std::mem::take(&mut self.jumps) {
-            let target = self.labels[to] as i64;
-            let off = (target - at as i64 - 1) as i16;
-            self.insns[at] |= (off as u16 as u64) << 16;
-        }
-        self.insns
-    }
-}
-
-fn floor_program() -> Vec<u64> {
-    let mut asm = Assembler::default();
-    asm.op(MOV64_REG, R6, R1, 0, 0)
-        .op(LDX_W, R2, R1, OPS_OP, 0)
-        .jump(JNE_IMM, R2, PASSIVE_ESTABLISHED_CB, "out")
-        .op(MOV64_REG, R1, R6, 0, 0)
-        .op(MOV64_IMM, R2, 0, 0, STATE_CB_FLAG)
-        .op(CALL, 0, 0, 0, HELPER_CB_FLAGS_SET)
-        .label("out")
-        .op(MOV64_IMM, R0, 0, 0, 1)
-        .op(EXIT, 0, 0, 0, 0);
-    asm.finish()
-}
-
-/// The counter in `map`; with `ring`, an event per change too.
-fn counter_program(map: i32, ring: Option<i32>) -> Vec<u64> {
-    let mut asm = Assembler::default();
-    asm.op(MOV64_REG, R6, R1, 0, 0)
-        .op(LDX_W, R2, R6, OPS_OP, 0)
-        .jump(JEQ_IMM, R2, PASSIVE_ESTABLISHED_CB, "open")
-        .jump(JNE_IMM, R2, STATE_CB, "out")
-        .op(LDX_W, R2, R6, OPS_ARG1, 0)
-        .jump(JNE_IMM, R2, TCP_CLOSE, "out")
-        // r7: what to add, -1 at close.
-        .op(MOV64_IMM, R7, 0, 0, -1)
-        .jump(JA, 0, 0, "count")
-        .label("open")
-        .op(MOV64_REG, R1, R6, 0, 0)
-        .op(MOV64_IMM, R2, 0, 0, STATE_CB_FLAG)
-        .op(CALL, 0, 0, 0, HELPER_CB_FLAGS_SET)
-        .op(MOV64_IMM, R7, 0, 0, 1)
-        .label("count")
-        // The key at fp-8: prefix length 32, then the address.
-        .op(LDX_W, R2, R6, OPS_REMOTE_IP4, 0)
-        .op(STX_W, R10, R2, -4, 0)
-        .op(ST_W, R10, 0, -8, 32)
-        .load_map(R1, map)
-        .op(MOV64_REG, R2, R10, 0, 0)
-        .op(ADD64_IMM, R2, 0, 0, -8)
-        .op(CALL, 0, 0, 0, HELPER_MAP_LOOKUP)
-        .jump(JNE_IMM, R0, 0, "add")
-        // Absent: only an accept creates the counter (at zero, if nobody did first).
-        .jump(JNE_IMM, R7, 1, "out")
-        .op(ST_DW, R10, 0, -16, 0)
-        .load_map(R1, map)
-        .op(MOV64_REG, R2, R10, 0, 0)
-        .op(ADD64_IMM, R2, 0, 0, -8)
-        .op(MOV64_REG, R3, R10, 0, 0)
-        .op(ADD64_IMM, R3, 0, 0, -16)
-        .op(MOV64_IMM, R4, 0, 0, BPF_NOEXIST)
-        .op(CALL, 0, 0, 0, HELPER_MAP_UPDATE)
-        .load_map(R1, map)
-        .op(MOV64_REG, R2, R10, 0, 0)
-        .op(ADD64_IMM, R2, 0, 0, -8)
-        .op(CALL, 0, 0, 0, HELPER_MAP_LOOKUP)
-        .jump(JEQ_IMM, R0, 0, "out")
-        .label("add")
-        .op(ATOMIC_DW, R0, R7, 0, 0);
-    if let Some(ring) = ring {
-        // The event at fp-56: cookie, address, change, zeros to 40 bytes.
-        asm.op(MOV64_REG, R1, R6, 0, 0)
-            .op(CALL, 0, 0, 0, HELPER_GET_SOCKET_COOKIE)
-            .op(STX_DW, R10, R0, -56, 0)
-            .op(LDX_W, R2, R10, -4, 0)
-            .op(STX_W, R10, R2, -48, 0)
-            .op(STX_W, R10, R7, -44, 0)
-            .op(ST_DW, R10, 0, -40, 0)
-            .op(ST_DW, R10, 0, -32, 0)
-            .op(ST_DW, R10, 0, -24, 0)
-            .load_map(R1, ring)
-            .op(MOV64_REG, R2, R10, 0, 0)
-            .op(ADD64_IMM, R2, 0, 0, -56)
-            .op(MOV64_IMM, R3, 0, 0, EVENT_BYTES)
-            .op(MOV64_IMM, R4, 0, 0, BPF_RB_NO_WAKEUP)
-            .op(CALL, 0, 0, 0, HELPER_RINGBUF_OUTPUT);
-    }
-    asm.label("out")
-        .op(MOV64_IMM, R0, 0, 0, 1)
-        .op(EXIT, 0, 0, 0, 0);
-    asm.finish()
-}
-
 impl ReferenceSockOps {
     pub fn attach(reference: Reference, cgroup: &Path) -> Result<Self> {
-        let map = match reference {
-            Reference::Floor => None,
-            Reference::LpmCounter | Reference::LpmCounterEvents => {
-                Some(create_counter_map(BPF_MAP_TYPE_LPM_TRIE)?)
-            }
-            Reference::HashCounter => Some(create_counter_map(BPF_MAP_TYPE_HASH)?),
-        };
-        let ring = match reference {
-            Reference::LpmCounterEvents => Some(create_ring()?),
-            _ => None,
-        };
-        let instructions = match &map {
-            None => floor_program(),
-            Some(map) => {
-                counter_program(map.as_raw_fd(), ring.as_ref().map(|ring| ring.as_raw_fd()))
-            }
-        };
-        let license = b"GPL\0";
-        let mut log = vec![0u8; 64 * 1024];
-        #[repr(C)]
-        #[derive(Default)]
-        struct ProgLoad {
-            prog_type: u32,
-            insn_cnt: u32,
-            insns: u64,
-            license: u64,
-            log_level: u32,
-            log_size: u32,
-            log_buf: u64,
-            kern_version: u32,
-            prog_flags: u32,
-            prog_name: [u8; 16],
-            prog_ifindex: u32,
-            expected_attach_type: u32,
+        let (object, name) = reference.object();
+        if object.is_empty() {
+            bail!(
+                "the {} program was not built: run the bench with `cargo xtask bench`, which \
+                 builds bench-ebpf first",
+                reference.short()
+            );
         }
-        let mut name = [0u8; 16];
-        let short = match reference {
-            Reference::Floor => &b"ref_floor"[..],
-            Reference::LpmCounter => b"ref_lpm_count",
-            Reference::HashCounter => b"ref_hash_count",
-            Reference::LpmCounterEvents => b"ref_lpm_events",
-        };
-        name[..short.len()].copy_from_slice(short);
-        let mut load = ProgLoad {
-            prog_type: BPF_PROG_TYPE_SOCK_OPS,
-            insn_cnt: instructions.len() as u32,
-            insns: instructions.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: 1,
-            log_size: log.len() as u32,
-            log_buf: log.as_mut_ptr() as u64,
-            prog_name: name,
-            ..ProgLoad::default()
-        };
-        let program = match bpf_new_fd(BPF_PROG_LOAD, &mut load) {
-            Ok(program) => program,
-            Err(e) => {
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                bail!(
-                    "loading the {} program: {e}\n{}",
-                    reference.short(),
-                    String::from_utf8_lossy(&log[..end])
-                );
-            }
-        };
-
-        let group =
-            std::fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
-        #[repr(C)]
-        #[derive(Default)]
-        struct LinkCreate {
-            prog_fd: u32,
-            target_fd: u32,
-            attach_type: u32,
-            flags: u32,
-            _rest: [u64; 4],
-        }
-        let mut create = LinkCreate {
-            prog_fd: program.as_raw_fd() as u32,
-            target_fd: group.as_raw_fd() as u32,
-            attach_type: BPF_CGROUP_SOCK_OPS,
-            ..LinkCreate::default()
-        };
-        let link = bpf_new_fd(BPF_LINK_CREATE, &mut create)
+        let mut ebpf = Ebpf::load(object)
+            .with_context(|| format!("loading the {} object", reference.short()))?;
+        let group = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+        let program: &mut SockOps = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name} in the {} object", reference.short()))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("loading the {} program", reference.short()))?;
+        program
+            .attach(&group, CgroupAttachMode::Single)
             .with_context(|| format!("attaching the {} program", reference.short()))?;
-
-        // bpf_prog_info up to `id` (type, id).
-        let mut info = [0u32; 2];
-        #[repr(C)]
-        struct InfoByFd {
-            bpf_fd: u32,
-            info_len: u32,
-            info: u64,
-        }
-        let mut get = InfoByFd {
-            bpf_fd: program.as_raw_fd() as u32,
-            info_len: std::mem::size_of_val(&info) as u32,
-            info: info.as_mut_ptr() as u64,
+        let reader = match ebpf.take_map("EVENTS") {
+            Some(ring) => Some(EventReader::start(
+                RingBuf::try_from(ring).context("mapping the reference ring buffer")?,
+            )),
+            None => None,
         };
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get).context("program info")?;
-        let reader = ring.map(EventReader::start).transpose()?;
         Ok(Self {
-            id: info[1],
-            _link: link,
-            _program: program,
-            map,
+            reference,
+            ebpf,
             reader,
         })
     }
@@ -508,48 +189,27 @@ impl ReferenceSockOps {
     /// entry and every close took its +1 back: entries > 0 and a zero sum
     /// show the program did its work.
     pub fn counters(&self) -> Result<Option<(u64, i64)>> {
-        let Some(map) = &self.map else {
+        let Some(map) = self.ebpf.map("COUNTS") else {
             return Ok(None);
         };
-        #[repr(C)]
-        struct MapElem {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value_or_next_key: u64,
-            flags: u64,
-        }
+        let context = "walking the reference counter map";
+        // The programs add two's complement deltas: a wrapping sum of the
+        // values as i64 is the signed sum.
         let (mut entries, mut sum) = (0u64, 0i64);
-        let mut key = [0u32; 2];
-        let mut next = [0u32; 2];
-        let mut first = true;
-        loop {
-            let mut get = MapElem {
-                map_fd: map.as_raw_fd() as u32,
-                _pad: 0,
-                // A null key asks for the first one.
-                key: if first { 0 } else { key.as_ptr() as u64 },
-                value_or_next_key: next.as_mut_ptr() as u64,
-                flags: 0,
-            };
-            match bpf(BPF_MAP_GET_NEXT_KEY, &mut get) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-                Err(e) => return Err(e).context("walking the reference counter map"),
+        if self.reference == Reference::HashCounter {
+            let counts: HashMap<_, [u32; 2], u64> = HashMap::try_from(map)?;
+            for entry in counts.iter() {
+                let (_, value) = entry.context(context)?;
+                entries += 1;
+                sum = sum.wrapping_add(value as i64);
             }
-            first = false;
-            key = next;
-            let mut value = 0i64;
-            let mut lookup = MapElem {
-                map_fd: map.as_raw_fd() as u32,
-                _pad: 0,
-                key: key.as_ptr() as u64,
-                value_or_next_key: &mut value as *mut i64 as u64,
-                flags: 0,
-            };
-            bpf(BPF_MAP_LOOKUP_ELEM, &mut lookup).context("reading a reference counter")?;
-            entries += 1;
-            sum += value;
+        } else {
+            let counts: LpmTrie<_, u32, u64> = LpmTrie::try_from(map)?;
+            for entry in counts.iter() {
+                let (_, value): (lpm_trie::Key<u32>, u64) = entry.context(context)?;
+                entries += 1;
+                sum = sum.wrapping_add(value as i64);
+            }
         }
         Ok(Some((entries, sum)))
     }
@@ -562,15 +222,236 @@ impl ReferenceSockOps {
     }
 
     pub fn stats(&self) -> Result<ProgramStats> {
-        for program in loaded_programs() {
-            let program = program.context("listing loaded programs")?;
-            if program.id() == self.id {
-                return Ok(ProgramStats {
-                    run_time_ns: program.run_time().as_nanos() as u64,
-                    run_count: program.run_count(),
-                });
+        let (_, name) = self.reference.object();
+        let info = self
+            .ebpf
+            .program(name)
+            .context("the reference program is gone")?
+            .info()
+            .context("reading the reference program's run-time statistics")?;
+        Ok(ProgramStats {
+            run_time_ns: info.run_time().as_nanos() as u64,
+            run_count: info.run_count(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each reference against real connections in a cgroup of its own. Needs
+    //! root and the objects `cargo xtask bench` builds (or `cargo +nightly
+    //! build -p bench-ebpf ...`, see xtask); skips, saying why, without them.
+
+    use std::{
+        io::Read,
+        net::{Ipv4Addr, TcpListener, TcpStream},
+        path::PathBuf,
+        sync::Mutex,
+        time::Instant,
+    };
+
+    use aya::maps::{MapInfo, MapType};
+    use integration_tests::{connect_from, ebpf_unavailable, TestCgroup};
+
+    use super::*;
+    use crate::env::Sysctl;
+
+    /// One test at a time: each moves this whole process between cgroups for
+    /// a moment, and turns the kernel's run-time statistics on and back.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    /// Distinct sources, and connections from each.
+    const SOURCES: u8 = 10;
+    const PER_SOURCE: usize = 2;
+
+    fn skip_reason(reference: Reference) -> Option<String> {
+        if let Some(why) = ebpf_unavailable() {
+            return Some(why);
+        }
+        if reference.object().0.is_empty() {
+            return Some(format!(
+                "the {} object was not built (cargo xtask bench builds bench-ebpf)",
+                reference.short()
+            ));
+        }
+        None
+    }
+
+    /// The cgroup2 directory this process is in, to come back to.
+    fn own_cgroup() -> PathBuf {
+        let line = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+        let relative = line
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup2 line");
+        inbound_audit::kernel::cgroup::cgroup2_root()
+            .expect("cgroup2")
+            .join(relative.trim_start_matches('/'))
+    }
+
+    fn move_to(cgroup: &Path) {
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .unwrap_or_else(|e| panic!("joining {}: {e}", cgroup.display()));
+    }
+
+    /// A listener that belongs to `cgroup` (a socket's cgroup is its
+    /// creator's at creation; accepted sockets take the listener's), while
+    /// this process, and so every client socket, stays where it was.
+    fn listener_in(cgroup: &TestCgroup) -> TcpListener {
+        let home = own_cgroup();
+        move_to(cgroup.path());
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0));
+        move_to(&home);
+        listener.expect("listening on 127.0.0.1")
+    }
+
+    /// Polls `read` until it gives `expected` or 10 s pass (closes may wait
+    /// for a last ACK; the reader drains every 100 ms).
+    fn eventually<T: PartialEq + std::fmt::Debug>(
+        what: &str,
+        expected: T,
+        mut read: impl FnMut() -> T,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = read();
+            if got == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {got:?}, not {expected:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// (type, key bytes, value bytes, max entries, flags).
+    type Shape = (MapType, u32, u32, u32, u32);
+
+    /// What the hand-written programs' maps were, so the figures stay
+    /// comparable: the counters keyed by (prefix length 32, IPv4 address)
+    /// with u64 values, the trie allocating on demand (BPF_F_NO_PREALLOC),
+    /// the hash preallocated, the ring 4 MiB.
+    fn expected_maps(reference: Reference) -> Vec<Shape> {
+        let trie = (MapType::LpmTrie, 8, 8, 1 << 17, 1);
+        match reference {
+            Reference::Floor => vec![],
+            Reference::LpmCounter => vec![trie],
+            Reference::HashCounter => vec![(MapType::Hash, 8, 8, 1 << 17, 0)],
+            Reference::LpmCounterEvents => vec![trie, (MapType::RingBuf, 0, 0, 4 << 20, 0)],
+        }
+    }
+
+    fn maps_of(program: &ReferenceSockOps) -> Vec<Shape> {
+        let (_, name) = program.reference.object();
+        let info = program
+            .ebpf
+            .program(name)
+            .expect("program")
+            .info()
+            .expect("info");
+        let mut shapes: Vec<Shape> = info
+            .map_ids()
+            .expect("map ids")
+            .expect("this kernel reports map ids")
+            .into_iter()
+            .map(|id| {
+                let map = MapInfo::from_id(id).expect("map info");
+                (
+                    map.map_type().expect("known map type"),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries(),
+                    map.map_flags(),
+                )
+            })
+            .collect();
+        shapes.sort_by_key(|shape| shape.0 as u32);
+        shapes
+    }
+
+    fn check(reference: Reference) {
+        if let Some(why) = skip_reason(reference) {
+            eprintln!("skipping the {} test: {why}", reference.short());
+            return;
+        }
+        let _serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cgroup = TestCgroup::new(&format!("bench-ref-{}", reference.object().1));
+        let listener = listener_in(&cgroup);
+        let server = listener.local_addr().expect("listener address");
+        let program = ReferenceSockOps::attach(reference, cgroup.path()).expect("attach");
+        let mut expected = expected_maps(reference);
+        expected.sort_by_key(|shape| shape.0 as u32);
+        assert_eq!(
+            maps_of(&program),
+            expected,
+            "the {} maps",
+            reference.short()
+        );
+        let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1").expect("bpf stats on");
+        let before = program.stats().expect("stats");
+
+        let mut open = Vec::new();
+        for source in 1..=SOURCES {
+            for _ in 0..PER_SOURCE {
+                let client = connect_from(Ipv4Addr::new(127, 31, 0, source).into(), server);
+                let (accepted, _) = listener.accept().expect("accept");
+                open.push((client, accepted));
             }
         }
-        bail!("the reference sock_ops program (id {}) is gone", self.id)
+        let connections = open.len() as i64;
+        let expected_open = match reference {
+            Reference::Floor => None,
+            _ => Some((u64::from(SOURCES), connections)),
+        };
+        eventually("counters with every connection open", expected_open, || {
+            program.counters().expect("counters")
+        });
+
+        // As in the bench: the client closes, the server reads EOF and closes.
+        for (client, mut accepted) in open {
+            drop::<TcpStream>(client);
+            let mut rest = Vec::new();
+            accepted.read_to_end(&mut rest).expect("reading to EOF");
+        }
+        let expected_closed = expected_open.map(|(entries, _)| (entries, 0));
+        eventually("counters after every close", expected_closed, || {
+            program.counters().expect("counters")
+        });
+        let expected_events =
+            (reference == Reference::LpmCounterEvents).then_some(2 * connections as u64);
+        eventually("events read", expected_events, || program.events_read());
+
+        let after = program.stats().expect("stats");
+        // PASSIVE_ESTABLISHED and the state changes through to TCP_CLOSE at least.
+        assert!(
+            after.run_count - before.run_count >= 2 * connections as u64,
+            "the {} program ran {} times for {connections} connections",
+            reference.short(),
+            after.run_count - before.run_count
+        );
+    }
+
+    #[test]
+    fn floor_runs_for_every_connection() {
+        check(Reference::Floor);
+    }
+
+    #[test]
+    fn lpm_counter_counts_each_source_and_back_to_zero() {
+        check(Reference::LpmCounter);
+    }
+
+    #[test]
+    fn hash_counter_counts_each_source_and_back_to_zero() {
+        check(Reference::HashCounter);
+    }
+
+    #[test]
+    fn lpm_events_counts_and_reports_two_events_per_connection() {
+        check(Reference::LpmCounterEvents);
     }
 }

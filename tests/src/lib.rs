@@ -170,6 +170,24 @@ pub fn join_cgroup_on_exec(command: &mut Command, dir: &Path) {
     }
 }
 
+/// Sets RLIMIT_NOFILE (soft and hard) to `limit` in `command`'s process before it execs.
+pub fn limit_open_files_on_exec(command: &mut Command, limit: u64) {
+    let rlimit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit is async-signal-safe and reads only the copied struct.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The stand-in MTA (src/bin/test-server.rs), started inside a cgroup.
 pub struct TestServer {
     child: Child,
@@ -285,11 +303,19 @@ pub struct Agent {
     pub pin_dir: PathBuf,
     args: Vec<String>,
     log: PathBuf,
+    /// RLIMIT_NOFILE (soft and hard) the agent's process starts with; None: ours.
+    open_files: Option<u64>,
     _dir: TempDir,
 }
 
 impl Agent {
     pub fn start(options: AgentOptions<'_>) -> Self {
+        Self::start_with_open_files(options, None)
+    }
+
+    /// As `start`, with the agent's RLIMIT_NOFILE soft and hard limits set to
+    /// `limit` (as `ulimit -n` in its shell would).
+    pub fn start_with_open_files(options: AgentOptions<'_>, limit: Option<u64>) -> Self {
         let dir = TempDir::new(options.name);
         let socket = dir.path().join("audit.sock");
         let pin_dir = PathBuf::from(format!(
@@ -325,6 +351,7 @@ impl Agent {
             pin_dir,
             args,
             log,
+            open_files: limit,
             _dir: dir,
         };
         agent.spawn();
@@ -337,19 +364,22 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let child = Command::new(agent_binary())
+        let mut command = Command::new(agent_binary());
+        command
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "start {}: {e} (build it with `cargo xtask build`)",
-                    agent_binary().display()
-                )
-            });
+            .stderr(log);
+        if let Some(limit) = self.open_files {
+            limit_open_files_on_exec(&mut command, limit);
+        }
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "start {}: {e} (build it with `cargo xtask build`)",
+                agent_binary().display()
+            )
+        });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -407,6 +437,11 @@ impl Agent {
                 self.log_text()
             );
         }
+    }
+
+    /// The running agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent is running").id()
     }
 
     /// Sends `signal` (e.g. libc::SIGHUP) to the running agent.

@@ -1,8 +1,9 @@
 //! Build, run and test inbound-audit: `cargo xtask build|run|test|lint|bench`.
 //!
-//! The kernel program needs a nightly toolchain with rust-src and bpf-linker
-//! built against the same LLVM major as rustc; both are set up here on first use
-//! (see ../shared/notes/ebpf-toolchain.md for why each step is as it is).
+//! The kernel program (and the bench's reference programs, bench-ebpf) needs a
+//! nightly toolchain with rust-src and bpf-linker built against the same LLVM
+//! major as rustc; both are set up here on first use (see
+//! ../shared/notes/ebpf-toolchain.md for why each step is as it is).
 
 use std::{
     ffi::OsString,
@@ -15,6 +16,10 @@ use clap::{Parser, Subcommand};
 
 const NIGHTLY: &str = "nightly";
 const BPF_TARGET: &str = "bpfel-unknown-none";
+/// The kernel program.
+const AUDIT_EBPF: &str = "audit-ebpf";
+/// The bench's reference programs, built like the kernel program.
+const BENCH_EBPF: &str = "bench-ebpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker must link the LLVM whose major version rustc uses (22 here).
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
@@ -86,6 +91,8 @@ fn main() -> Result<()> {
                     // The benchmark suite runs with `cargo xtask bench` only.
                     "--exclude",
                     "bench",
+                    "--exclude",
+                    "bench-ebpf",
                 ])
                 .args(args)
                 .env("INBOUND_AUDIT_EBPF_OBJECT", &object)
@@ -99,6 +106,10 @@ fn main() -> Result<()> {
         Task::Bench { args } => {
             let binary = build(&root)?;
             require_root("run the benchmarks")?;
+            // The reference programs the bench measures ours against, built
+            // the same way; the bench embeds them (bench/build.rs).
+            run(&mut nightly_ebpf_cargo(&root, "build", &[BENCH_EBPF])?)
+                .context("building the bench's reference programs (bench-ebpf)")?;
             // The runner is its own crate (bench/, not a default member), so
             // `cargo test` never builds it or criterion.
             let mut command = cargo(&root);
@@ -106,7 +117,8 @@ fn main() -> Result<()> {
                 .args(["run", "--release", "--package", "bench", "--bin", "bench"])
                 .args(["--", "run", "--agent"])
                 .arg(&binary)
-                .args(args);
+                .args(args)
+                .env("INBOUND_BENCH_EBPF_DIR", ebpf_release_dir(&root));
             run(&mut command)
         }
         Task::Lint => {
@@ -116,12 +128,14 @@ fn main() -> Result<()> {
                 "--workspace",
                 "--exclude",
                 "audit-ebpf",
+                "--exclude",
+                "bench-ebpf",
                 "--all-targets",
                 "--",
                 "-D",
                 "warnings",
             ]))?;
-            let mut ebpf = nightly_ebpf_cargo(&root, "clippy")?;
+            let mut ebpf = nightly_ebpf_cargo(&root, "clippy", &[AUDIT_EBPF, BENCH_EBPF])?;
             ebpf.args(["--", "-D", "warnings"]);
             run(&mut ebpf)
         }
@@ -141,13 +155,18 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
+/// Where the eBPF crates' release objects land.
+fn ebpf_release_dir(root: &Path) -> PathBuf {
+    target_dir(root).join(BPF_TARGET).join("release")
+}
+
 fn ebpf_object(root: &Path) -> PathBuf {
-    target_dir(root).join(BPF_TARGET).join("release/audit-ebpf")
+    ebpf_release_dir(root).join(AUDIT_EBPF)
 }
 
 /// Builds everything; returns the path of the release binary.
 fn build(root: &Path) -> Result<PathBuf> {
-    run(&mut nightly_ebpf_cargo(root, "build")?)
+    run(&mut nightly_ebpf_cargo(root, "build", &[AUDIT_EBPF])?)
         .context("building the kernel program (audit-ebpf)")?;
 
     let object = ebpf_object(root);
@@ -164,8 +183,8 @@ fn build(root: &Path) -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// `cargo +nightly SUBCOMMAND` for the kernel crate, with bpf-linker on PATH.
-fn nightly_ebpf_cargo(root: &Path, subcommand: &str) -> Result<Command> {
+/// `cargo +nightly SUBCOMMAND` for eBPF crates, with bpf-linker on PATH.
+fn nightly_ebpf_cargo(root: &Path, subcommand: &str, packages: &[&str]) -> Result<Command> {
     ensure_rust_src()?;
     let linker_dir = ensure_bpf_linker(root)?;
     let path = std::env::join_paths(std::iter::once(linker_dir).chain(std::env::split_paths(
@@ -175,16 +194,12 @@ fn nightly_ebpf_cargo(root: &Path, subcommand: &str) -> Result<Command> {
     command
         .current_dir(root)
         .arg(format!("+{NIGHTLY}"))
-        .arg(subcommand)
-        .args([
-            "--package",
-            "audit-ebpf",
-            "--release",
-            "--target",
-            BPF_TARGET,
-            "-Z",
-            "build-std=core",
-        ])
+        .arg(subcommand);
+    for package in packages {
+        command.args(["--package", package]);
+    }
+    command
+        .args(["--release", "--target", BPF_TARGET, "-Z", "build-std=core"])
         .env("PATH", &path);
     clean_toolchain_env(&mut command);
     Ok(command)

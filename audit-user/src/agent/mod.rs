@@ -23,6 +23,7 @@ use crate::{
     serving::{server, shutdown},
     sys::{
         caps as privileges,
+        fs::DirError,
         memory::{release_freed_memory, return_large_blocks_on_free},
         signals::HeldSignals,
         socket::{QuerySocket, SocketError},
@@ -47,6 +48,12 @@ pub enum AgentError {
     Seed(#[from] SeedError),
     #[error("query socket: {0}")]
     Socket(#[from] SocketError),
+    #[error("{what} {path} is not safe to use: {source}")]
+    UnsafeDirectory {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: DirError,
+    },
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -75,7 +82,7 @@ pub fn run(options: AgentOptions) -> Result<(), AgentError> {
     let held = HeldSignals::block();
     let prepared = prepare(options)?;
     release_freed_memory();
-    match privileges::keep_only(&[privileges::CAP_BPF]) {
+    match privileges::keep_only(&[privileges::Capability::CAP_BPF]) {
         Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
         Err(e) => log::warn!("could not drop capabilities: {e}"),
     }

@@ -7,6 +7,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc};
 use audit_common::{record_origin, SocketRecord, MAX_SERVICES};
 
 use crate::{
+    config::Config,
     counting::{
         monitors::StateError,
         state::{tally_records, AgentStats, SharedState},
@@ -17,17 +18,25 @@ use crate::{
         loader::{KernelProgram, LoadError, LoadOptions},
         seed,
     },
-    sys::socket::QuerySocket,
+    sys::{
+        fs::Trust,
+        limits::{self, LimitError, OWN_DESCRIPTORS},
+        socket::{socket_dir, QuerySocket},
+    },
 };
 
 use super::{AgentError, AgentOptions, Prepared};
 
 pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
     let AgentOptions {
-        config,
+        mut config,
         detach_on_exit,
         reload,
     } = options;
+    // Before anything is made, on disk or in the kernel: a refused start
+    // leaves the system as it found it.
+    check_directories(&config)?;
+    fit_clients_to_open_files(&mut config);
     let cgroup_path: PathBuf = match &config.cgroup {
         Some(path) => path.clone(),
         None => cgroup::cgroup2_root().map_err(AgentError::Cgroup)?,
@@ -50,6 +59,16 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
             )
         })
         .transpose()?;
+    if !config.monitors.is_empty() {
+        let path = config.state_dir.clone();
+        Trust::current()
+            .ensure(&path)
+            .map_err(|source| AgentError::UnsafeDirectory {
+                what: "the state directory",
+                path,
+                source,
+            })?;
+    }
     let mut program = KernelProgram::load(&LoadOptions {
         pin_dir: &config.pin_dir,
         cgroup: &cgroup_path,
@@ -121,6 +140,63 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         detach_on_exit,
         reload,
     })
+}
+
+/// Every directory the agent serves from or keeps state in, with all above
+/// it, must be safe (see sys::fs); the missing ones are made later, by what
+/// uses them.
+fn check_directories(config: &Config) -> Result<(), AgentError> {
+    let trust = Trust::current();
+    let dirs = [
+        Some(("the query socket's directory", socket_dir(&config.socket))),
+        config
+            .policy_socket
+            .as_deref()
+            .map(|socket| ("the policy socket's directory", socket_dir(socket))),
+        Some(("the state directory", config.state_dir.clone())),
+        Some(("the pin directory", config.pin_dir.clone())),
+    ];
+    for (what, path) in dirs.into_iter().flatten() {
+        trust
+            .check(&path)
+            .map_err(|source| AgentError::UnsafeDirectory { what, path, source })?;
+    }
+    Ok(())
+}
+
+/// Raises the open-file limit to its hard limit and, where even that cannot
+/// hold max_clients on each socket plus the agent's own descriptors, lowers
+/// the effective max_clients (before the shared state is built from it).
+fn fit_clients_to_open_files(config: &mut Config) {
+    let soft = match limits::raise_open_files() {
+        Ok(limit) => {
+            if let Some(from) = limit.raised_from {
+                log::info!("open-file limit raised from {from} to {}", limit.soft);
+            }
+            limit.soft
+        }
+        Err(e @ LimitError::Raise { soft, .. }) => {
+            log::warn!("{e}");
+            soft
+        }
+        Err(e @ LimitError::Read(_)) => {
+            log::warn!("{e}; max_clients not checked against it");
+            return;
+        }
+    };
+    let sockets = 1 + usize::from(config.policy_socket.is_some());
+    let fit = limits::clients_within(soft, sockets, config.max_clients);
+    if fit < config.max_clients {
+        log::warn!(
+            "max_clients lowered from {} to {fit}: the open-file limit is {soft}, and \
+             {sockets} socket(s) × {} clients + {OWN_DESCRIPTORS} for the agent itself \
+             would need {}; raise the hard limit (e.g. LimitNOFILE=) to serve more",
+            config.max_clients,
+            config.max_clients,
+            sockets as u64 * config.max_clients as u64 + OWN_DESCRIPTORS,
+        );
+        config.max_clients = fit;
+    }
 }
 
 /// Reads back the monitor windows saved at the last shutdown. A file that does

@@ -1,4 +1,9 @@
 //! Agent configuration: a TOML file, overridden by command-line flags.
+//!
+//! `file` declares the file's keys and defaults, `values` the rule of each
+//! kind of value, `limits` the policy limits, `error` how a refusal names
+//! the key and its position. What no single key can check (names, clashes,
+//! references between keys) is checked here, after the flags.
 
 use std::{
     collections::HashMap,
@@ -9,13 +14,18 @@ use std::{
 
 use audit_common::MAX_SERVICES;
 
+mod error;
+mod file;
 mod limits;
+mod values;
 
-pub use limits::LimitConfig;
+pub use error::{ConfigError, Position};
+pub use limits::{check_action, ActionError, LimitConfig, LimitCount, LimitError};
+pub use values::{PositiveCount, PositiveSecs, ValueError};
 
-use crate::domain::{Limit, MonitorSpec, MonitorSpecError, ServicePorts, DEFAULT_PIN_DIR};
-use crate::sys::users::{group_id, user_id};
-use serde::Deserialize;
+use crate::domain::{Limit, MonitorSpec, ServicePorts, CLUSTER_SERVICE};
+use error::invalid;
+use file::ConfigFile;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/inbound-audit/inbound-audit.toml";
 pub const DEFAULT_SOCKET_PATH: &str = "/run/inbound-audit/audit.sock";
@@ -23,19 +33,6 @@ pub const DEFAULT_MAX_CLIENTS: usize = 1024;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/inbound-audit";
 /// Service names are stored NUL-padded in a 32-byte kernel map value.
 const MAX_SERVICE_NAME_LEN: usize = 31;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config key `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -106,261 +103,48 @@ impl Access {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            services: vec![ServicePorts {
-                name: "SMTP".into(),
-                ports: vec![25, 465, 587],
-            }],
-            socket: DEFAULT_SOCKET_PATH.into(),
-            socket_mode: 0o660,
-            socket_group: None,
-            cgroup: None,
-            pin_dir: DEFAULT_PIN_DIR.into(),
-            max_clients: DEFAULT_MAX_CLIENTS,
-            reconcile_interval: Duration::from_secs(10),
-            monitors: Vec::new(),
-            max_tracked_ips_per_monitor: 1_000_000,
-            state_dir: DEFAULT_STATE_DIR.into(),
-            policy_socket: None,
-            policy_socket_mode: 0o660,
-            policy_socket_group: None,
-            policy_limits: Vec::new(),
-            client_idle_timeout: Duration::from_secs(300),
-            request_timeout: Duration::from_secs(10),
-            access: Access::default(),
-            max_tracked_ips: 1 << 20,
-            max_tracked_sessions: 1 << 20,
-            event_ring_bytes: 4 << 20,
-        }
+        ConfigFile::default().into()
     }
-}
-
-/// The file's shape. Unknown keys are refused so a typo is not silently ignored.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigFile {
-    services: Option<HashMap<String, Vec<i64>>>,
-    socket: Option<PathBuf>,
-    socket_mode: Option<String>,
-    socket_group: Option<String>,
-    cgroup: Option<PathBuf>,
-    pin_dir: Option<PathBuf>,
-    max_clients: Option<i64>,
-    reconcile_interval_secs: Option<i64>,
-    monitors: Option<Vec<String>>,
-    max_tracked_ips_per_monitor: Option<i64>,
-    state_dir: Option<PathBuf>,
-    policy_socket: Option<PathBuf>,
-    policy_socket_mode: Option<String>,
-    policy_socket_group: Option<String>,
-    policy_limits: Option<Vec<LimitConfig>>,
-    client_idle_timeout_secs: Option<i64>,
-    request_timeout_secs: Option<i64>,
-    access: Option<AccessFile>,
-    max_tracked_ips: Option<i64>,
-    max_tracked_sessions: Option<i64>,
-    event_ring_bytes: Option<i64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AccessFile {
-    #[serde(default)]
-    query_users: Vec<IdOrName>,
-    #[serde(default)]
-    query_groups: Vec<IdOrName>,
-    #[serde(default)]
-    add_users: Vec<IdOrName>,
-    #[serde(default)]
-    add_groups: Vec<IdOrName>,
-}
-
-/// A user or group as a number or a name.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum IdOrName {
-    Id(i64),
-    Name(String),
-}
-
-impl IdOrName {
-    fn resolve(&self, key: &str, lookup: fn(&str) -> Option<u32>) -> Result<u32, ConfigError> {
-        match self {
-            IdOrName::Id(id) => {
-                u32::try_from(*id).map_err(|_| invalid(key, format!("{id} is not a valid id")))
-            }
-            IdOrName::Name(name) => {
-                lookup(name).ok_or_else(|| invalid(key, format!("no such user or group {name:?}")))
-            }
-        }
-    }
-}
-
-fn resolve_all(
-    key: &str,
-    ids: &[IdOrName],
-    lookup: fn(&str) -> Option<u32>,
-) -> Result<Vec<u32>, ConfigError> {
-    ids.iter().map(|id| id.resolve(key, lookup)).collect()
 }
 
 impl Config {
-    /// Reads `path` on top of the defaults.
+    /// Reads `path`; keys it does not set keep their defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        Self::parse(&text, path)
     }
 
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            message: e.message().to_string(),
-        })?;
-        let mut config = Config::default();
-        if let Some(services) = file.services {
-            let mut list = Vec::new();
-            for (name, ports) in services {
-                let key = format!("services.{name}");
-                let ports = ports
-                    .into_iter()
-                    .map(|p| {
-                        u16::try_from(p)
-                            .ok()
-                            .filter(|&p| p != 0)
-                            .ok_or_else(|| invalid(&key, format!("port {p} is not in 1..=65535")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                list.push(ServicePorts { name, ports });
-            }
-            // HashMap order is random; slots are assigned in this order.
-            list.sort_by(|a, b| a.name.cmp(&b.name));
-            config.services = list;
-        }
-        if let Some(socket) = file.socket {
-            config.socket = socket;
-        }
-        if let Some(mode) = file.socket_mode {
-            config.socket_mode =
-                parse_mode(&mode).map_err(|reason| invalid("socket_mode", reason))?;
-        }
-        config.socket_group = file.socket_group.or(config.socket_group);
-        config.cgroup = file.cgroup.or(config.cgroup);
-        if let Some(pin_dir) = file.pin_dir {
-            config.pin_dir = pin_dir;
-        }
-        if let Some(max) = file.max_clients {
-            config.max_clients = usize::try_from(max)
-                .ok()
-                .filter(|&m| m > 0)
-                .ok_or_else(|| invalid("max_clients", format!("{max} is not a positive number")))?;
-        }
-        if let Some(secs) = file.reconcile_interval_secs {
-            config.reconcile_interval = u64::try_from(secs)
-                .ok()
-                .filter(|&s| s > 0)
-                .map(Duration::from_secs)
-                .ok_or_else(|| {
-                    invalid(
-                        "reconcile_interval_secs",
-                        format!("{secs} is not a positive number of seconds"),
-                    )
-                })?;
-        }
-        if let Some(monitors) = file.monitors {
-            config.monitors = monitors
-                .iter()
-                .map(|m| {
-                    m.parse()
-                        .map_err(|e: MonitorSpecError| invalid("monitors", e.to_string()))
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(cap) = file.max_tracked_ips_per_monitor {
-            config.max_tracked_ips_per_monitor = usize::try_from(cap)
-                .ok()
-                .filter(|&c| c > 0)
-                .ok_or_else(|| {
-                    invalid(
-                        "max_tracked_ips_per_monitor",
-                        format!("{cap} is not a positive number"),
-                    )
-                })?;
-        }
-        if let Some(dir) = file.state_dir {
-            config.state_dir = dir;
-        }
-        config.policy_socket = file.policy_socket.or(config.policy_socket);
-        if let Some(mode) = file.policy_socket_mode {
-            config.policy_socket_mode =
-                parse_mode(&mode).map_err(|reason| invalid("policy_socket_mode", reason))?;
-        }
-        config.policy_socket_group = file.policy_socket_group.or(config.policy_socket_group);
-        if let Some(limits) = file.policy_limits {
-            config.policy_limits = limits
-                .into_iter()
-                .enumerate()
-                .map(|(i, limit)| {
-                    limit
-                        .check()
-                        .map_err(|reason| invalid(&format!("policy_limits[{i}]"), reason))
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        let seconds = |key: &str, value: i64| {
-            u64::try_from(value)
-                .ok()
-                .filter(|&s| s > 0)
-                .map(Duration::from_secs)
-                .ok_or_else(|| invalid(key, format!("{value} is not a positive number of seconds")))
-        };
-        if let Some(secs) = file.client_idle_timeout_secs {
-            config.client_idle_timeout = seconds("client_idle_timeout_secs", secs)?;
-        }
-        if let Some(secs) = file.request_timeout_secs {
-            config.request_timeout = seconds("request_timeout_secs", secs)?;
-        }
-        let table_size = |key: &str, value: i64| {
-            u32::try_from(value)
-                .ok()
-                .filter(|&n| n > 0 && n <= 1 << 26)
-                .ok_or_else(|| invalid(key, format!("{value} is not between 1 and {}", 1u32 << 26)))
-        };
-        if let Some(n) = file.max_tracked_ips {
-            config.max_tracked_ips = table_size("max_tracked_ips", n)?;
-        }
-        if let Some(n) = file.max_tracked_sessions {
-            config.max_tracked_sessions = table_size("max_tracked_sessions", n)?;
-        }
-        if let Some(n) = file.event_ring_bytes {
-            // The kernel wants a power of two and a multiple of the page size.
-            config.event_ring_bytes = u32::try_from(n)
-                .ok()
-                .filter(|n| n.is_power_of_two() && (4096..=1 << 30).contains(n))
-                .ok_or_else(|| {
-                    invalid(
-                        "event_ring_bytes",
-                        format!("{n} is not a power of two between 4096 and {}", 1u32 << 30),
-                    )
-                })?;
-        }
-        if let Some(access) = file.access {
-            config.access = Access {
-                query_uids: resolve_all("access.query_users", &access.query_users, user_id)?,
-                query_gids: resolve_all("access.query_groups", &access.query_groups, group_id)?,
-                add_uids: resolve_all("access.add_users", &access.add_users, user_id)?,
-                add_gids: resolve_all("access.add_groups", &access.add_groups, group_id)?,
-            };
-        }
-        config.validate()?;
+        Self::parse(text, Path::new(""))
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: ConfigFile = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+                let at = e.inner().span().map(|span| Position::of(text, span.start));
+                let reason = e.inner().message().to_string();
+                // The path serde was at: `max_clients`, `services.SMTP[0]`,
+                // `policy_limits[1]`; "." when the text itself is not TOML.
+                match e.path().to_string() {
+                    key if key == "." => ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        at,
+                        reason,
+                    },
+                    key => ConfigError::Invalid {
+                        key,
+                        reason,
+                        file: None,
+                        at,
+                    }
+                    .in_file(path),
+                }
+            })?;
+        let config = Config::from(file);
+        config.validate().map_err(|e| e.in_file(path))?;
         Ok(config)
     }
 
@@ -370,21 +154,23 @@ impl Config {
     pub fn check_references(&self) -> Result<(), ConfigError> {
         for (i, limit) in self.policy_limits.iter().enumerate() {
             let key = format!("policy_limits[{i}]");
-            if let Some(service) = &limit.service {
-                if !self.services.iter().any(|s| &s.name == service) {
+            match limit {
+                Limit::Sessions {
+                    service: Some(service),
+                    ..
+                } if !self.services.iter().any(|s| &s.name == service) => {
                     return Err(invalid(
                         &key,
                         format!("service {service:?} is not configured"),
                     ));
                 }
-            }
-            if let Some(monitor) = &limit.monitor {
-                if !self.monitors.contains(monitor) {
+                Limit::Windowed { monitor, .. } if !self.monitors.contains(monitor) => {
                     return Err(invalid(
                         &key,
                         format!("monitor \"{monitor}\" is not configured"),
                     ));
                 }
+                _ => {}
             }
         }
         Ok(())
@@ -444,7 +230,7 @@ impl Config {
         for service in &self.services {
             let key = format!("services.{}", service.name);
             validate_service_name(&service.name).map_err(|reason| invalid(&key, reason))?;
-            if service.name == "inbound_cidr" {
+            if service.name == CLUSTER_SERVICE {
                 return Err(invalid(
                     &key,
                     "inbound_cidr is the cluster-wide view, not a local service",
@@ -527,21 +313,6 @@ fn validate_service_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_mode(text: &str) -> Result<u32, String> {
-    let digits = text.strip_prefix("0o").unwrap_or(text);
-    u32::from_str_radix(digits, 8)
-        .ok()
-        .filter(|&m| m <= 0o777)
-        .ok_or_else(|| format!("`{text}` is not an octal file mode like \"0660\""))
-}
-
-fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_string(),
-        reason: reason.into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,6 +385,101 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn errors_give_the_key_the_reason_and_where() {
+        let error = |text: &str| Config::from_toml(text).unwrap_err();
+        for (text, key, line, column, reason) in [
+            (
+                "max_clients = \"lots\"",
+                "max_clients",
+                1,
+                15,
+                "invalid type: string \"lots\", expected a positive whole number",
+            ),
+            (
+                "socket = \"/x\"\n\n[services]\nSMTP = [25, 70000]",
+                "services.SMTP[1]",
+                4,
+                13,
+                "port 70000 is not in 1..=65535",
+            ),
+            (
+                "socket = \"/x\"\n[[policy_limits]]\ncount = \"sessions\"\nmax = 1\naction = \"hello world\"",
+                "policy_limits[0]",
+                2,
+                1,
+                "`action` \"hello world\": `hello` is not an access(5) action",
+            ),
+            (
+                "request_timeout_secs = 5\nclient_idle_timeout_secs = -5",
+                "client_idle_timeout_secs",
+                2,
+                28,
+                "-5 is not a positive number of seconds",
+            ),
+        ] {
+            match error(text) {
+                ConfigError::Invalid {
+                    key: k,
+                    reason: r,
+                    file: None,
+                    at: Some(at),
+                } => {
+                    assert_eq!((k.as_str(), at), (key, Position { line, column }), "{text}");
+                    assert!(r.starts_with(reason), "{text}: {r}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let message = error("max_clients = \"lots\"").to_string();
+        assert!(
+            message.starts_with("config key `max_clients` (line 1, column 15): invalid type"),
+            "{message}"
+        );
+        // Not TOML: no key to name, but where toml gave up.
+        let unterminated =
+            error("socket_mode = \"0660\"\nsocket = \"/run/x.sock\nmax_clients = 3\n");
+        assert!(
+            matches!(
+                &unterminated,
+                ConfigError::Parse { at: Some(Position { line: 2, column }), reason, .. }
+                    if *column > 10 && reason.contains("string")
+            ),
+            "{unterminated:?}"
+        );
+        assert!(
+            unterminated.to_string().contains("line 2, column"),
+            "{unterminated}"
+        );
+    }
+
+    #[test]
+    fn errors_from_a_file_name_it() {
+        let dir =
+            std::env::temp_dir().join(format!("inbound-audit-unit-config-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        fs::write(&path, "socket = \"/x\"\nevent_ring_bytes = 5000\n").unwrap();
+        let value = Config::from_file(&path).unwrap_err().to_string();
+        fs::write(&path, "[services]\n\"bad name\" = [25]\n").unwrap();
+        let across = Config::from_file(&path).unwrap_err().to_string();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            value,
+            format!(
+                "config key `event_ring_bytes` ({}, line 2, column 20): 5000 is not a power of two between 4096 and 1073741824",
+                path.display()
+            )
+        );
+        assert!(
+            across.starts_with(&format!(
+                "config key `services.bad name` ({}): ",
+                path.display()
+            )),
+            "{across}"
+        );
     }
 
     #[test]

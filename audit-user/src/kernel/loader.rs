@@ -520,12 +520,12 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
 
 /// Pinning needs bpffs. Most systems mount it at /sys/fs/bpf at boot; where none
 /// is mounted (minimal VMs, containers), mount it there as systemd would.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
+    use nix::mount::{mount, MsFlags};
     let parent = pin_dir.parent().unwrap_or(pin_dir);
     if is_bpffs(parent) || is_bpffs(pin_dir) {
         return Ok(());
@@ -540,37 +540,21 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
             "only /sys/fs/bpf is mounted automatically; mount bpffs at the pin directory's parent",
         )));
     }
-    let source = std::ffi::CString::new("bpffs").expect("no NUL");
-    let target = std::ffi::CString::new(BPFFS_MOUNT_POINT).expect("no NUL");
-    let fstype = std::ffi::CString::new("bpf").expect("no NUL");
-    let data = std::ffi::CString::new("mode=0700").expect("no NUL");
-    // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(bpffs_error(io::Error::last_os_error()));
-    }
+    mount(
+        Some("bpffs"),
+        BPFFS_MOUNT_POINT,
+        Some("bpf"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|errno| bpffs_error(errno.into()))?;
     log::info!("mounted bpffs at {BPFFS_MOUNT_POINT} for pinning");
     Ok(())
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt as _;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs is plain data; the kernel fills it for a valid path.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is NUL-terminated and `stat` is writable.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
+    statfs(path).is_ok_and(|stat| stat.filesystem_type() == BPF_FS_MAGIC)
 }
 
 fn check_layout(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {

@@ -88,7 +88,7 @@ async fn refuse_busy(stream: UnixStream, max: usize) {
 }
 
 /// How long a client may take to read one answer before it is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn handle_client(
     stream: UnixStream,

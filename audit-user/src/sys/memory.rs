@@ -1,4 +1,8 @@
 //! The allocator's tuning: large blocks in their own mappings, freed memory handed back.
+//!
+//! Raw libc on purpose: mallopt and malloc_trim are glibc's own knobs, and no
+//! maintained crate wraps them (nix does not; the allocator crates replace
+//! malloc instead of tuning it).
 
 /// The index's arenas and maps grow by doubling, and start-up and reconcile
 /// passes build large tables they drop again. glibc serves such blocks from the

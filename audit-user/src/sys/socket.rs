@@ -1,19 +1,27 @@
 //! The listening Unix socket the query and policy servers share: created so
-//! that no client can connect before its permissions are in place.
+//! that no client can connect before its permissions are in place, and so
+//! that no step follows a symlink or leaves another user a window on the path.
+//!
+//! Every directory above the socket is checked first (sys::fs: only root or
+//! the agent's user may write them), so no one else can replace the path
+//! between the steps. The socket is born with its mode (the umask is set
+//! around bind; start-up is single-threaded then), its group is set with
+//! lchown, which never follows a symlink, and it listens only after that.
 
 use std::{
-    ffi::CString,
     io,
-    os::{
-        fd::{FromRawFd, OwnedFd},
-        unix::{ffi::OsStrExt, fs::FileTypeExt},
-    },
+    os::{fd::OwnedFd, unix::fs::FileTypeExt},
     path::{Path, PathBuf},
 };
 
+use nix::sys::stat::{umask, Mode};
+use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::sys::users::group_id;
+use crate::sys::{
+    fs::{DirError, Trust},
+    users::group_id,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -21,13 +29,8 @@ pub enum SocketError {
     InUse { path: PathBuf },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
-    #[error("cannot create directory {path}: {source}")]
-    Directory { path: PathBuf, source: io::Error },
-    #[error(
-        "{path} is writable by every user, who could replace the socket; \
-         put the socket in a directory only root (or its group) can write"
-    )]
-    WorldWritable { path: PathBuf },
+    #[error("the directory of {path}: {source}")]
+    Directory { path: PathBuf, source: DirError },
     #[error("unknown group {group} for the query socket")]
     UnknownGroup { group: String },
     #[error("{action} {path}: {source}")]
@@ -48,8 +51,10 @@ pub struct QuerySocket {
 }
 
 impl QuerySocket {
-    /// bind → chmod/chown → listen, so no client can connect before the
-    /// permissions are in place. A stale socket file (no agent behind it) is replaced.
+    /// Checks (and makes) the directories above `path`, then bind with `mode`
+    /// → lchown → listen, so no client can connect before the permissions are
+    /// in place. A stale socket file (no agent behind it) is replaced.
+    /// Must run while the process has a single thread (the umask is per process).
     pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<Self, SocketError> {
         let io_error = |action: &'static str| {
             move |source| SocketError::Io {
@@ -58,22 +63,12 @@ impl QuerySocket {
                 source,
             }
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| SocketError::Directory {
-                path: dir.to_path_buf(),
+        Trust::current()
+            .ensure(&socket_dir(path))
+            .map_err(|source| SocketError::Directory {
+                path: path.to_path_buf(),
                 source,
             })?;
-            // Anyone who can write the directory can replace the socket with
-            // their own and answer the MTA's questions.
-            let mode = std::fs::metadata(dir)
-                .map_err(io_error("inspecting"))?
-                .permissions();
-            if std::os::unix::fs::PermissionsExt::mode(&mode) & 0o002 != 0 {
-                return Err(SocketError::WorldWritable {
-                    path: dir.to_path_buf(),
-                });
-            }
-        }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(SocketError::NotASocket {
@@ -92,52 +87,21 @@ impl QuerySocket {
             Err(e) => return Err(io_error("inspecting")(e)),
         }
         let gid = group.map(socket_group).transpose()?;
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|e| io_error("encoding")(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-
-        // SAFETY: plain socket(2); the result is checked and owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_UNIX,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            )
-        };
-        if fd < 0 {
-            return Err(io_error("creating socket for")(io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let addr = unix_sockaddr(path).map_err(io_error("binding"))?;
-        // SAFETY: addr is a valid sockaddr_un of the given length.
-        let rc = unsafe {
-            libc::bind(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io_error("binding")(io::Error::last_os_error()));
-        }
+        let address = SockAddr::unix(path).map_err(io_error("binding"))?;
+        let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
+            .map_err(io_error("creating socket for"))?;
+        bind_with_mode(&socket, &address, mode).map_err(io_error("binding"))?;
         let mut remove_on_error = RemoveOnDrop(Some(path.to_path_buf()));
-        // SAFETY: c_path is a valid NUL-terminated path.
-        if unsafe { libc::chmod(c_path.as_ptr(), mode) } != 0 {
-            return Err(io_error("chmod")(io::Error::last_os_error()));
-        }
         if let Some(gid) = gid {
-            // SAFETY: as above; uid -1 leaves the owner unchanged.
-            if unsafe { libc::chown(c_path.as_ptr(), u32::MAX, gid) } != 0 {
-                return Err(io_error("chown")(io::Error::last_os_error()));
-            }
+            // lchown: a symlink in the socket's place (not possible in a safe
+            // directory, but cheap to rule out) would be changed itself, not
+            // its target.
+            std::os::unix::fs::lchown(path, None, Some(gid)).map_err(io_error("chown"))?;
         }
-        // SAFETY: fd is a bound stream socket.
-        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 1024) } != 0 {
-            return Err(io_error("listening on")(io::Error::last_os_error()));
-        }
+        socket.listen(1024).map_err(io_error("listening on"))?;
         remove_on_error.0 = None;
         Ok(Self {
-            listener: std::os::unix::net::UnixListener::from(fd),
+            listener: std::os::unix::net::UnixListener::from(OwnedFd::from(socket)),
             registered: std::sync::OnceLock::new(),
             path: path.to_path_buf(),
         })
@@ -176,21 +140,28 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn unix_sockaddr(path: &Path) -> io::Result<libc::sockaddr_un> {
-    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("socket path longer than {} bytes", addr.sun_path.len() - 1),
-        ));
+/// The directory `path` lies in; "." for a bare file name.
+pub fn socket_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
     }
-    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
-    }
-    Ok(addr)
+}
+
+/// bind(2) creates the socket file with 0777 less the umask: with the umask
+/// set to the complement of `mode`, it is born with `mode`, never wider.
+/// The umask is per process: binds from several threads (the unit tests) take
+/// turns, so each restores the umask it found.
+fn bind_with_mode(socket: &Socket, address: &SockAddr, mode: u32) -> io::Result<()> {
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = UMASK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mask = Mode::from_bits_truncate(!mode & 0o777);
+    let previous = umask(mask);
+    let bound = socket.bind(address);
+    umask(previous);
+    bound
 }
 
 fn socket_group(name: &str) -> Result<u32, SocketError> {
@@ -200,4 +171,101 @@ fn socket_group(name: &str) -> Result<u32, SocketError> {
         .ok_or_else(|| SocketError::UnknownGroup {
             group: name.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "inbound-audit-socket-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_bare_socket_name_lies_in_the_current_directory() {
+        assert_eq!(socket_dir(Path::new("audit.sock")), Path::new("."));
+        assert_eq!(
+            socket_dir(Path::new("/run/inbound-audit/audit.sock")),
+            Path::new("/run/inbound-audit")
+        );
+    }
+
+    #[test]
+    fn the_socket_is_born_with_its_mode_and_gets_its_group() {
+        let dir = scratch("mode");
+        let path = dir.join("audit.sock");
+        let root = nix::unistd::geteuid().is_root();
+        let group = root.then_some("65534");
+        let socket = QuerySocket::bind(&path, 0o640, group).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        if root {
+            assert_eq!(meta.gid(), 65534);
+        }
+        // The umask is back to what it was.
+        let probe = dir.join("probe");
+        std::fs::write(&probe, "").unwrap();
+        assert_ne!(
+            std::fs::metadata(&probe).unwrap().mode() & 0o777,
+            0o640 & 0o666
+        );
+        drop(socket);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_directory_is_made_0755_and_a_group_writable_one_is_refused() {
+        let dir = scratch("dirs");
+        let path = dir.join("new/audit.sock");
+        let socket = QuerySocket::bind(&path, 0o660, None).unwrap();
+        let mode = std::fs::metadata(dir.join("new")).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o755);
+        drop(socket);
+
+        let shared = dir.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let refused = QuerySocket::bind(&shared.join("audit.sock"), 0o660, None);
+        match refused {
+            Err(SocketError::Directory {
+                source: DirError::GroupWritable { path, .. },
+                ..
+            }) => assert_eq!(path, shared),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("bound in a group-writable directory"),
+        }
+        assert!(!shared.join("audit.sock").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_in_the_sockets_place_is_refused_and_its_target_untouched() {
+        let dir = scratch("symlink");
+        let target = dir.join("secret");
+        std::fs::write(&target, "root only").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.join("audit.sock");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(matches!(
+            QuerySocket::bind(&path, 0o666, Some("0")),
+            Err(SocketError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o7777, 0o600);
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

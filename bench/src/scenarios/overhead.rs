@@ -282,7 +282,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
              TCP state change on the machine, here both ends of each loopback connection (a \
              remote client's side would not be on this host). bpf_stats' own clock reads are \
              included. The first run is the judged figure; the others show where the time goes. \
-             The reference rows are raw sock_ops programs attached instead of ours (no agent): \
+             The reference rows are minimal sock_ops programs (aya-ebpf, bench-ebpf/, built \
+             like ours) attached instead of ours (no agent): \
              the floor, which only asks for state callbacks (what any sock_ops design that \
              learns of closes pays); the LPM counter, the least a program that keeps per-IP \
              counts in an LPM trie can do (lookup, insert at zero if absent, atomic +1 at \
@@ -385,7 +386,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
              round's run without. Judged: {} rounds with the clients, the server and the agent \
              all on one CPU, so the rate is bounded by CPU work (the clients' included, as they \
              share the host on loopback). The same rounds run four reference programs \
-             instead of the agent (raw sock_ops programs attached to the same cgroup, no \
+             instead of the agent (minimal sock_ops programs attached to the same cgroup, no \
              agent; see the kernel cost section): the floor, which only asks for state \
              callbacks; the LPM counter, the least a program that keeps per-IP counts in an \
              LPM trie can do (+1 at accept, -1 at close, no port filter, no per-socket state, \
