@@ -14,6 +14,18 @@ pub const CLUSTER_SERVICE: &str = "inbound_cidr";
 /// Where the kernel programs and maps are pinned by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/inbound-audit";
 
+/// Longest node name in a cluster.
+pub const MAX_NODE_NAME_LEN: usize = 64;
+
+/// Node names are part of Redis keys: letters, digits and `_ - .` only.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NODE_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 /// Time since the Unix epoch: monitor windows are aligned on it.
 pub fn unix_now() -> Duration {
     std::time::SystemTime::now()

@@ -15,7 +15,7 @@ use std::{
 
 use redis::{aio::MultiplexedConnection, RedisResult};
 
-use crate::domain::unix_now;
+use crate::domain::{unix_now, valid_node_name};
 
 use super::{
     link::{Link, Target},
@@ -71,18 +71,6 @@ const LOG_READ_COUNT: usize = 512;
 const MAX_SNAPSHOT_BYTES: i64 = 512 << 20;
 /// Most node names followed.
 const MAX_NODES: usize = 1024;
-/// Longest node name.
-pub const MAX_NODE_NAME_LEN: usize = 64;
-
-/// Node names are part of Redis keys: letters, digits and `_ - .` only.
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NODE_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
 struct Keys {
     prefix: String,
 }
@@ -630,17 +618,6 @@ impl<'a> StreamBatch<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_names() {
-        for good in ["mx1", "mx-1.example.net", "a_b"] {
-            assert!(valid_node_name(good), "{good}");
-        }
-        let long = "x".repeat(MAX_NODE_NAME_LEN + 1);
-        for bad in ["", "mx 1", "mx:1", "mx*", long.as_str()] {
-            assert!(!valid_node_name(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn stream_batches() {

@@ -14,11 +14,13 @@ use std::{
 
 use audit_common::MAX_SERVICES;
 
+mod cluster;
 mod error;
 mod file;
 mod limits;
 mod values;
 
+pub use cluster::{ClusterConfig, NodeName, RedisUrl};
 pub use error::{ConfigError, Position};
 pub use limits::{check_action, ActionError, LimitConfig, LimitCount, LimitError};
 pub use values::{PositiveCount, PositiveSecs, ValueError};
@@ -70,6 +72,8 @@ pub struct Config {
     pub max_tracked_sessions: u32,
     /// Size of the kernel's session-event ring buffer (set when the maps are created).
     pub event_ring_bytes: u32,
+    /// Fleet-wide counts through Redis; None: clustering is off.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Which local users may use the query socket, from its peer credentials.
@@ -202,7 +206,8 @@ impl Config {
             max_tracked_ips,
             max_tracked_sessions,
             event_ring_bytes,
-            state_dir
+            state_dir,
+            cluster
         );
         kept
     }

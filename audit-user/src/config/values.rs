@@ -35,6 +35,12 @@ pub enum ValueError {
     NoSuchName(String),
     #[error(transparent)]
     Monitor(#[from] MonitorSpecError),
+    #[error("Redis URL: {0}")]
+    RedisUrl(String),
+    #[error("`{0}` is not a node name (1 to 64 letters, digits, _ - .)")]
+    NodeName(String),
+    #[error("`{0}` is not a key prefix (1 to 64 letters, digits, _ - . :)")]
+    KeyPrefix(String),
 }
 
 /// Deserialize through the type's `TryFrom<i64>`, saying what it expects
