@@ -158,13 +158,7 @@ pub fn open_request(socket: &TcpSocket, slot: u8) -> SessionEvent {
 
 /// A dual-stack listener's IPv4 peers (::ffff:a.b.c.d) count as IPv4.
 pub fn normalize(addr: SocketAddr) -> IpAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
+    addr.ip().to_canonical()
 }
 
 /// Inode numbers (cgroup v2 ids) of `root` and every cgroup below it: a program
