@@ -145,6 +145,16 @@ impl Reconcile {
         }
     }
 
+    /// Takes the kernel's refusal counters as they are at start-up, so that
+    /// refusals before the first pass count as new (and wake it early), and
+    /// those a previous agent saw do not.
+    pub fn start_from<K: Kernel>(&mut self, program: &Mutex<K>) {
+        let program = program.lock().unwrap_or_else(|p| p.into_inner());
+        let ip_table_full = program.stat(stat::IP_TABLE_FULL);
+        self.ip_table_full_seen = Some(ip_table_full);
+        self.refusals_seen = Some(ip_table_full + program.stat(stat::SOCKET_TABLE_FULL));
+    }
+
     /// How long to wait before the next pass.
     pub fn pause(&self, interval: Duration) -> Duration {
         if self.quick_passes > 0 {
@@ -210,8 +220,9 @@ impl Reconcile {
         }
     }
 
-    /// Saturated now: refusals since the last pass, sessions still waiting
-    /// for room, or a per-IP map at capacity. Logged once per interval.
+    /// Saturated now: refusals since the last pass, sessions refused that are
+    /// counted only now or still wait for room, or a per-IP map at capacity.
+    /// Logged once per interval.
     fn note_saturation(&mut self, pass: &KernelPass, state: &SharedState, now: Duration) {
         let refusals = pass.refusals();
         let new_refusals = self
@@ -219,7 +230,11 @@ impl Reconcile {
             .map_or(0, |seen| refusals.saturating_sub(seen));
         self.refusals_seen = Some(refusals);
         self.ip_table_full_seen = Some(pass.ip_table_full);
-        let saturated = new_refusals > 0 || pass.uncounted > 0 || pass.ip_table_at_capacity;
+        // Sessions adopted now were refused since the last pass, or before it.
+        let saturated = new_refusals > 0
+            || pass.adopted > 0
+            || pass.uncounted > 0
+            || pass.ip_table_at_capacity;
         let stats = &state.stats;
         AgentStats::set(&stats.kernel_tables_saturated, saturated.into());
         if saturated {
@@ -256,6 +271,7 @@ pub(super) async fn reconcile<K: Kernel + Send + 'static>(
     mut stop: Shutdown,
 ) {
     let mut pass_state = Reconcile::new();
+    pass_state.start_from(&program);
     loop {
         let pause = pass_state.pause(state.setup().config.reconcile_interval);
         let deadline = tokio::time::Instant::now() + pause;

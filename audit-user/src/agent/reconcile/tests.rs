@@ -251,6 +251,32 @@ fn a_table_full_of_live_ips_stays_saturated_until_one_leaves() {
 }
 
 #[test]
+fn refusals_before_the_first_pass_wake_it_and_count_as_saturation() {
+    let kernel = kernel(FakeKernel {
+        capacity: 1,
+        ..FakeKernel::default()
+    });
+    let state = shared_state();
+    {
+        let mut fake = kernel.lock().unwrap();
+        // A previous agent's refusal: not news to this one.
+        fake.stats[stat::IP_TABLE_FULL as usize] = 4;
+        fake.accept(1, ip("10.0.0.1"), 0);
+        fake.close(1);
+    }
+    let mut reconcile = Reconcile::new();
+    reconcile.start_from(&kernel);
+    assert!(!reconcile.refused_since_pass(&kernel));
+    assert!(!kernel.lock().unwrap().accept(2, ip("10.0.0.2"), 0));
+    assert!(reconcile.refused_since_pass(&kernel));
+    let did = pass(&mut reconcile, &kernel, &state, 50);
+    assert_eq!((did.collected, did.adopted), (1, 1));
+    assert_eq!(AgentStats::get(&state.stats.kernel_tables_last_saturated), 50);
+    assert_eq!(reconcile.unlogged_refusals, 0);
+    assert_eq!(reconcile.last_full_log, Some(Duration::from_secs(50)));
+}
+
+#[test]
 fn refusals_are_logged_once_per_interval_not_once_per_pass() {
     let kernel = kernel(FakeKernel {
         capacity: 1,
