@@ -85,12 +85,17 @@ fn a_session_refused_by_a_table_of_zero_entries_is_counted_within_one_pass() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert!(last <= now && now - last < 60, "last saturated {last}, now {now}");
+    assert!(
+        last <= now && now - last < 60,
+        "last saturated {last}, now {now}"
+    );
     let show = inbound_audit::serving::client::query_report(&agent.socket, "show 127.0.0.0/8")
         .unwrap()
         .unwrap();
     assert!(
-        !show.iter().any(|l| l.starts_with("Kernel tables saturated")),
+        !show
+            .iter()
+            .any(|l| l.starts_with("Kernel tables saturated")),
         "{show:?}"
     );
     agent.expect_count("127.0.2.1", "SMTP", 1);

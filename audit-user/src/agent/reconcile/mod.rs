@@ -231,10 +231,8 @@ impl Reconcile {
         self.refusals_seen = Some(refusals);
         self.ip_table_full_seen = Some(pass.ip_table_full);
         // Sessions adopted now were refused since the last pass, or before it.
-        let saturated = new_refusals > 0
-            || pass.adopted > 0
-            || pass.uncounted > 0
-            || pass.ip_table_at_capacity;
+        let saturated =
+            new_refusals > 0 || pass.adopted > 0 || pass.uncounted > 0 || pass.ip_table_at_capacity;
         let stats = &state.stats;
         AgentStats::set(&stats.kernel_tables_saturated, saturated.into());
         if saturated {

@@ -271,7 +271,10 @@ fn refusals_before_the_first_pass_wake_it_and_count_as_saturation() {
     assert!(reconcile.refused_since_pass(&kernel));
     let did = pass(&mut reconcile, &kernel, &state, 50);
     assert_eq!((did.collected, did.adopted), (1, 1));
-    assert_eq!(AgentStats::get(&state.stats.kernel_tables_last_saturated), 50);
+    assert_eq!(
+        AgentStats::get(&state.stats.kernel_tables_last_saturated),
+        50
+    );
     assert_eq!(reconcile.unlogged_refusals, 0);
     assert_eq!(reconcile.last_full_log, Some(Duration::from_secs(50)));
 }
