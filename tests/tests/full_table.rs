@@ -66,6 +66,7 @@ fn a_session_refused_by_a_table_of_zero_entries_is_counted_within_one_pass() {
     // Counted within one reconcile pass (the refusal wakes the reconciler).
     agent.expect_count("127.0.2.1", "SMTP", 1);
     let took = refused_at.elapsed();
+    println!("counted {took:?} after the refusal");
     assert!(
         took <= Duration::from_secs(INTERVAL_SECS + 1),
         "counted after {took:?}, more than one pass ({INTERVAL_SECS} s)"
@@ -119,4 +120,52 @@ fn a_session_refused_by_a_table_of_zero_entries_is_counted_within_one_pass() {
     );
     drop(held);
     agent.expect_count("127.0.2.1", "SMTP", 0);
+}
+
+#[test]
+fn a_session_refused_by_a_table_of_live_ips_is_counted_once_one_leaves() {
+    require_ebpf!();
+    let dir = TempDir::new("full-live-config");
+    let config = dir.path().join("full.toml");
+    std::fs::write(
+        &config,
+        format!("max_tracked_ips = 2\nreconcile_interval_secs = {INTERVAL_SECS}\n"),
+    )
+    .unwrap();
+    let fixture = SmtpFixture::start(
+        env!("CARGO_BIN_EXE_test-server"),
+        "fulllive",
+        &["--config", config.to_str().unwrap()],
+    );
+    let agent = &fixture.agent;
+    let from = |ip: &str| integration_tests::connect_from(ip.parse().unwrap(), fixture.smtp);
+    let a = from("127.0.3.1");
+    let b = from("127.0.3.2");
+    agent.expect_count("127.0.3.0/24", "SMTP", 2);
+    // Refused while both IPs are live; it waits, uncounted, through passes.
+    let c = from("127.0.3.3");
+    integration_tests::eventually("the refusal is seen", || {
+        agent.stat("kernel_ip_table_full") >= 1
+    });
+    std::thread::sleep(Duration::from_secs(INTERVAL_SECS + 1));
+    agent.expect_count("127.0.3.3", "SMTP", 0);
+    assert_eq!(stat(&stats(&fixture), "kernel_tables_saturated"), "yes");
+    // One IP leaves: its entry falls to zero, is collected, and c is counted.
+    drop(b);
+    let left_at = Instant::now();
+    agent.expect_count("127.0.3.3", "SMTP", 1);
+    assert!(
+        left_at.elapsed() <= Duration::from_secs(INTERVAL_SECS + 1),
+        "counted {:?} after the IP left",
+        left_at.elapsed()
+    );
+    agent.expect_count("127.0.3.0/24", "SMTP", 2);
+    // c's close is uncounted through its adopted record, exactly once.
+    drop(c);
+    agent.expect_count("127.0.3.3", "SMTP", 0);
+    agent.expect_count("127.0.3.1", "SMTP", 1);
+    drop(a);
+    agent.expect_count("127.0.3.0/24", "SMTP", 0);
+    assert_eq!(agent.stat("index_repairs"), 0);
+    assert_eq!(agent.stat("kernel_repairs"), 0);
 }

@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::Path,
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use audit_common::{
@@ -52,6 +53,8 @@ pub struct FakeKernel {
     pub seed_calls: Vec<HashMap<u16, u8>>,
     /// Every `adjust_live` call.
     pub adjustments: Vec<(IpAddr, u8, i64)>,
+    /// How many times `snapshot_tracked` ran: one per pass.
+    pub snapshots: AtomicUsize,
 }
 
 impl Default for FakeKernel {
@@ -70,6 +73,7 @@ impl Default for FakeKernel {
             unwatched: Vec::new(),
             seed_calls: Vec::new(),
             adjustments: Vec::new(),
+            snapshots: AtomicUsize::new(0),
         }
     }
 }
@@ -151,6 +155,7 @@ impl FakeKernel {
 
 impl Kernel for FakeKernel {
     fn snapshot_tracked(&self) -> Result<TrackedSessions, LoadError> {
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
         Ok(TrackedSessions {
             counted: self.counted.values().copied().collect(),
             uncounted: self.uncounted.clone(),

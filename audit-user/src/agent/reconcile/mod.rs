@@ -120,7 +120,12 @@ pub(super) const QUICK: Duration = Duration::from_secs(1);
 
 /// How often the reconciler looks at the kernel's refusal counter between
 /// passes: a full per-IP table gets its zero entries collected within this.
-const FULL_WATCH: Duration = Duration::from_millis(200);
+const FULL_WATCH: Duration = Duration::from_millis(100);
+
+/// The least time between the end of a pass and a pass a refusal asks for;
+/// at least as long as the last pass took, too, so that a table full of live
+/// IPs, refusing all the time, keeps the reconciler busy half the time at most.
+const EARLY_PASS_GAP: Duration = Duration::from_millis(250);
 
 /// The reconciler's memory from pass to pass.
 #[derive(Default)]
@@ -270,10 +275,11 @@ pub(super) async fn reconcile<K: Kernel + Send + 'static>(
 ) {
     let mut pass_state = Reconcile::new();
     pass_state.start_from(&program);
+    let mut last_took = Duration::ZERO;
     loop {
         let pause = pass_state.pause(state.setup().config.reconcile_interval);
         let deadline = tokio::time::Instant::now() + pause;
-        let earliest = tokio::time::Instant::now() + QUICK.min(pause);
+        let earliest = tokio::time::Instant::now() + EARLY_PASS_GAP.max(last_took).min(pause);
         let mut watch = tokio::time::interval(FULL_WATCH);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -289,6 +295,7 @@ pub(super) async fn reconcile<K: Kernel + Send + 'static>(
                 }
             }
         }
+        let started = tokio::time::Instant::now();
         let program = program.clone();
         let mut kernel_reconciler = std::mem::take(&mut pass_state.kernel_reconciler);
         let read = tokio::task::spawn_blocking(move || {
@@ -313,6 +320,7 @@ pub(super) async fn reconcile<K: Kernel + Send + 'static>(
             }
         };
         pass_state.apply(pass, &state, unix_now());
+        last_took = started.elapsed();
         state.lock_monitors().expire(unix_now());
         // Windows dropped without events to drive them out leave the totals
         // here, a batch per turn of the lock, so queries interleave.

@@ -1,11 +1,16 @@
 //! The reconciler against the in-memory kernel: heals, collections, index
 //! repairs, the backstop, quick passes, and a full per-IP table.
 
-use std::{collections::HashMap, net::IpAddr, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use audit_common::{record_origin, stat};
 
-use super::{kernel_pass, Reconcile, QUICK};
+use super::{kernel_pass, reconcile, Reconcile, QUICK};
 use crate::{
     config::Config,
     counting::state::{AgentStats, SharedState},
@@ -309,4 +314,67 @@ fn refusals_are_logged_once_per_interval_not_once_per_pass() {
     pass(&mut reconcile, &kernel, &state, 111);
     assert_eq!(reconcile.last_full_log, Some(Duration::from_secs(111)));
     assert_eq!(reconcile.unlogged_refusals, 0);
+}
+
+/// Polls `check` every 10 ms for up to 10 s.
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_wakes_the_reconciler_long_before_its_interval() {
+    let config = Config {
+        reconcile_interval: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let state = Arc::new(SharedState::new(
+        config,
+        HashMap::from([("SMTP".to_string(), 0)]),
+    ));
+    let kernel = Arc::new(Mutex::new(FakeKernel {
+        capacity: 2,
+        ..FakeKernel::default()
+    }));
+    {
+        let mut fake = kernel.lock().unwrap();
+        for (cookie, at) in [(1, "10.0.0.1"), (2, "10.0.0.2")] {
+            fake.accept(cookie, ip(at), 0);
+            fake.close(cookie);
+        }
+    }
+    let (trigger, shutdown) = crate::serving::shutdown::channel();
+    let task = tokio::spawn(reconcile(kernel.clone(), state.clone(), shutdown));
+    // Start-up's two quick passes; the next one is a minute away.
+    until("two passes ran", || {
+        kernel.lock().unwrap().snapshots.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    // Those passes collected the zero entries: fill the table with new ones,
+    // then have a session refused.
+    {
+        let mut fake = kernel.lock().unwrap();
+        for (cookie, at) in [(3, "10.0.0.3"), (4, "10.0.0.4")] {
+            fake.accept(cookie, ip(at), 0);
+            fake.close(cookie);
+        }
+        assert!(!fake.accept(5, ip("10.0.0.5"), 0));
+    }
+    let refused = Instant::now();
+    until("the refused session is counted", || {
+        kernel.lock().unwrap().count(ip("10.0.0.5"), 0) == 1
+    })
+    .await;
+    assert!(
+        refused.elapsed() < Duration::from_secs(5),
+        "counted {:?} after the refusal",
+        refused.elapsed()
+    );
+    assert_eq!(AgentStats::get(&state.stats.kernel_tables_saturated), 1);
+    assert_eq!(AgentStats::get(&state.stats.adopted), 1);
+    trigger.trigger();
+    task.await.unwrap();
 }
