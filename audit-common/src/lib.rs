@@ -13,7 +13,7 @@ pub const MAX_SERVICES: usize = 8;
 
 /// Bumped whenever a pinned map's key or value layout changes, so a new agent
 /// refuses pinned state it would misread instead of reporting wrong counts.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Address family tags used in records and events (not AF_* values, which differ
 /// between the two families' sockaddr layouts and mean nothing to the index).
@@ -114,6 +114,10 @@ pub mod session_state {
     pub const DONE: u32 = 0;
     /// Counted through this storage.
     pub const COUNTED: u32 = 1;
+    /// Accepted while the per-IP table was full: not counted yet. The agent
+    /// adopts it (`SYNC_ADOPT`) once there is room, and its close then goes
+    /// through the `SOCKETS` record that adoption made.
+    pub const UNCOUNTED: u32 = 2;
 }
 
 /// Indexes of the `CONTROL` array, which the agent writes and the programs read.
@@ -136,6 +140,10 @@ pub const EVENT_SEED: u8 = 4;
 /// that differs from the socket records, with an atomic add that cannot clobber
 /// the kernel's concurrent updates.
 pub const SYNC_ADJUST: u8 = 3;
+/// Sync program only: count a session that sock_ops left `UNCOUNTED` (the
+/// per-IP table was full), by a `SOCKETS` record of origin `ACCEPTED` (sock_ops
+/// sees its close). Reported as an `EVENT_OPEN`: the index never saw it.
+pub const SYNC_ADOPT: u8 = 5;
 
 /// One session opened or closed. The same layout is the request the agent feeds
 /// to the sync program, so seeding a pre-existing socket goes through exactly the

@@ -16,6 +16,12 @@
 //! once. Any other accepted session lives in `SESSIONS`, the socket's own
 //! storage, which only sock_ops touches: no hash-table insert or delete per
 //! connection, and the storage goes away with the socket.
+//!
+//! A session accepted while the per-IP table is full keeps its storage, marked
+//! `UNCOUNTED`: the agent, watching `STATS`, collects the zero entries that
+//! hold the table and adopts it through the sync program. Nothing here logs per
+//! session: `STATS` counts what could not be done, and the agent logs once per
+//! interval.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -24,7 +30,7 @@
 use audit_common::{
     control, record_origin, session_state, stat, sync_result, LiveCounts, ServiceName,
     SessionEvent, SessionStorage, SocketRecord, EVENT_CLOSE, EVENT_OPEN, EVENT_SEED, FAMILY_V4,
-    FAMILY_V6, MAX_SERVICES, PORT_NOT_WATCHED, SYNC_ADJUST,
+    FAMILY_V6, MAX_SERVICES, PORT_NOT_WATCHED, SYNC_ADJUST, SYNC_ADOPT,
 };
 use aya_ebpf::{
     bindings::{
@@ -37,9 +43,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, map, sock_ops, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockOpsContext, XdpContext},
-    EbpfContext,
 };
-use aya_log_ebpf::warn;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -237,6 +241,11 @@ fn on_close(ctx: &SockOpsContext) -> Result<(), ()> {
             session_state::DONE,
         )
     };
+    if before == session_state::UNCOUNTED {
+        // Counted only if the agent adopted it, by a SOCKETS record: whoever
+        // deletes that record uncounts it (nothing happens if never adopted).
+        return forget(cookie).map(|_| ());
+    }
     if before != session_state::COUNTED {
         return Ok(());
     }
@@ -265,29 +274,59 @@ fn on_passive_established(ctx: &SockOpsContext) -> Result<(), ()> {
     let mirror = CONTROL
         .get(control::MIRROR_TO_SOCKETS)
         .is_some_and(|&flag| flag != 0);
-    let counted = if mirror {
+    let tracked = if mirror {
         // A SOCKETS record, which the seeding's insert-if-absent finds, and
         // which the close finds in turn: the socket gets no storage.
-        track(ctx, EVENT_OPEN, cookie, family, addr, service) == sync_result::APPLIED
+        match track(
+            EVENT_OPEN,
+            cookie,
+            family,
+            addr,
+            service,
+            record_origin::ACCEPTED,
+        ) {
+            sync_result::APPLIED => true,
+            // Left to the agent, which counts it once there is room.
+            sync_result::TABLE_FULL => park_uncounted(fields.sk, family, addr, service),
+            _ => false,
+        }
     } else {
-        open_session(ctx, fields.sk, cookie, family, addr, service)
+        open_session(fields.sk, cookie, family, addr, service)
     };
-    if counted {
+    // Counted, or left uncounted for the agent: either way the close matters.
+    if tracked {
         // Without this flag the kernel never calls us back when the socket closes.
         let _ = ctx.set_cb_flags((fields.cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
     Ok(())
 }
 
-/// Counts an accepted session through the socket's own storage.
-fn open_session(
-    ctx: &SockOpsContext,
-    sk: *mut bpf_sock,
-    cookie: u64,
-    family: u8,
-    addr: [u8; 16],
-    service: u32,
-) -> bool {
+/// Marks an accepted session that a full table kept from being counted, in
+/// its socket's storage, for the agent to adopt once there is room.
+fn park_uncounted(sk: *mut bpf_sock, family: u8, addr: [u8; 16], service: u32) -> bool {
+    if service as usize >= MAX_SERVICES {
+        return false;
+    }
+    let init = SessionStorage {
+        record: session_record(family, addr, service, record_origin::ACCEPTED),
+        state: session_state::UNCOUNTED,
+        _pad: 0,
+    };
+    let storage = session_storage(sk, Some(&init));
+    if storage.is_null() {
+        bump_stat(stat::SOCKET_TABLE_FULL);
+        return false;
+    }
+    // SAFETY: `storage` is this socket's storage, valid for this invocation;
+    // storage that existed already (from an earlier program) is set too.
+    unsafe { (*storage).state = session_state::UNCOUNTED };
+    true
+}
+
+/// Counts an accepted session through the socket's own storage; a session the
+/// per-IP table had no room for is kept there `UNCOUNTED`. False when the
+/// socket could not get storage (nothing to track).
+fn open_session(sk: *mut bpf_sock, cookie: u64, family: u8, addr: [u8; 16], service: u32) -> bool {
     if service as usize >= MAX_SERVICES {
         return false;
     }
@@ -298,15 +337,16 @@ fn open_session(
     };
     let storage = session_storage(sk, Some(&init));
     if storage.is_null() {
+        // Counted in STATS; no log line: a full table would log one per session.
         bump_stat(stat::SOCKET_TABLE_FULL);
-        warn!(ctx, "no socket storage: session {} is not counted", cookie);
         return false;
     }
-    if !count_open(ctx, EVENT_OPEN, cookie, &init.record) {
-        // Not counted, so it must not be uncounted at close either.
+    if !count_open(EVENT_OPEN, cookie, &init.record) {
+        // Not counted yet: the agent adopts it once the per-IP table has room
+        // again, and then its close must reach us, so the caller still asks
+        // for the state callbacks.
         // SAFETY: `storage` is this socket's storage, valid for this invocation.
-        unsafe { (*storage).state = session_state::DONE };
-        return false;
+        unsafe { (*storage).state = session_state::UNCOUNTED };
     }
     true
 }
@@ -335,12 +375,22 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
     }
     match request.kind {
         EVENT_OPEN if request.family == FAMILY_V4 || request.family == FAMILY_V6 => Ok(track(
-            ctx,
             EVENT_SEED,
             request.cookie,
             request.family,
             request.addr,
             request.service as u32,
+            record_origin::SEEDED,
+        )),
+        // An accepted session sock_ops could not count: sock_ops sees its
+        // close (it asked for the state callbacks), so the origin is ACCEPTED.
+        SYNC_ADOPT if request.family == FAMILY_V4 || request.family == FAMILY_V6 => Ok(track(
+            EVENT_ADOPTED,
+            request.cookie,
+            request.family,
+            request.addr,
+            request.service as u32,
+            record_origin::ACCEPTED,
         )),
         EVENT_CLOSE => forget(request.cookie),
         SYNC_ADJUST if request.family == FAMILY_V4 || request.family == FAMILY_V6 => {
@@ -356,35 +406,28 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
     }
 }
 
-/// Starts tracking a socket and counts it; returns a `sync_result`.
-fn track<C: EbpfContext>(
-    ctx: &C,
-    event: u8,
-    cookie: u64,
-    family: u8,
-    addr: [u8; 16],
-    service: u32,
-) -> u32 {
+/// Starts tracking a socket by a SOCKETS record and counts it, reported as
+/// `event`; returns a `sync_result`. Inlined: BPF calls take at most five
+/// arguments.
+#[inline(always)]
+fn track(event: u8, cookie: u64, family: u8, addr: [u8; 16], service: u32, origin: u8) -> u32 {
     if service as usize >= MAX_SERVICES {
         return sync_result::INVALID;
     }
-    let origin = if event == EVENT_SEED {
-        record_origin::SEEDED
-    } else {
-        record_origin::ACCEPTED
-    };
     let record = session_record(family, addr, service, origin);
     match SOCKETS.insert(cookie, record, BPF_NOEXIST as u64) {
         Ok(()) => {}
         // Already tracked: this socket was counted by another path.
         Err(EEXIST) => return sync_result::UNCHANGED,
         Err(_) => {
-            bump_stat(stat::SOCKET_TABLE_FULL);
-            warn!(ctx, "socket table full: session {} is not counted", cookie);
+            // As in count_open: an adoption's retry is no new refusal.
+            if event != EVENT_ADOPTED {
+                bump_stat(stat::SOCKET_TABLE_FULL);
+            }
             return sync_result::TABLE_FULL;
         }
     }
-    if !count_open(ctx, event, cookie, &record) {
+    if !count_open(event, cookie, &record) {
         // Not counted, so it must not be uncounted at close either.
         let _ = SOCKETS.remove(cookie);
         return sync_result::TABLE_FULL;
@@ -405,11 +448,21 @@ fn session_record(family: u8, addr: [u8; 16], service: u32, origin: u8) -> Socke
 
 /// Adds an opened session to its IP's count and reports it as `event`. False
 /// (and nothing changed) when the per-IP table is full.
-fn count_open<C: EbpfContext>(ctx: &C, event: u8, cookie: u64, record: &SocketRecord) -> bool {
+fn count_open(event: u8, cookie: u64, record: &SocketRecord) -> bool {
     let Some(counts) = live_counts(record.family, &record.addr, true) else {
-        bump_stat(stat::IP_TABLE_FULL);
-        warn!(ctx, "per-IP table full: session {} is not counted", cookie);
+        // Counted in STATS, which the agent watches to make room at once; no
+        // log line here: a full table would log one per refused session. An
+        // adoption that still finds no room is a retry, not a new refusal.
+        if event != EVENT_ADOPTED {
+            bump_stat(stat::IP_TABLE_FULL);
+        }
         return false;
+    };
+    // An adopted session is reported as the open the index never saw.
+    let event = if event == EVENT_ADOPTED {
+        EVENT_OPEN
+    } else {
+        event
     };
     add_to_slot(counts, record.service as usize, 1);
     emit(event, cookie, record);
@@ -433,6 +486,10 @@ fn add_to_slot(counts: *mut LiveCounts, service: usize, delta: u32) {
 }
 
 const EEXIST: i32 = -17;
+
+/// `track`'s event for an adoption (`SYNC_ADOPT`): never on the ring, where
+/// it is reported as `EVENT_OPEN`.
+const EVENT_ADOPTED: u8 = SYNC_ADOPT;
 
 /// Stops tracking a socket and uncounts it, if (and only if) this call deleted its record.
 fn forget(cookie: u64) -> Result<u32, ()> {

@@ -1,5 +1,6 @@
 //! Following the kernel: its session events (ring buffer) into the shared
-//! state, and its log lines into ours.
+//! state. The kernel program logs nothing itself (a full table would log a
+//! line per session); the reconciler logs its counters once per interval.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,32 +11,8 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     counting::state::{EventSource, SharedState},
     domain::unix_now,
-    kernel::loader,
     serving::shutdown::Shutdown,
 };
-
-pub(super) async fn forward_kernel_logs(logger: loader::KernelLogger, mut stop: Shutdown) {
-    // SAFETY: the logger owns its ring buffer fd, open and unchanged until the
-    // AsyncFd that owns the logger is dropped.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-    let Ok(mut logger) = registered else {
-        log::warn!("cannot poll the kernel program's log ring buffer");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = stop.wait() => return,
-            guard = logger.readable_mut() => match guard {
-                Ok(mut guard) => {
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-                Err(_) => return,
-            },
-        }
-    }
-}
 
 /// The kernel's ring buffer as the state's event source.
 struct RingSource(RingBuf<MapData>);

@@ -31,7 +31,7 @@ use crate::{
 };
 
 use self::{
-    events::{follow_events, forward_kernel_logs},
+    events::follow_events,
     reconcile::reconcile,
     reload::apply_reload,
     signals::{Signal, Signals},
@@ -111,7 +111,7 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
     let Prepared {
         socket,
         policy_socket,
-        mut program,
+        program,
         events,
         state,
         detach_on_exit,
@@ -121,9 +121,6 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
     held.release();
 
     let (trigger, shutdown) = shutdown::channel();
-    if let Some(logger) = program.take_logger() {
-        tokio::spawn(forward_kernel_logs(logger, shutdown.clone()));
-    }
     let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
     let program = Arc::new(Mutex::new(program));
     let reconcile_task = tokio::spawn(reconcile(program.clone(), state.clone(), shutdown.clone()));

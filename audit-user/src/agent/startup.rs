@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-use audit_common::{record_origin, SocketRecord, MAX_SERVICES};
+use audit_common::{record_origin, SocketRecord};
 
 use crate::{
     config::Config,
@@ -14,6 +14,7 @@ use crate::{
     },
     domain::unix_now,
     kernel::{
+        api::Kernel,
         cgroup,
         loader::{KernelProgram, LoadError, LoadOptions},
         seed,
@@ -84,23 +85,19 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         .take_events()
         .ok_or(LoadError::MissingMap("EVENTS"))?;
     while events.next().is_some() {}
-    let records = program.snapshot_tracked()?;
+    let tracked = program.snapshot_tracked()?;
+    let records = &tracked.counted;
 
     // A slot whose service is gone can be reused only once no session holds it.
-    let mut slot_in_use = [false; MAX_SERVICES];
-    for record in &records {
-        if let Some(used) = slot_in_use.get_mut(record.service as usize) {
-            *used = true;
-        }
-    }
-    let slots = program.configure_services(&config.services, |slot| slot_in_use[slot as usize])?;
+    let slot_in_use = tracked.slots_in_use();
+    let slots = program.configure_services(&config.services, |slot| slot_in_use.contains(&slot))?;
     let ports: HashMap<u16, u8> = config
         .services
         .iter()
         .flat_map(|s| s.ports.iter().map(|&p| (p, slots[&s.name])))
         .collect();
     let state = Arc::new(SharedState::new(config, slots));
-    state.write_sessions().load(&tally_records(&records));
+    state.write_sessions().load(&tally_records(records));
     load_monitor_state(&state);
 
     // Seeded sessions reach the index as ordinary events, read once the
@@ -110,7 +107,7 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
     program.stop_mirroring()?;
     // An upper bound (a seeded session may have closed since the snapshot):
     // the first reconcile pass detaches the backstop if it was one too many.
-    let seeded = seeded_records(&records) + report.seeded;
+    let seeded = seeded_records(records) + report.seeded;
     release_close_backstop(&mut program, seeded)?;
     AgentStats::set(&state.stats.kernel_seeded_sessions, seeded as u64);
     AgentStats::set(
@@ -264,8 +261,8 @@ pub(super) fn seeded_records(records: &[SocketRecord]) -> usize {
 
 /// Detaches the tp_btf close backstop when no seeded session is left: every
 /// other session's close is seen by sock_ops.
-pub(super) fn release_close_backstop(
-    program: &mut KernelProgram,
+pub(super) fn release_close_backstop<K: Kernel + ?Sized>(
+    program: &mut K,
     seeded: usize,
 ) -> Result<(), LoadError> {
     if seeded == 0 && program.detach_close_backstop()? {

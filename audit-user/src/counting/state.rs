@@ -250,6 +250,13 @@ pub struct AgentStats {
     pub kernel_events_lost: AtomicU64,
     pub kernel_ip_table_full: AtomicU64,
     pub kernel_socket_table_full: AtomicU64,
+    /// 1 while a kernel table is full: refusals since the last pass, refused
+    /// sessions still waiting for room, or a per-IP map at capacity.
+    pub kernel_tables_saturated: AtomicU64,
+    /// Unix time of the last pass that found a table full; 0: never.
+    pub kernel_tables_last_saturated: AtomicU64,
+    /// Sessions a full per-IP table refused, counted once there was room.
+    pub adopted: AtomicU64,
     /// Sessions the kernel tracks, as of the last reconcile.
     pub kernel_sessions: AtomicU64,
     /// Sessions that predate the kernel program; while any remain, the tp_btf
@@ -272,8 +279,9 @@ impl AgentStats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Sessions the kernel could not count because a table was full.
-    pub fn saturated(&self) -> u64 {
+    /// Sessions a full kernel table refused since the program was loaded
+    /// (some may be counted since: `adopted`).
+    pub fn refused(&self) -> u64 {
         Self::get(&self.kernel_ip_table_full) + Self::get(&self.kernel_socket_table_full)
     }
 }

@@ -1,7 +1,11 @@
 //! Everything that talks to the kernel: the eBPF loader and its maps, the
-//! start-up sync of pre-existing sessions, sock_diag, and cgroup discovery.
+//! start-up sync of pre-existing sessions, sock_diag, and cgroup discovery;
+//! `api::Kernel` is what the agent uses of it (a fake stands in for tests).
 
+pub mod api;
 pub mod cgroup;
+#[cfg(test)]
+pub mod fake;
 pub mod loader;
 pub mod seed;
 pub mod sock_diag;

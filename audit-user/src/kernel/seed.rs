@@ -75,7 +75,7 @@ pub fn seed_existing(
     let mut report = SeedReport::default();
     let mut seeded = Vec::new();
     for socket in inbound_live_sockets(ports, cgroup_ids.as_ref(), Some(program.sessions_fd()))? {
-        if counted_by_storage(&socket) {
+        if tracked_by_storage(&socket) {
             report.already_tracked += 1;
             continue;
         }
@@ -129,11 +129,20 @@ pub fn seed_existing(
     Ok(report)
 }
 
-/// Whether sock_ops counts `socket` through its own storage (no seeding needed).
+/// Whether sock_ops counts `socket` through its own storage.
 fn counted_by_storage(socket: &TcpSocket) -> bool {
     socket
         .session
         .is_some_and(|s| s.state == session_state::COUNTED)
+}
+
+/// Whether sock_ops saw `socket` accepted (no seeding needed): counted through
+/// its storage, or left `UNCOUNTED` by a full table, which the reconciler
+/// adopts as an accepted session (sock_ops sees its close: no backstop).
+fn tracked_by_storage(socket: &TcpSocket) -> bool {
+    socket
+        .session
+        .is_some_and(|s| s.state == session_state::COUNTED || s.state == session_state::UNCOUNTED)
 }
 
 /// The sync request that seeds `socket` as a session of service `slot`.
@@ -158,13 +167,7 @@ pub fn open_request(socket: &TcpSocket, slot: u8) -> SessionEvent {
 
 /// A dual-stack listener's IPv4 peers (::ffff:a.b.c.d) count as IPv4.
 pub fn normalize(addr: SocketAddr) -> IpAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
+    addr.ip().to_canonical()
 }
 
 /// Inode numbers (cgroup v2 ids) of `root` and every cgroup below it: a program
@@ -186,4 +189,56 @@ pub fn cgroup_subtree_ids(root: &Path) -> Result<HashSet<u64>, SeedError> {
         }
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use audit_common::{SessionStorage, SocketRecord};
+
+    use super::*;
+
+    fn socket(remote: &str, state: Option<u32>) -> TcpSocket {
+        TcpSocket {
+            cookie: 1,
+            state: tcp_state::ESTABLISHED,
+            local: "127.0.0.1:25".parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            cgroup_id: None,
+            uid: 0,
+            inode: 1,
+            session: state.map(|state| SessionStorage {
+                record: SocketRecord::default(),
+                state,
+                _pad: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn sessions_sock_ops_saw_are_not_seeded_but_only_counted_ones_count_double() {
+        for (state, tracked, counted) in [
+            (None, false, false),
+            (Some(session_state::DONE), false, false),
+            (Some(session_state::COUNTED), true, true),
+            (Some(session_state::UNCOUNTED), true, false),
+        ] {
+            let s = socket("192.0.2.1:4000", state);
+            assert_eq!(tracked_by_storage(&s), tracked, "{state:?}");
+            assert_eq!(counted_by_storage(&s), counted, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn v4_mapped_peers_are_seeded_as_ipv4() {
+        let request = open_request(&socket("[::ffff:192.0.2.9]:4000", None), 2);
+        assert_eq!(request.family, FAMILY_V4);
+        assert_eq!(request.addr[..4], [192, 0, 2, 9]);
+        assert_eq!(request.service, 2);
+        let request = open_request(&socket("[2001:db8::1]:4000", None), 0);
+        assert_eq!(request.family, FAMILY_V6);
+        assert_eq!(
+            normalize("[::1]:25".parse().unwrap()),
+            "::1".parse::<IpAddr>().unwrap()
+        );
+    }
 }

@@ -97,8 +97,20 @@ fn stats(state: &SharedState) -> Vec<String> {
         ),
         format!(
             "kernel_tables_saturated {}",
-            if s.saturated() > 0 { "yes" } else { "no" }
+            if get(&s.kernel_tables_saturated) > 0 {
+                "yes"
+            } else {
+                "no"
+            }
         ),
+        format!(
+            "kernel_tables_last_saturated {}",
+            match get(&s.kernel_tables_last_saturated) {
+                0 => "never".to_string(),
+                secs => secs.to_string(),
+            }
+        ),
+        format!("kernel_refused_counted_later {}", get(&s.adopted)),
         format!(
             "monitor_entries {}",
             monitors.iter().map(|m| m.tracked()).sum::<usize>()
@@ -133,10 +145,15 @@ fn show(state: &SharedState, net: &IpNet, now: Duration) -> Vec<String> {
         ));
     }
     drop(monitors);
-    let saturated = state.stats.saturated();
-    if saturated > 0 {
+    // Only while it is true: a table that recovered is no warning any more.
+    let stats = &state.stats;
+    if AgentStats::get(&stats.kernel_tables_saturated) > 0 {
         lines.push(format!(
-            "Kernel tables saturated: {saturated} sessions were not counted (raise max_tracked_ips)"
+            "Kernel tables saturated: {} sessions refused so far, {} of them counted once there was room; \
+             last saturated at {} (Unix time; raise max_tracked_ips)",
+            stats.refused(),
+            AgentStats::get(&stats.adopted),
+            AgentStats::get(&stats.kernel_tables_last_saturated)
         ));
     }
     let sessions = state.read_sessions();

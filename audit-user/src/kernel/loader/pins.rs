@@ -1,0 +1,185 @@
+//! The loader's plumbing: bpffs and the pin directory, the pinned layout's
+//! version check, the pinned links (attach, replace, detach), and typed access
+//! to the object's programs and maps.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use audit_common::{control, map_names, program_names, LAYOUT_VERSION};
+use aya::{
+    maps::{Array, MapData},
+    programs::{
+        links::{FdLink, PinnedLink},
+        BtfTracePoint,
+    },
+    Ebpf,
+};
+
+use super::error::LoadError;
+
+pub(super) const SOCK_OPS_LINK: &str = "link-sock-ops";
+pub(super) const SET_STATE_LINK: &str = "link-set-state";
+
+/// Removes everything the agent pinned: links (which detaches the programs) and maps.
+pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    fs::remove_dir(pin_dir)?;
+    Ok(removed)
+}
+
+const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
+
+/// Pinning needs bpffs. Most systems mount it at /sys/fs/bpf at boot; where none
+/// is mounted (minimal VMs, containers), mount it there as systemd would.
+pub(super) fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
+    let parent = pin_dir.parent().unwrap_or(pin_dir);
+    if is_bpffs(parent) || is_bpffs(pin_dir) {
+        return Ok(());
+    }
+    let bpffs_error = |source| LoadError::Bpffs {
+        path: parent.to_path_buf(),
+        source,
+    };
+    if parent != Path::new(BPFFS_MOUNT_POINT) {
+        return Err(bpffs_error(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "only /sys/fs/bpf is mounted automatically; mount bpffs at the pin directory's parent",
+        )));
+    }
+    nix::mount::mount(
+        Some("bpffs"),
+        BPFFS_MOUNT_POINT,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|errno| bpffs_error(io::Error::from(errno)))?;
+    log::info!("mounted bpffs at {BPFFS_MOUNT_POINT} for pinning");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|stat| stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+pub(super) fn check_layout(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
+    let map = ebpf
+        .map_mut(map_names::LAYOUT)
+        .ok_or(LoadError::MissingMap(map_names::LAYOUT))?;
+    let mut layout: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(|source| LoadError::Map {
+            name: map_names::LAYOUT,
+            source,
+        })?;
+    let map_error = |source| LoadError::Map {
+        name: map_names::LAYOUT,
+        source,
+    };
+    match layout.get(&0, 0).map_err(map_error)? {
+        0 => layout.set(0, LAYOUT_VERSION, 0).map_err(map_error),
+        LAYOUT_VERSION => Ok(()),
+        found => Err(LoadError::Layout {
+            dir: pin_dir.to_path_buf(),
+            found,
+            expected: LAYOUT_VERSION,
+        }),
+    }
+}
+
+/// Attaches the (loaded) tp_btf close backstop and pins its link.
+pub(super) fn attach_backstop(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
+    let set_state: &mut BtfTracePoint = program(ebpf, program_names::SET_STATE)?;
+    let link_id = set_state
+        .attach()
+        .map_err(program_error(program_names::SET_STATE))?;
+    let link: FdLink = set_state
+        .take_link(link_id)
+        .map_err(program_error(program_names::SET_STATE))?
+        .into();
+    replace_pinned_link(link, &pin_dir.join(SET_STATE_LINK))
+}
+
+/// Unpins the backstop's link, which detaches it; false if it was not attached.
+pub(super) fn detach_backstop(pin_dir: &Path) -> Result<bool, LoadError> {
+    let path = pin_dir.join(SET_STATE_LINK);
+    let link = match PinnedLink::from_pin(&path) {
+        Ok(link) => link,
+        Err(_) if !path.exists() => return Ok(false),
+        Err(e) => {
+            return Err(LoadError::Link {
+                path,
+                message: e.to_string(),
+            })
+        }
+    };
+    // Dropping the last reference to the unpinned link detaches the program.
+    drop(link.unpin().map_err(|e| LoadError::Link {
+        path,
+        message: e.to_string(),
+    })?);
+    Ok(true)
+}
+
+pub(super) fn set_mirroring(control: &mut Array<MapData, u32>, on: bool) -> Result<(), LoadError> {
+    control
+        .set(control::MIRROR_TO_SOCKETS, u32::from(on), 0)
+        .map_err(|source| LoadError::Map {
+            name: map_names::CONTROL,
+            source,
+        })
+}
+
+pub(super) fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), LoadError> {
+    let link_error = |message: String| LoadError::Link {
+        path: path.to_path_buf(),
+        message,
+    };
+    if path.exists() {
+        // Dropping the unpinned old link detaches the previous agent's program.
+        let old = PinnedLink::from_pin(path).map_err(|e| link_error(e.to_string()))?;
+        drop(old.unpin().map_err(|e| link_error(e.to_string()))?);
+    }
+    // The pin keeps the link (and the program) attached after this process exits.
+    let pinned = link.pin(path).map_err(|e| link_error(e.to_string()))?;
+    drop(pinned);
+    Ok(())
+}
+
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+pub(super) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+pub(super) fn program_error(
+    name: &'static str,
+) -> impl Fn(aya::programs::ProgramError) -> LoadError {
+    move |source| LoadError::Program { name, source }
+}
