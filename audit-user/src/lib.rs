@@ -6,8 +6,9 @@
 //! - [`domain`]: shared types (services, monitor specs, series, limits, the clock);
 //! - [`config`], [`sys`] (users, capabilities, the listening socket, signal
 //!   masks), [`kernel`] (loading, seeding, sock_diag);
-//! - [`counting`]: the CIDR index, monitors and their persistence, the shared state;
-//! - [`cluster`]: fleet-wide counts merged from every node through Redis;
+//! - [`counting`]: the CIDR index, monitors and their persistence, the shared
+//!   state; beside it [`cluster`], the fleet-wide counts merged from every
+//!   node through Redis, which the shared state holds for queries;
 //! - [`serving`]: protocol → connection → command → server, and the client;
 //! - [`adapters`]: the MTAs' own hooks (Postfix policy delegation);
 //! - [`agent`]: start-up, signals, reload, events, reconcile.

@@ -22,6 +22,7 @@
 
 mod fleet;
 mod link;
+mod local;
 mod node;
 pub mod wire;
 

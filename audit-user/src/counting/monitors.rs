@@ -13,7 +13,7 @@
 //! counts leave the totals a batch at a time (see [`Monitor::retire`]).
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     io::{self, Read, Write},
     net::IpAddr,
     path::{Path, PathBuf},
@@ -166,6 +166,26 @@ impl Monitor {
         current.add(ip, delta).unwrap_or(before)
     }
 
+    /// The count of `series` from `ip` in the window that began at `epoch × W`
+    /// (0 once that window has left the history).
+    pub fn window_count(&self, epoch: u64, series: Series, ip: IpAddr) -> u64 {
+        self.windows
+            .iter()
+            .find(|w| w.epoch == epoch)
+            .map_or(0, |w| w.series[series.slot()].get(ip))
+    }
+
+    /// Every (window epoch, series, IP, count) held in the history.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, Series, IpAddr, u64)> + '_ {
+        self.windows.iter().flat_map(|w| {
+            Series::ALL.into_iter().flat_map(move |series| {
+                w.series[series.slot()]
+                    .iter()
+                    .map(move |(ip, count)| (w.epoch, series, ip, count))
+            })
+        })
+    }
+
     /// The sum over windows `first..=last` (0 = current); beyond N is clamped.
     pub fn sum(&self, series: Series, net: &IpNet, first: u32, last: u32, now: Duration) -> u64 {
         let (first, last) = (first.min(last), first.max(last).min(self.spec.kept));
@@ -215,13 +235,20 @@ pub struct Monitors {
     monitors: Vec<Monitor>,
     /// Most (IP, window, series) entries one monitor may hold.
     cap: usize,
+    /// What changed since the cluster publisher last looked; None while no
+    /// one publishes (clustering off), so nothing is kept for nobody.
+    changed: Option<HashSet<WindowKey>>,
 }
+
+/// A window entry: (monitor, window epoch, series, IP).
+pub type WindowKey = (MonitorSpec, u64, Series, IpAddr);
 
 impl Monitors {
     pub fn new(specs: &[MonitorSpec], cap: usize) -> Self {
         Self {
             monitors: specs.iter().copied().map(Monitor::new).collect(),
             cap,
+            changed: None,
         }
     }
 
@@ -267,8 +294,36 @@ impl Monitors {
         for monitor in &mut self.monitors {
             let count = monitor.record(series, ip, n, cap, now);
             first.get_or_insert(count);
+            if let Some(changed) = &mut self.changed {
+                changed.insert((monitor.spec, monitor.epoch(now), series, ip));
+            }
         }
         first.unwrap_or(0)
+    }
+
+    /// From now on, remember which window entries change (for the cluster
+    /// publisher).
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_with(HashSet::new);
+    }
+
+    /// The window entries changed since the last call, with their counts now
+    /// (0: the entry or its monitor is gone).
+    pub fn take_changes(&mut self) -> Vec<(WindowKey, u64)> {
+        let Some(changed) = self.changed.as_mut().map(std::mem::take) else {
+            return Vec::new();
+        };
+        changed
+            .into_iter()
+            .map(|key @ (spec, epoch, series, ip)| {
+                let count = self
+                    .monitors
+                    .iter()
+                    .find(|m| m.spec == spec)
+                    .map_or(0, |m| m.window_count(epoch, series, ip));
+                (key, count)
+            })
+            .collect()
     }
 
     /// Frees windows that fell out of every history, also when no event came.

@@ -2,11 +2,11 @@
 //! kernel's events and reconciled against the kernel's maps.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
 };
 
@@ -17,6 +17,7 @@ use audit_common::{
 use ipnet::IpNet;
 
 use crate::{
+    cluster::ClusterView,
     config::Config,
     counting::{index::CidrIndex, monitors::Monitors},
     domain::Series,
@@ -25,12 +26,16 @@ use crate::{
 /// Live session counts per service slot.
 pub struct LiveSessions {
     by_slot: Vec<CidrIndex>,
+    /// (slot, IP) whose count changed since the cluster publisher last
+    /// looked; None while no one publishes.
+    changed: Option<HashSet<(u8, IpAddr)>>,
 }
 
 impl Default for LiveSessions {
     fn default() -> Self {
         Self {
             by_slot: (0..MAX_SERVICES).map(|_| CidrIndex::new()).collect(),
+            changed: None,
         }
     }
 }
@@ -74,14 +79,50 @@ impl LiveSessions {
             outcome.malformed += 1;
             return;
         };
-        match index.add(event_ip(event), delta) {
+        let ip = event_ip(event);
+        match index.add(ip, delta) {
             Ok(_) => outcome.applied += 1,
             Err(_) => outcome.underflows += 1,
         }
+        if let Some(changed) = &mut self.changed {
+            changed.insert((event.service, ip));
+        }
+    }
+
+    /// From now on, remember which counts change (for the cluster publisher).
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_with(HashSet::new);
+    }
+
+    /// The (slot, IP, count now) changed since the last call.
+    pub fn take_changes(&mut self) -> Vec<(u8, IpAddr, u64)> {
+        let Some(changed) = self.changed.as_mut().map(std::mem::take) else {
+            return Vec::new();
+        };
+        changed
+            .into_iter()
+            .map(|(slot, ip)| (slot, ip, self.get(slot, ip)))
+            .collect()
+    }
+
+    /// Every (slot, IP, count).
+    pub fn entries(&self) -> impl Iterator<Item = (u8, IpAddr, u64)> + '_ {
+        self.by_slot
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, index)| index.iter().map(move |(ip, n)| (slot as u8, ip, n)))
     }
 
     /// Replaces everything with `truth`.
     pub fn load(&mut self, truth: &Tally) {
+        if let Some(changed) = &mut self.changed {
+            let before = self
+                .by_slot
+                .iter()
+                .enumerate()
+                .flat_map(|(slot, index)| index.iter().map(move |(ip, _)| (slot as u8, ip)));
+            changed.extend(before.chain(truth.keys().copied()));
+        }
         for index in &mut self.by_slot {
             index.clear();
         }
@@ -125,6 +166,9 @@ impl LiveSessions {
     pub fn repair(&mut self, mismatch: &Mismatch) {
         if let Some(index) = self.by_slot.get_mut(mismatch.slot as usize) {
             index.set(mismatch.ip, mismatch.truth);
+            if let Some(changed) = &mut self.changed {
+                changed.insert((mismatch.slot, mismatch.ip));
+            }
         }
     }
 
@@ -320,6 +364,8 @@ pub struct SharedState {
     pub sessions: RwLock<LiveSessions>,
     pub monitors: Mutex<Monitors>,
     pub stats: AgentStats,
+    /// The fleet view, when clustering is on (set once at start-up).
+    cluster: OnceLock<Arc<ClusterView>>,
 }
 
 impl SharedState {
@@ -331,7 +377,22 @@ impl SharedState {
             sessions: RwLock::new(LiveSessions::default()),
             monitors: Mutex::new(monitors),
             stats: AgentStats::default(),
+            cluster: OnceLock::new(),
         }
+    }
+
+    /// Turns clustering on: queries read `view`, and the index and monitors
+    /// remember what changes for the publisher. Only the first call counts.
+    pub fn enable_cluster(&self, view: Arc<ClusterView>) {
+        if self.cluster.set(view).is_ok() {
+            self.write_sessions().track_changes();
+            self.lock_monitors().track_changes();
+        }
+    }
+
+    /// The fleet view; None while clustering is off.
+    pub fn cluster(&self) -> Option<&ClusterView> {
+        self.cluster.get().map(|view| &**view)
     }
 
     pub fn attach_events(&self, source: Box<dyn EventSource>) {

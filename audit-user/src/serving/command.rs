@@ -5,12 +5,15 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::{
+    cluster::{ClusterStats, Fleet},
     counting::{
         monitors::{Monitor, Monitors},
         state::{AgentStats, SharedState},
     },
     domain::{Series, CLUSTER_SERVICE, DEFAULT_SERVICE},
-    serving::protocol::{ErrorCode, MonitorRef, Query, QueryError, Reply, Request, ServiceArg},
+    serving::protocol::{
+        ErrorCode, MonitorRef, Query, QueryError, Reply, Request, ServiceArg, ShowScope,
+    },
 };
 
 pub fn execute(request: &Request, state: &SharedState, now: Duration) -> Reply {
@@ -26,9 +29,17 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
     let client = request.client.map(|c| c.ip);
     match &request.query {
         Query::SessionCount { cidr, service } => {
-            let slot = service_slot(request, service, state)?;
             let net = cidr.resolve(client)?;
-            Ok(Reply::Count(state.read_sessions().count(slot, &net)))
+            match service_slot(request, service, state)? {
+                Target::Local(slot) => Ok(Reply::Count(state.read_sessions().count(slot, &net))),
+                Target::Cluster => {
+                    let fleet = fleet_of(state)?;
+                    let local = local_sessions(state, DEFAULT_SERVICE, &net);
+                    Ok(Reply::Count(
+                        local.saturating_add(fleet.sessions(DEFAULT_SERVICE, &net)),
+                    ))
+                }
+            }
         }
         Query::Windowed {
             series,
@@ -38,11 +49,21 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
             last,
             cluster,
         } => {
-            refuse_cluster(*cluster)?;
-            let monitors = state.lock_monitors();
-            let monitor = find_monitor(&monitors, monitor)?;
             let net = cidr.resolve(client)?;
-            Ok(Reply::Count(monitor.sum(*series, &net, *first, *last, now)))
+            let (local, spec) = {
+                let monitors = state.lock_monitors();
+                let monitor = find_monitor(&monitors, monitor)?;
+                (
+                    monitor.sum(*series, &net, *first, *last, now),
+                    monitor.spec(),
+                )
+            };
+            if !*cluster {
+                return Ok(Reply::Count(local));
+            }
+            let fleet = fleet_of(state)?;
+            let others = fleet.windows(None, spec, *series, &net, (*first, *last), now);
+            Ok(Reply::Count(local.saturating_add(others)))
         }
         Query::Sliding {
             series,
@@ -50,11 +71,26 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
             cidr,
             cluster,
         } => {
-            refuse_cluster(*cluster)?;
+            let net = cidr.resolve(client)?;
             let monitors = state.lock_monitors();
             let monitor = find_monitor(&monitors, &MonitorRef::Position(*monitor))?;
-            let net = cidr.resolve(client)?;
-            Ok(Reply::Count(monitor.sliding(*series, &net, now)))
+            if !*cluster {
+                return Ok(Reply::Count(monitor.sliding(*series, &net, now)));
+            }
+            let spec = monitor.spec();
+            let (current, previous) = (
+                monitor.sum(*series, &net, 0, 0, now),
+                monitor.sum(*series, &net, 1, 1, now),
+            );
+            drop(monitors);
+            let fleet = fleet_of(state)?;
+            let others = |k| fleet.windows(None, spec, *series, &net, (k, k), now);
+            Ok(Reply::Count(sliding(
+                current.saturating_add(others(0)),
+                previous.saturating_add(others(1)),
+                spec.window_secs,
+                now,
+            )))
         }
         Query::Add { series, ip, n } => {
             let mut monitors = state.lock_monitors();
@@ -63,9 +99,52 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
             }
             Ok(Reply::Count(monitors.record(*series, *ip, *n, now)))
         }
-        Query::Show { cidr } => Ok(Reply::Lines(show(state, &cidr.resolve(client)?, now))),
+        Query::Show { cidr, scope } => {
+            let net = cidr.resolve(client)?;
+            Ok(Reply::Lines(match scope {
+                ShowScope::Local => show(state, &net, now),
+                ShowScope::Cluster => show_cluster(state, &net, now)?,
+                ShowScope::Node(node) => show_node(state, node, &net, now)?,
+            }))
+        }
         Query::Stats => Ok(Reply::Lines(stats(state))),
     }
+}
+
+/// Momentum's Sieve estimate of the last W seconds (see `Monitor::sliding`),
+/// from cluster-wide sums of the current and the previous window.
+fn sliding(current: u64, previous: u64, window_secs: u64, now: Duration) -> u64 {
+    let window = window_secs as f64;
+    let elapsed = now.as_secs_f64() % window;
+    (current as f64 + previous as f64 * (window - elapsed) / window).round() as u64
+}
+
+/// The fleet view, or why there is none to answer from.
+fn fleet_of(state: &SharedState) -> Result<std::sync::RwLockReadGuard<'_, Fleet>, QueryError> {
+    let view = state.cluster().ok_or_else(cluster_disabled)?;
+    view.fleet().map_err(|e| {
+        QueryError::new(
+            ErrorCode::ClusterUnavailable,
+            format!("{e}; local counts are still answered"),
+        )
+    })
+}
+
+fn cluster_disabled() -> QueryError {
+    QueryError::new(
+        ErrorCode::ClusterDisabled,
+        "cluster-wide counts need clustering ([cluster] in the config or --cluster-redis), which is not enabled",
+    )
+}
+
+/// This node's live sessions from `net` to the service named `name` (0 when
+/// it has no such service).
+fn local_sessions(state: &SharedState, name: &str, net: &IpNet) -> u64 {
+    let setup = state.setup();
+    setup
+        .slots
+        .get(name)
+        .map_or(0, |&slot| state.read_sessions().count(slot, net))
 }
 
 /// The agent's counters, `name value` per line, stable names for scripts.
@@ -74,7 +153,7 @@ fn stats(state: &SharedState) -> Vec<String> {
     let get = AgentStats::get;
     let sessions = state.read_sessions();
     let monitors = state.lock_monitors();
-    vec![
+    let mut lines = vec![
         format!("tracked_ips {}", sessions.tracked_ips()),
         format!("index_heap_bytes {}", sessions.heap_bytes()),
         format!("kernel_sessions {}", get(&s.kernel_sessions)),
@@ -116,7 +195,44 @@ fn stats(state: &SharedState) -> Vec<String> {
             monitors.iter().map(|m| m.tracked()).sum::<usize>()
         ),
         format!("monitor_dropped {}", monitors.dropped()),
-    ]
+    ];
+    drop((sessions, monitors));
+    lines.extend(cluster_stats(state));
+    lines
+}
+
+/// `cluster_*` lines: off, or the live nodes and how fresh each one's data is.
+fn cluster_stats(state: &SharedState) -> Vec<String> {
+    let Some(view) = state.cluster() else {
+        return vec!["cluster_enabled no".into()];
+    };
+    let s = &view.stats;
+    let get = ClusterStats::get;
+    let ages = view.node_ages();
+    let mut lines = vec![
+        "cluster_enabled yes".to_string(),
+        format!("cluster_node {}", view.node()),
+        format!("cluster_nodes_live {}", ages.len() + 1),
+        format!(
+            "cluster_sync_age_ms {}",
+            view.sync_age()
+                .map_or("never".to_string(), |a| a.as_millis().to_string())
+        ),
+        format!("cluster_batches_published {}", get(&s.batches_published)),
+        format!(
+            "cluster_snapshots_published {}",
+            get(&s.snapshots_published)
+        ),
+        format!("cluster_snapshots_loaded {}", get(&s.snapshots_loaded)),
+        format!("cluster_publish_errors {}", get(&s.publish_errors)),
+        format!("cluster_follow_errors {}", get(&s.follow_errors)),
+        format!("cluster_entries_refused {}", get(&s.refused)),
+    ];
+    lines.extend(
+        ages.iter()
+            .map(|(node, age)| format!("cluster_node_age_ms.{node} {}", age.as_millis())),
+    );
+    lines
 }
 
 /// Momentum's console `show ip` layout (`Connections 300/0: 30`), every window
@@ -168,6 +284,128 @@ fn show(state: &SharedState, net: &IpNet, now: Duration) -> Vec<String> {
     lines
 }
 
+/// `show <cidr> cluster`: the layout of `show`, summed over the fleet (this
+/// node included), then one row per node with its sessions per service and
+/// its current window of each monitor.
+fn show_cluster(
+    state: &SharedState,
+    net: &IpNet,
+    now: Duration,
+) -> Result<Vec<String>, QueryError> {
+    let view = state.cluster().ok_or_else(cluster_disabled)?;
+    let fleet = fleet_of(state)?;
+    let nodes: Vec<&str> = fleet.node_names().collect();
+    let mut lines = vec![format!(
+        "Network {net} (cluster: {} nodes)",
+        nodes.len() + 1
+    )];
+    let setup = state.setup();
+    {
+        let monitors = state.lock_monitors();
+        for series in Series::ALL {
+            for monitor in monitors.iter() {
+                let spec = monitor.spec();
+                for window in 0..=spec.kept {
+                    let count = monitor
+                        .sum(series, net, window, window, now)
+                        .saturating_add(fleet.windows(
+                            None,
+                            spec,
+                            series,
+                            net,
+                            (window, window),
+                            now,
+                        ));
+                    lines.push(format!(
+                        "{} {}/{window}: {count}",
+                        series.title(),
+                        spec.window_secs
+                    ));
+                }
+            }
+        }
+    }
+    for service in &setup.config.services {
+        let count = local_sessions(state, &service.name, net)
+            .saturating_add(fleet.sessions(&service.name, net));
+        lines.push(format!("Sessions {}: {count}", service.name));
+    }
+    let row = |node: Option<&str>| {
+        let mut parts: Vec<String> = setup
+            .config
+            .services
+            .iter()
+            .map(|s| {
+                let count = match node {
+                    None => local_sessions(state, &s.name, net),
+                    Some(node) => fleet.node_sessions(node, &s.name, net),
+                };
+                format!("Sessions {} {count}", s.name)
+            })
+            .collect();
+        for spec in &setup.config.monitors {
+            for series in Series::ALL {
+                let count = match node {
+                    None => state
+                        .lock_monitors()
+                        .by_key(&spec.to_string())
+                        .map_or(0, |m| m.sum(series, net, 0, 0, now)),
+                    Some(node) => fleet.windows(Some(node), *spec, series, net, (0, 0), now),
+                };
+                parts.push(format!("{} {}/0 {count}", series.title(), spec.window_secs));
+            }
+        }
+        parts.join(", ")
+    };
+    lines.push(format!("Node {} (this node): {}", view.node(), row(None)));
+    for node in nodes {
+        lines.push(format!("Node {node}: {}", row(Some(node))));
+    }
+    Ok(lines)
+}
+
+/// `show <cidr> node NAME`: one node's own view, in `show`'s layout.
+fn show_node(
+    state: &SharedState,
+    node: &str,
+    net: &IpNet,
+    now: Duration,
+) -> Result<Vec<String>, QueryError> {
+    let view = state.cluster().ok_or_else(cluster_disabled)?;
+    if node == view.node() {
+        return Ok(show(state, net, now));
+    }
+    let fleet = fleet_of(state)?;
+    if fleet.node(node).is_none() {
+        let known: Vec<&str> = std::iter::once(view.node())
+            .chain(fleet.node_names())
+            .collect();
+        return Err(QueryError::new(
+            ErrorCode::UnknownNode,
+            format!("no live node {node:?} (live: {})", known.join(", ")),
+        ));
+    }
+    let setup = state.setup();
+    let mut lines = vec![format!("Network {net} (node {node})")];
+    for series in Series::ALL {
+        for spec in &setup.config.monitors {
+            for window in 0..=spec.kept {
+                let count = fleet.windows(Some(node), *spec, series, net, (window, window), now);
+                lines.push(format!(
+                    "{} {}/{window}: {count}",
+                    series.title(),
+                    spec.window_secs
+                ));
+            }
+        }
+    }
+    for service in &setup.config.services {
+        let count = fleet.node_sessions(node, &service.name, net);
+        lines.push(format!("Sessions {}: {count}", service.name));
+    }
+    Ok(lines)
+}
+
 fn find_monitor<'m>(
     monitors: &'m Monitors,
     wanted: &MonitorRef,
@@ -207,21 +445,18 @@ fn not_configured() -> QueryError {
     )
 }
 
-fn refuse_cluster(cluster: bool) -> Result<(), QueryError> {
-    if cluster {
-        return Err(QueryError::new(
-            ErrorCode::ClusterDisabled,
-            "cluster-wide counts need clustering, which is not enabled",
-        ));
-    }
-    Ok(())
+/// Where a session count is answered from.
+enum Target {
+    Local(u8),
+    /// `inbound_cidr`: SMTP sessions over the fleet.
+    Cluster,
 }
 
 fn service_slot(
     request: &Request,
     service: &ServiceArg,
     state: &SharedState,
-) -> Result<u8, QueryError> {
+) -> Result<Target, QueryError> {
     let setup = state.setup();
     let name = match service {
         ServiceArg::Named(name) => name.as_str(),
@@ -239,20 +474,28 @@ fn service_slot(
         },
     };
     if name == CLUSTER_SERVICE {
-        return Err(QueryError::new(
-            ErrorCode::ClusterDisabled,
-            "inbound_cidr is the cluster-wide count and clustering is not enabled",
-        ));
+        return match state.cluster() {
+            Some(_) => Ok(Target::Cluster),
+            None => Err(QueryError::new(
+                ErrorCode::ClusterDisabled,
+                "inbound_cidr is the cluster-wide count and clustering is not enabled",
+            )),
+        };
     }
-    setup.slots.get(name).copied().ok_or_else(|| {
-        QueryError::new(
-            ErrorCode::UnknownService,
-            format!(
-                "unknown service '{name}' (configured: {}; names are case-sensitive)",
-                setup.service_names().join(", ")
-            ),
-        )
-    })
+    setup
+        .slots
+        .get(name)
+        .copied()
+        .map(Target::Local)
+        .ok_or_else(|| {
+            QueryError::new(
+                ErrorCode::UnknownService,
+                format!(
+                    "unknown service '{name}' (configured: {}; names are case-sensitive)",
+                    setup.service_names().join(", ")
+                ),
+            )
+        })
 }
 
 #[cfg(test)]

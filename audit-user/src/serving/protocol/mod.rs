@@ -55,5 +55,6 @@ pub mod request;
 pub use cidr::CidrArg;
 pub use reply::{ErrorCode, QueryError, Reply};
 pub use request::{
-    parse_request, ClientContext, MonitorRef, Query, Request, ServiceArg, MAX_REQUEST_LEN,
+    parse_request, ClientContext, MonitorRef, Query, Request, ServiceArg, ShowScope,
+    MAX_REQUEST_LEN,
 };

@@ -72,10 +72,22 @@ pub enum Query {
     },
     /// Console `add receptions|rejections <ip> [n]`: the MTA reports events.
     Add { series: Series, ip: IpAddr, n: u64 },
-    /// Console `show <ip[/mask]>`: every monitor's windows and live sessions.
-    Show { cidr: CidrArg },
+    /// Console `show <ip[/mask]> [cluster | node NAME]`: every monitor's
+    /// windows and live sessions, on this node, over the fleet, or on one node.
+    Show { cidr: CidrArg, scope: ShowScope },
     /// Console `stats`: the agent's own counters.
     Stats,
+}
+
+/// Whose counts `show` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShowScope {
+    /// This node's own.
+    Local,
+    /// The fleet's sums, then a row per node.
+    Cluster,
+    /// One node's own view, by its cluster name.
+    Node(String),
 }
 
 /// One parsed request line.
@@ -168,8 +180,21 @@ fn read_console_command(reader: &mut Reader<'_>) -> Result<Option<Query>, QueryE
         ("add", _) => return Err(syntax_error("usage: add receptions|rejections <ip> [n]")),
         ("show", [cidr]) => Query::Show {
             cidr: parse_cidr(cidr)?,
+            scope: ShowScope::Local,
         },
-        ("show", _) => return Err(syntax_error("usage: show <ip[/mask]>")),
+        ("show", [cidr, "cluster"]) => Query::Show {
+            cidr: parse_cidr(cidr)?,
+            scope: ShowScope::Cluster,
+        },
+        ("show", [cidr, "node", node]) => Query::Show {
+            cidr: parse_cidr(cidr)?,
+            scope: ShowScope::Node(node.to_string()),
+        },
+        ("show", _) => {
+            return Err(syntax_error(
+                "usage: show <ip[/mask]> [cluster | node NAME]",
+            ))
+        }
         ("stats", []) => Query::Stats,
         ("stats", _) => return Err(syntax_error("usage: stats")),
         _ => unreachable!("command is add, show or stats"),

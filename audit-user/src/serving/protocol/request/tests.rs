@@ -357,17 +357,35 @@ fn console_add_and_show() {
         Request {
             client: context("10.0.0.9", None),
             query: Query::Show {
-                cidr: CidrArg::ClientPrefix(24)
+                cidr: CidrArg::ClientPrefix(24),
+                scope: ShowScope::Local,
             }
         }
     );
     assert_eq!(
         parse("show 2001:db8::/64").query,
         Query::Show {
-            cidr: network("2001:db8::/64")
+            cidr: network("2001:db8::/64"),
+            scope: ShowScope::Local,
+        }
+    );
+    assert_eq!(
+        parse("show 10.0.0.0/8 cluster").query,
+        Query::Show {
+            cidr: network("10.0.0.0/8"),
+            scope: ShowScope::Cluster,
+        }
+    );
+    assert_eq!(
+        parse("show 10.0.0.0/8 node mx2").query,
+        Query::Show {
+            cidr: network("10.0.0.0/8"),
+            scope: ShowScope::Node("mx2".into()),
         }
     );
     for bad in [
+        "show 10.0.0.0/8 clusters",
+        "show 10.0.0.0/8 node",
         "add",
         "add receptions",
         "add connections 10.0.0.1",
