@@ -26,6 +26,8 @@ const LAYERS: &[&[&str]] = &[
     &["serving"],
     &["adapters"],
     &["agent"],
+    // The binary's command line, on top of everything.
+    &["cli"],
 ];
 
 fn layer_of(module: &str) -> usize {

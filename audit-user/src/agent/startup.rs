@@ -9,7 +9,7 @@ use audit_common::{record_origin, SocketRecord};
 use crate::{
     config::Config,
     counting::{
-        monitors::StateError,
+        persistence::{self, Restored},
         state::{tally_records, AgentStats, SharedState},
     },
     domain::unix_now,
@@ -200,12 +200,13 @@ fn fit_clients_to_open_files(config: &mut Config) {
 /// not check out is set aside (renamed) with a message, never half-loaded.
 pub(super) fn load_monitor_state(state: &SharedState) {
     let path = state.setup().config.monitor_state_path();
-    if state.setup().config.monitors.is_empty() || !path.exists() {
+    if state.setup().config.monitors.is_empty() {
         return;
     }
-    let result = state.lock_monitors().load(&path, unix_now());
+    let result = persistence::restore(&mut state.lock_monitors(), &path, unix_now());
     match result {
-        Ok(report) => {
+        Restored::NoFile => {}
+        Restored::Loaded(report) => {
             log::info!(
                 "monitor state restored from {} ({} monitors{})",
                 path.display(),
@@ -224,18 +225,20 @@ pub(super) fn load_monitor_state(state: &SharedState) {
                 }
             );
         }
-        Err(e @ (StateError::Corrupt { .. } | StateError::Foreign { .. })) => {
-            let aside = path.with_extension(format!("rejected-{}", unix_now().as_secs()));
-            let moved = std::fs::rename(&path, &aside);
+        Restored::Rejected { error, aside } => {
             log::error!(
-                "{e}; starting with empty monitors; the file {}",
-                match moved {
-                    Ok(()) => format!("was moved to {}", aside.display()),
+                "{error}; starting with empty monitors; the file {}",
+                match aside {
+                    Ok(aside) => format!(
+                        "was moved to {} (the newest {} rejected files are kept)",
+                        aside.display(),
+                        persistence::KEPT_REJECTED
+                    ),
                     Err(err) => format!("could not be moved aside ({err})"),
                 }
             );
         }
-        Err(e) => log::error!("monitor state not restored: {e}"),
+        Restored::Unreadable(error) => log::error!("monitor state not restored: {error}"),
     }
 }
 

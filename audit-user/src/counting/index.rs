@@ -19,6 +19,11 @@
 //! one or two cache misses instead of a walk of ~20 dependent ones at 1M keys:
 //! one from each key to its leaf (a /32 or /128 query, and the read before every
 //! update), one from each /24 (IPv4) or /64 (IPv6) that holds keys to its sum.
+//!
+//! Sums never wrap where a query can see it: they are kept in 80 bits (the
+//! high 16 in what was padding, so nodes did not grow), exact unless more than
+//! 65,536 keys under one node hold counts near `u64::MAX`, and a query's
+//! answer saturates at `u64::MAX`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -154,11 +159,64 @@ struct Leaf<P> {
 struct Inner<P> {
     /// Prefix shared by everything below, masked to `len` bits.
     key: P,
-    /// Sum of all counts below; wraps only if the grand total exceeds u64.
+    /// Sum of all counts below: the low 64 of 80 bits; see [`Wide`].
     sum: u64,
     /// `child[b]` holds the keys whose bit `len` is `b`.
     child: [NodeRef; 2],
     len: u8,
+    /// The high 16 bits of the sum.
+    sum_hi: u16,
+}
+
+impl<P> Inner<P> {
+    fn sum(&self) -> u128 {
+        Wide::new(self.sum, self.sum_hi).get()
+    }
+
+    fn add_to_sum(&mut self, diff: u128) {
+        let sum = Wide::from(self.sum().wrapping_add(diff));
+        (self.sum, self.sum_hi) = (sum.lo, sum.hi);
+    }
+}
+
+/// An 80-bit sum, computed modulo 2^80 so that a difference (two's
+/// complement, see [`Wide::diff`]) adds like an increase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Wide {
+    lo: u64,
+    hi: u16,
+}
+
+const WIDE_MASK: u128 = (1 << 80) - 1;
+
+impl Wide {
+    fn new(lo: u64, hi: u16) -> Self {
+        Self { lo, hi }
+    }
+
+    fn get(self) -> u128 {
+        u128::from(self.hi) << 64 | u128::from(self.lo)
+    }
+
+    /// `after - before` modulo 2^80.
+    fn diff(before: u64, after: u64) -> u128 {
+        u128::from(after).wrapping_sub(u128::from(before)) & WIDE_MASK
+    }
+
+    /// The answer a query gives.
+    fn saturated(sum: u128) -> u64 {
+        u64::try_from(sum).unwrap_or(u64::MAX)
+    }
+}
+
+impl From<u128> for Wide {
+    fn from(sum: u128) -> Self {
+        let sum = sum & WIDE_MASK;
+        Self {
+            lo: sum as u64,
+            hi: (sum >> 64) as u16,
+        }
+    }
 }
 
 /// Where the pointer to a node is stored, so it can be redirected.
@@ -184,7 +242,7 @@ pub struct PrefixTrie<K: TrieKey> {
     exact: HashMap<K::Packed, u32>,
     /// Prefix of `HOT_LEN` bits (masked) → sum of the counts under it, for
     /// every such prefix that holds keys. Hashed like `exact`, for the same reason.
-    hot: HashMap<K::Packed, u64>,
+    hot: HashMap<K::Packed, Wide>,
 }
 
 impl<K: TrieKey> Default for PrefixTrie<K> {
@@ -259,8 +317,7 @@ impl<K: TrieKey> PrefixTrie<K> {
             return self
                 .hot
                 .get(&prefix.masked(len).pack())
-                .copied()
-                .unwrap_or(0);
+                .map_or(0, |sum| Wide::saturated(sum.get()));
         }
         let mut r = self.root;
         while r != NIL {
@@ -269,7 +326,7 @@ impl<K: TrieKey> PrefixTrie<K> {
                 return 0;
             }
             if node_len >= len {
-                return self.node_sum(r);
+                return Wide::saturated(self.node_sum(r));
             }
             // Leaves have node_len == BITS >= len, so this is an inner node.
             r = self.inners[slot(r)].child[usize::from(prefix.bit(node_len))];
@@ -290,7 +347,7 @@ impl<K: TrieKey> PrefixTrie<K> {
         if self.root == NIL {
             0
         } else {
-            self.node_sum(self.root)
+            Wide::saturated(self.node_sum(self.root))
         }
     }
 
@@ -316,7 +373,7 @@ impl<K: TrieKey> PrefixTrie<K> {
     pub fn heap_bytes(&self) -> usize {
         self.arena_bytes()
             + table_buckets(&self.exact) * (std::mem::size_of::<(K::Packed, u32)>() + 1)
-            + table_buckets(&self.hot) * (std::mem::size_of::<(K::Packed, u64)>() + 1)
+            + table_buckets(&self.hot) * (std::mem::size_of::<(K::Packed, Wide)>() + 1)
     }
 
     fn arena_bytes(&self) -> usize {
@@ -338,11 +395,11 @@ impl<K: TrieKey> PrefixTrie<K> {
         }
     }
 
-    fn node_sum(&self, r: NodeRef) -> u64 {
+    fn node_sum(&self, r: NodeRef) -> u128 {
         if is_leaf(r) {
-            self.leaves[slot(r)].count
+            u128::from(self.leaves[slot(r)].count)
         } else {
-            self.inners[slot(r)].sum
+            self.inners[slot(r)].sum()
         }
     }
 
@@ -359,30 +416,31 @@ impl<K: TrieKey> PrefixTrie<K> {
             (b, a) if b == a => return,
             (0, a) => self.insert(key, a),
             (b, 0) => self.remove(key, b),
-            (b, a) => self.adjust(key, a.wrapping_sub(b)),
+            (b, a) => self.adjust(key, b, a),
         }
         let hot = key.masked(K::HOT_LEN).pack();
-        let sum = self.hot.entry(hot).or_insert(0);
-        *sum = sum.wrapping_add(after.wrapping_sub(before));
-        if *sum == 0 {
+        let sum = self.hot.entry(hot).or_default();
+        *sum = Wide::from(sum.get().wrapping_add(Wide::diff(before, after)));
+        if sum.get() == 0 {
             // Counts are non-zero, so a zero sum means no key is left under it.
             self.hot.remove(&hot);
             release_map_slack(&mut self.hot);
         }
     }
 
-    /// Changes the count of an existing key by `diff` (two's complement, so
-    /// one path handles increases and decreases).
-    fn adjust(&mut self, key: K, diff: u64) {
+    /// Changes the count of an existing key from `before` to `after` (by a
+    /// two's complement difference, so one path handles increases and decreases).
+    fn adjust(&mut self, key: K, before: u64, after: u64) {
+        let diff = Wide::diff(before, after);
         let mut r = self.root;
         while !is_leaf(r) {
             let node = &mut self.inners[slot(r)];
-            node.sum = node.sum.wrapping_add(diff);
+            node.add_to_sum(diff);
             r = node.child[usize::from(key.bit(node.len))];
         }
         let leaf = &mut self.leaves[slot(r)];
         debug_assert_eq!(K::unpack(leaf.key), key);
-        leaf.count = leaf.count.wrapping_add(diff);
+        leaf.count = after;
     }
 
     /// Inserts a key that is not present, with a non-zero count.
@@ -404,18 +462,20 @@ impl<K: TrieKey> PrefixTrie<K> {
                 let side = usize::from(key.bit(common));
                 let mut child = [r; 2];
                 child[side] = new_leaf;
+                let sum = Wide::from(self.node_sum(r) + u128::from(count));
                 let inner = self.alloc_inner(Inner {
                     key: key.masked(common).pack(),
-                    sum: self.node_sum(r).wrapping_add(count),
+                    sum: sum.lo,
                     child,
                     len: common,
+                    sum_hi: sum.hi,
                 });
                 self.set_link(link, inner);
                 return;
             }
             let s = slot(r);
             let node = &mut self.inners[s];
-            node.sum = node.sum.wrapping_add(count);
+            node.add_to_sum(u128::from(count));
             let side = usize::from(key.bit(node.len));
             link = Link::Child { inner: s, side };
             r = node.child[side];
@@ -431,7 +491,7 @@ impl<K: TrieKey> PrefixTrie<K> {
         while !is_leaf(r) {
             let s = slot(r);
             let node = &mut self.inners[s];
-            node.sum = node.sum.wrapping_sub(count);
+            node.add_to_sum(Wide::diff(count, 0));
             let side = usize::from(key.bit(node.len));
             link_to_parent = link_to_node;
             link_to_node = Link::Child { inner: s, side };
@@ -686,7 +746,7 @@ impl CidrIndex {
     }
 
     pub fn total(&self) -> u64 {
-        self.v4.total().wrapping_add(self.v6.total())
+        self.v4.total().saturating_add(self.v6.total())
     }
 
     /// Every IP with its count: IPv4 ascending, then IPv6 ascending (which is
@@ -762,12 +822,13 @@ mod tests {
             assert_eq!(t.exact.get(&leaf.key), Some(&(s as u32)));
         }
         // The hot map holds the sum of every HOT_LEN prefix that has keys.
-        let mut hot: HashMap<K::Packed, u64> = HashMap::new();
+        let mut hot: HashMap<K::Packed, u128> = HashMap::new();
         for leaf in &t.leaves {
             let prefix = K::unpack(leaf.key).masked(K::HOT_LEN).pack();
-            *hot.entry(prefix).or_insert(0) += leaf.count;
+            *hot.entry(prefix).or_insert(0) += u128::from(leaf.count);
         }
-        assert_eq!(hot, t.hot);
+        let held: HashMap<K::Packed, u128> = t.hot.iter().map(|(k, s)| (*k, s.get())).collect();
+        assert_eq!(hot, held);
         assert!(table_buckets(&t.hot) <= 4 * t.len().max(MIN_SHRINK_CAPACITY).next_power_of_two());
         if t.root == NIL {
             assert!(t.leaves.is_empty() && t.inners.is_empty());
@@ -794,7 +855,7 @@ mod tests {
                 assert!(node.len < K::BITS);
                 assert_eq!(key, key.masked(len));
                 let children = node.child.map(|c| t.node_sum(c));
-                assert_eq!(node.sum, children[0] + children[1]);
+                assert_eq!(node.sum(), children[0] + children[1]);
                 stack.push((node.child[0], Some((key, len, false))));
                 stack.push((node.child[1], Some((key, len, true))));
             }
@@ -1030,6 +1091,49 @@ mod tests {
         assert!(t.is_empty());
         t.set(1, u64::MAX - 1);
         assert_eq!(t.add(1, 5), Ok(u64::MAX));
+        check_invariants(&t);
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping_and_stay_exact() {
+        // The case: 10.0.0.1 = 2^64 - 1 and 10.0.0.2 = 5 read 4 for
+        // the /24 when the sums wrapped.
+        let mut idx = CidrIndex::new();
+        idx.set("10.0.0.1".parse().unwrap(), u64::MAX);
+        idx.set("10.0.0.2".parse().unwrap(), 5);
+        idx.set("10.0.1.1".parse().unwrap(), u64::MAX - 1);
+        for net in ["10.0.0.0/24", "10.0.0.0/30", "10.0.0.0/16", "0.0.0.0/0"] {
+            assert_eq!(idx.count(&net.parse().unwrap()), u64::MAX, "{net}");
+        }
+        assert_eq!(idx.total(), u64::MAX);
+        // Exact underneath: once the big counts leave, the rest is right.
+        idx.set("10.0.0.1".parse().unwrap(), 0);
+        assert_eq!(idx.count(&"10.0.0.0/24".parse().unwrap()), 5);
+        assert_eq!(idx.count(&"10.0.0.0/16".parse().unwrap()), u64::MAX);
+        assert_eq!(
+            idx.add("10.0.1.1".parse().unwrap(), -(i64::MAX)),
+            Ok(u64::MAX - 1 - i64::MAX as u64)
+        );
+        assert_eq!(
+            idx.count(&"10.0.0.0/16".parse().unwrap()),
+            u64::MAX - 1 - i64::MAX as u64 + 5
+        );
+        // Both families at once saturate too.
+        idx.set("2001:db8::1".parse().unwrap(), u64::MAX);
+        assert_eq!(idx.total(), u64::MAX);
+        let mut t = PrefixTrie::<u32>::new();
+        for k in 0..300u32 {
+            t.set(k << 4, u64::MAX - u64::from(k));
+        }
+        check_invariants(&t);
+        assert_eq!(t.count_prefix(0, 20), u64::MAX);
+        for k in 1..300u32 {
+            t.set(k << 4, 0);
+        }
+        assert_eq!(t.count_prefix(0, 0), u64::MAX);
+        assert_eq!(t.count_prefix(0, 24), u64::MAX);
+        t.set(0, 7);
+        assert_eq!((t.count_prefix(0, 0), t.count_prefix(0, 24)), (7, 7));
         check_invariants(&t);
     }
 
