@@ -14,6 +14,7 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     adapters::postfix,
+    cluster::{self, ClusterView, LocalShare, TargetError},
     config::Config,
     counting::state::SharedState,
     kernel::{
@@ -54,6 +55,8 @@ pub enum AgentError {
         path: std::path::PathBuf,
         source: DirError,
     },
+    #[error("cluster: {0}")]
+    Cluster(#[from] TargetError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -80,6 +83,14 @@ pub fn run(options: AgentOptions) -> Result<(), AgentError> {
     // Held back, not lost, while the handlers are not installed yet: a stop
     // requested during start-up is still a clean stop.
     let held = HeldSignals::block();
+    // Before anything is made: a bad URL or an unreadable password file
+    // refuses the start with the system as it was.
+    let cluster = options
+        .config
+        .cluster
+        .as_ref()
+        .map(cluster::settings)
+        .transpose()?;
     let prepared = prepare(options)?;
     release_freed_memory();
     match privileges::keep_only(&[privileges::Capability::CAP_BPF]) {
@@ -93,7 +104,7 @@ pub fn run(options: AgentOptions) -> Result<(), AgentError> {
             what: "starting the async runtime",
             source,
         })?;
-    runtime.block_on(serve(prepared, held))
+    runtime.block_on(serve(prepared, cluster, held))
 }
 
 /// Everything start-up produced, handed to the runtime.
@@ -107,7 +118,11 @@ struct Prepared {
     reload: Option<ConfigSource>,
 }
 
-async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> {
+async fn serve(
+    prepared: Prepared,
+    cluster: Option<cluster::Settings>,
+    held: HeldSignals,
+) -> Result<(), AgentError> {
     let Prepared {
         socket,
         policy_socket,
@@ -127,6 +142,19 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
 
     log::info!("serving queries on {}", socket.path().display());
     let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone()));
+    let cluster_task = cluster.map(|settings| {
+        log::info!(
+            "cluster: node {} on {:?} under prefix {}, node_ttl {} s",
+            settings.node,
+            settings.target,
+            settings.key_prefix,
+            settings.node_ttl.as_secs()
+        );
+        let view = Arc::new(ClusterView::new(&settings.node, settings.node_ttl));
+        state.enable_cluster(view.clone());
+        let local: Arc<dyn LocalShare> = state.clone();
+        tokio::spawn(cluster::run(settings, view, local))
+    });
     let policy_task = policy_socket.map(|socket| {
         log::info!(
             "serving Postfix policy requests on {} with {} limits",
@@ -150,6 +178,11 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
     }
     let _ = events_task.await;
     let _ = reconcile_task.await;
+    // Its rounds hold nothing that needs a clean end: the other nodes drop
+    // this one after node_ttl (the kernel goes on counting meanwhile).
+    if let Some(task) = cluster_task {
+        task.abort();
+    }
 
     save_monitor_state(&state);
     let pin_dir = state.setup().config.pin_dir.clone();

@@ -47,6 +47,13 @@ pub struct AgentArgs {
     /// Seconds between reconcile passes against the kernel's socket records.
     #[arg(long, value_name = "SECS")]
     reconcile_interval: Option<config::PositiveSecs>,
+    /// Fleet-wide counts through this Redis (redis://host:port/db or
+    /// redis+sentinel://host:port/primary); replaces `[cluster] redis`.
+    #[arg(long, value_name = "URL")]
+    cluster_redis: Option<config::RedisUrl>,
+    /// This node's name in the fleet (default: `[cluster] node`, else the host name).
+    #[arg(long, value_name = "NAME")]
+    node: Option<config::NodeName>,
     /// Remove the pinned programs and maps on exit instead of counting on.
     #[arg(long)]
     detach_on_exit: bool,
@@ -101,6 +108,20 @@ fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
     }
     if let Some(secs) = args.reconcile_interval {
         config.reconcile_interval = secs.0;
+    }
+    if let Some(url) = args.cluster_redis.clone() {
+        match &mut config.cluster {
+            Some(cluster) => cluster.redis = url,
+            None => config.cluster = Some(config::ClusterConfig::with_redis(url)?),
+        }
+    }
+    if let Some(node) = &args.node {
+        match &mut config.cluster {
+            Some(cluster) => cluster.node = node.0.clone(),
+            None => anyhow::bail!(
+                "--node needs clustering: --cluster-redis URL or [cluster] in the config"
+            ),
+        }
     }
     config.validate()?;
     config.check_references()?;

@@ -33,6 +33,12 @@ enum Command {
         socket: PathBuf,
         /// An IP or network: 203.0.113.9, 203.0.113.0/24, 2001:db8::/64.
         network: String,
+        /// The fleet's sums, then one row per node (needs clustering).
+        #[arg(long, conflicts_with = "node")]
+        cluster: bool,
+        /// One node's own view, by its cluster name.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
     },
     /// Print the agent's counters (repairs, lost events, saturation, ...).
     Stats {
@@ -53,8 +59,18 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Agent(args) => agent::run(*args),
         Command::Query(args) => query::run(args),
-        Command::Show { socket, network } => {
-            report::run_report(&socket, &format!("show {network}"))
+        Command::Show {
+            socket,
+            network,
+            cluster,
+            node,
+        } => {
+            let scope = match (cluster, node) {
+                (true, _) => " cluster".to_string(),
+                (false, Some(node)) => format!(" node {node}"),
+                (false, None) => String::new(),
+            };
+            report::run_report(&socket, &format!("show {network}{scope}"))
         }
         Command::Stats { socket } => report::run_report(&socket, "stats"),
         Command::Cleanup { pin_dir } => cleanup::run(&pin_dir),

@@ -38,6 +38,23 @@ pub use fleet::{Fleet, NodeShare};
 pub use link::{read_password, Target, TargetError};
 pub use node::{run, LocalShare, Settings};
 
+/// How this node talks to Redis, from `[cluster]`: the password file is read
+/// and the URL checked now, so a mistake refuses the start.
+pub fn settings(config: &crate::config::ClusterConfig) -> Result<Settings, TargetError> {
+    let password = config
+        .password_file
+        .as_deref()
+        .map(read_password)
+        .transpose()?;
+    let target = Target::parse(&config.redis.0, password.as_deref())?;
+    Ok(Settings::new(
+        target,
+        &config.node,
+        &config.key_prefix,
+        config.node_ttl,
+    ))
+}
+
 /// The fleet view is older than `node_ttl`: Redis has not answered for that
 /// long, so the other nodes' counts can no longer be vouched for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

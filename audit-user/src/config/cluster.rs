@@ -122,7 +122,7 @@ impl std::fmt::Display for RedisUrl {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(try_from = "String")]
 pub struct NodeName(pub String);
 

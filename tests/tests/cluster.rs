@@ -1,0 +1,208 @@
+//! End to end, as root: several real agents on one host, each with its own
+//! cgroup, pin directory, socket and test server (an MX host each), sharing a
+//! private redis-server. Cluster answers are checked against the kernel's
+//! truth (sock_diag, summed over the nodes) through a dead node, a restarted
+//! node, Redis restarted empty and Redis stopped.
+
+use std::{
+    net::{IpAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{redis::Redis, require_ebpf, sock_diag_count, SmtpFixture, TempDir};
+
+/// A node silent this long no longer counts (short, for the test).
+const TTL_SECS: u64 = 2;
+
+fn node(name: &str, redis: &Redis, dir: &TempDir) -> SmtpFixture {
+    let config = dir.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nredis = \"{}\"\nnode = \"{name}\"\nkey_prefix = \"e2e\"\nnode_ttl_secs = {TTL_SECS}\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    SmtpFixture::start(
+        env!("CARGO_BIN_EXE_test-server"),
+        &format!("cluster-{name}"),
+        &["--config", &config, "--monitor", "60,1"],
+    )
+}
+
+fn connect(node: &SmtpFixture, from: &str) -> TcpStream {
+    integration_tests::connect_from(from.parse::<IpAddr>().unwrap(), node.smtp)
+}
+
+fn cluster_sessions(node: &SmtpFixture, cidr: &str) -> String {
+    node.agent.query(&format!(
+        "msys.audit.inbound_session_count(\"{cidr}\", \"inbound_cidr\")"
+    ))
+}
+
+fn report(node: &SmtpFixture, request: &str) -> Vec<String> {
+    inbound_audit::serving::client::query_report(&node.agent.socket, request)
+        .expect("agent reachable")
+        .unwrap_or_else(|e| panic!("{request}: {e}"))
+}
+
+/// The kernel's truth over every node.
+fn truth(nodes: &[&SmtpFixture], cidr: &str) -> u64 {
+    let net = cidr.parse().unwrap();
+    nodes
+        .iter()
+        .map(|n| sock_diag_count(&n.server.ports, &n.cgroup, &net))
+        .sum()
+}
+
+fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redis() {
+    require_ebpf!();
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let dir = TempDir::new("cluster-e2e");
+    let mut a = node("mxa", &redis, &dir);
+    let b = node("mxb", &redis, &dir);
+
+    let mut held_a: Vec<TcpStream> = ["127.0.5.1", "127.0.5.2", "127.0.5.3"]
+        .iter()
+        .map(|ip| connect(&a, ip))
+        .collect();
+    let mut held_b: Vec<TcpStream> = ["127.0.5.10", "127.0.6.1"]
+        .iter()
+        .map(|ip| connect(&b, ip))
+        .collect();
+
+    // Exact: every node's cluster answer is the sum of the nodes' local ones,
+    // which is the kernel's truth.
+    let exact =
+        |n: &SmtpFixture, cidr: &str, want: u64| cluster_sessions(n, cidr) == format!("OK {want}");
+    wait_for("cluster sums", Duration::from_secs(5), || {
+        exact(&a, "127.0.5.0/24", 4)
+            && exact(&b, "127.0.5.0/24", 4)
+            && exact(&a, "127.0.0.0/8", 5)
+            && exact(&b, "127.0.0.0/8", 5)
+    });
+    assert_eq!(truth(&[&a, &b], "127.0.0.0/8"), 5);
+    a.agent.expect_count("127.0.0.0/8", "SMTP", 3);
+    b.agent.expect_count("127.0.0.0/8", "SMTP", 2);
+    // The relative and Sieve forms, and the windowed cluster sums.
+    a.agent.expect(
+        "@127.0.5.1 ac:inbound_session_count(\"/24\", \"inbound_cidr\")",
+        "OK 4",
+    );
+    a.agent
+        .expect("@127.0.5.1 audit_service \"inbound_cidr\" \"/8\"", "OK 5");
+    wait_for("windowed cluster sums", Duration::from_secs(5), || {
+        a.agent.query("msys.audit.connections(\"60,1\", {cidr=\"127.0.0.0/8\", endv=1, cluster=true})")
+            == "OK 5"
+            && b.agent.query("@127.0.5.1 ec_ip_connections_cluster {monitor=\"60,1\", period_start=0, period_end=1, mask=8}")
+                == "OK 5"
+    });
+    assert_eq!(
+        a.agent
+            .query("msys.audit.connections(\"60,1\", {cidr=\"127.0.0.0/8\", endv=1})"),
+        "OK 3"
+    );
+    let show = report(&a, "show 127.0.0.0/8 cluster");
+    assert!(show.iter().any(|l| l == "Sessions SMTP: 5"), "{show:?}");
+    assert!(
+        show.iter()
+            .any(|l| l.starts_with("Node mxa (this node): Sessions SMTP 3")),
+        "{show:?}"
+    );
+    assert!(
+        show.iter()
+            .any(|l| l.starts_with("Node mxb: Sessions SMTP 2")),
+        "{show:?}"
+    );
+    let node_b = report(&a, "show 127.0.0.0/8 node mxb");
+    assert!(node_b.iter().any(|l| l == "Sessions SMTP: 2"), "{node_b:?}");
+    assert_eq!(a.agent.stat("cluster_nodes_live"), 2);
+
+    // Fresh: a close on one node shows on the other well within a second.
+    drop(held_b.pop());
+    let lag = wait_for(
+        "a close seen by the other node",
+        Duration::from_secs(1),
+        || exact(&a, "127.0.0.0/8", 4),
+    );
+    eprintln!("close on mxb seen by mxa after {lag:?}");
+
+    // A dead node stops counting within node_ttl.
+    a.agent.kill();
+    let gone = wait_for(
+        "the dead node dropped",
+        Duration::from_secs(TTL_SECS + 3),
+        || exact(&b, "127.0.0.0/8", 1),
+    );
+    eprintln!("dead node dropped after {gone:?}");
+
+    // Restarted, it replaces its own share and is never counted twice.
+    a.agent.start_again();
+    let mut highest = 0;
+    wait_for(
+        "the restarted node counted once",
+        Duration::from_secs(5),
+        || {
+            let answer = cluster_sessions(&b, "127.0.0.0/8");
+            if let Some(n) = answer
+                .strip_prefix("OK ")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                highest = highest.max(n);
+            }
+            answer == "OK 4"
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        exact(&b, "127.0.0.0/8", 4) && highest <= 4,
+        "highest {highest}"
+    );
+
+    // Redis killed and restarted empty, a session closing meanwhile: back
+    // to exact.
+    redis.kill();
+    drop(held_a.pop());
+    std::thread::sleep(Duration::from_millis(300));
+    redis.spawn();
+    let converged = wait_for("Redis restarted empty", Duration::from_secs(5), || {
+        exact(&a, "127.0.0.0/8", 3) && exact(&b, "127.0.0.0/8", 3)
+    });
+    eprintln!("converged {converged:?} after Redis restarted empty");
+
+    // Redis stopped: local answers at their usual speed, cluster answers
+    // from the last view while it is fresh, then cluster_unavailable.
+    redis.signal("-STOP");
+    let started = Instant::now();
+    a.agent.expect_count("127.0.0.0/8", "SMTP", 2);
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_for(
+        "cluster answers refused",
+        Duration::from_secs(TTL_SECS + 3),
+        || cluster_sessions(&a, "127.0.0.0/8").starts_with("ERR cluster_unavailable"),
+    );
+    a.agent.expect_count("127.0.0.0/8", "SMTP", 2);
+    redis.signal("-CONT");
+    wait_for("Redis back", Duration::from_secs(5), || {
+        exact(&a, "127.0.0.0/8", 3)
+    });
+    assert_eq!(truth(&[&a, &b], "127.0.0.0/8"), 3);
+}
