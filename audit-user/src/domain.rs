@@ -163,6 +163,8 @@ impl Limit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitRule {
     pub prefixes: Prefixes,
+    /// Count over the whole fleet (`scope = "cluster"`), not this node alone.
+    pub cluster: bool,
     /// The limit fires when the count is above this.
     pub max: u64,
     /// The access(5) action our explanation is appended to, e.g. "421 4.7.0".

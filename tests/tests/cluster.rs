@@ -16,10 +16,16 @@ const TTL_SECS: u64 = 2;
 
 fn node(name: &str, redis: &Redis, dir: &TempDir) -> SmtpFixture {
     let config = dir.path().join(format!("{name}.toml"));
+    let policy = dir.path().join(format!("{name}-policy.sock"));
+    // A fleet-wide session limit on the policy socket: more than 3 sessions
+    // from a /24 over all nodes.
     std::fs::write(
         &config,
         format!(
-            "[cluster]\nredis = \"{}\"\nnode = \"{name}\"\nkey_prefix = \"e2e\"\nnode_ttl_secs = {TTL_SECS}\n",
+            "policy_socket = \"{}\"\n\
+             [[policy_limits]]\ncount = \"sessions\"\nscope = \"cluster\"\nipv4_prefix = 24\nmax = 3\naction = \"450 4.7.1\"\n\
+             [cluster]\nredis = \"{}\"\nnode = \"{name}\"\nkey_prefix = \"e2e\"\nnode_ttl_secs = {TTL_SECS}\n",
+            policy.display(),
             redis.url()
         ),
     )
@@ -40,6 +46,22 @@ fn cluster_sessions(node: &SmtpFixture, cidr: &str) -> String {
     node.agent.query(&format!(
         "msys.audit.inbound_session_count(\"{cidr}\", \"inbound_cidr\")"
     ))
+}
+
+/// One Postfix policy request for `client` on the node's policy socket.
+fn policy(dir: &TempDir, name: &str, client: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(dir.path().join(format!("{name}-policy.sock")))
+            .expect("policy socket");
+    write!(
+        stream,
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nserver_port=25\ninstance=1.{client}\n\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).unwrap();
+    answer.trim_end().to_string()
 }
 
 fn report(node: &SmtpFixture, request: &str) -> Vec<String> {
@@ -131,6 +153,16 @@ fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redi
     let node_b = report(&a, "show 127.0.0.0/8 node mxb");
     assert!(node_b.iter().any(|l| l == "Sessions SMTP: 2"), "{node_b:?}");
     assert_eq!(a.agent.stat("cluster_nodes_live"), 2);
+    // The fleet-wide policy limit: 4 sessions from 127.0.5.0/24 over the two
+    // nodes (3 on mxa, 1 on mxb) is over 3, though mxb alone has 1.
+    let answer = policy(&dir, "mxb", "127.0.5.77");
+    assert!(
+        answer.starts_with(
+            "action=450 4.7.1 Too many SMTP sessions over the cluster from 127.0.5.0/24: 4"
+        ),
+        "{answer}"
+    );
+    assert_eq!(policy(&dir, "mxb", "127.0.6.77"), "action=dunno");
 
     // Fresh: a close on one node shows on the other well within a second.
     drop(held_b.pop());

@@ -49,6 +49,16 @@ pub struct LimitConfig {
     /// The access(5) action, e.g. "421 4.7.0", "defer_if_permit", "reject",
     /// "450 4.7.1"; our explanation follows it.
     pub action: String,
+    /// `local` (default): this node's counts; `cluster`: the fleet's.
+    pub scope: Option<Scope>,
+}
+
+/// Whose counts a limit compares with its max.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Local,
+    Cluster,
 }
 
 /// Why a limit was refused.
@@ -200,6 +210,7 @@ impl LimitConfig {
         })?;
         let rule = LimitRule {
             prefixes,
+            cluster: self.scope == Some(Scope::Cluster),
             max: self.max,
             action,
         };

@@ -158,6 +158,12 @@ impl Config {
     pub fn check_references(&self) -> Result<(), ConfigError> {
         for (i, limit) in self.policy_limits.iter().enumerate() {
             let key = format!("policy_limits[{i}]");
+            if limit.rule().cluster && self.cluster.is_none() {
+                return Err(invalid(
+                    &key,
+                    "scope = \"cluster\" needs clustering ([cluster] or --cluster-redis)",
+                ));
+            }
             match limit {
                 Limit::Sessions {
                     service: Some(service),

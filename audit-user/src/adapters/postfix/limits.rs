@@ -55,11 +55,19 @@ fn count(
                         .map(str::to_string)
                 })
                 .unwrap_or_else(|| DEFAULT_SERVICE.to_string());
-            let count = setup
+            let mut count = setup
                 .slots
                 .get(&service)
                 .map_or(0, |&slot| state.read_sessions().count(slot, &net));
-            (count, format!("{service} sessions"))
+            if limit.rule().cluster {
+                count = count.saturating_add(fleet(state, |f| f.sessions(&service, &net)));
+            }
+            let scope = if limit.rule().cluster {
+                " over the cluster"
+            } else {
+                ""
+            };
+            (count, format!("{service} sessions{scope}"))
         }
         Limit::Windowed {
             series,
@@ -68,10 +76,16 @@ fn count(
             last,
             ..
         } => {
-            let monitors = state.lock_monitors();
-            let count = monitors
+            let mut count = state
+                .lock_monitors()
                 .by_key(&monitor.to_string())
                 .map_or(0, |m| m.sum(*series, &net, *first, *last, now));
+            if limit.rule().cluster {
+                let others = fleet(state, |f| {
+                    f.windows(None, *monitor, *series, &net, (*first, *last), now)
+                });
+                count = count.saturating_add(others);
+            }
             let windows = if first == last {
                 format!("window {first}")
             } else {
@@ -84,6 +98,16 @@ fn count(
         }
     };
     Counted { count, what, net }
+}
+
+/// What the other nodes add, from the fleet view; 0 while it is unavailable
+/// (Redis gone for longer than node_ttl): the limit then judges this node's
+/// own counts, as Postfix would fail open on no answer at all.
+fn fleet(state: &SharedState, count: impl FnOnce(&crate::cluster::Fleet) -> u64) -> u64 {
+    state
+        .cluster()
+        .and_then(|view| view.fleet().ok())
+        .map_or(0, |fleet| count(&fleet))
 }
 
 #[cfg(test)]
