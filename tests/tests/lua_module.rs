@@ -485,3 +485,79 @@ fn lua_windowed_functions_in_a_momentum_style_policy() {
         output.join("\n")
     );
 }
+
+/// The cluster forms through the Lua module, unchanged: `inbound_cidr`, an
+/// `ac` on it, `cluster=true` and a cluster error raised with its code. Two
+/// real agents (an MX host each) on one private Redis.
+#[test]
+fn lua_cluster_forms_pass_through() {
+    require_ebpf!();
+    require_lua!();
+    let Some(redis) = integration_tests::redis::Redis::start() else {
+        return;
+    };
+    let dir = TempDir::new("lua-cluster");
+    let mut nodes = Vec::new();
+    for name in ["lua-mx1", "lua-mx2"] {
+        let cgroup = TestCgroup::new(name);
+        let server =
+            TestServer::start(env!("CARGO_BIN_EXE_test-server"), &cgroup, &["127.0.0.1:0"]);
+        let agent = Agent::start(AgentOptions {
+            name,
+            cgroup: &cgroup,
+            services: vec![format!("SMTP={}", server.ports[0])],
+            extra_args: vec![
+                "--monitor".into(),
+                "60,1".into(),
+                "--cluster-redis".into(),
+                redis.url(),
+                "--node".into(),
+                name.into(),
+            ],
+        });
+        nodes.push((agent, server, cgroup));
+    }
+    avoid_window_boundary(60.0);
+    let smtp = |i: usize| SocketAddr::new(ip("127.0.0.1"), nodes[i].1.ports[0]);
+    let _held: Vec<_> = [(0, "127.0.7.1"), (0, "127.0.7.2"), (1, "127.0.7.3")]
+        .iter()
+        .map(|&(i, from)| connect_from(ip(from), smtp(i)))
+        .collect();
+    for (agent, _, _) in &nodes {
+        agent.expect(
+            "msys.audit.inbound_session_count(\"127.0.7.0/24\", \"inbound_cidr\")",
+            "OK 3",
+        );
+        agent.expect(
+            "msys.audit.connections(\"60,1\", {cidr=\"127.0.7.0/24\", cluster=true})",
+            "OK 3",
+        );
+    }
+    let script = r#"
+require("msys.audit")
+local client, port = arg[1], tonumber(arg[2])
+msys.audit.set_client(client, port)
+check("cluster sessions", msys.audit.inbound_session_count("/24", "inbound_cidr"), 3)
+check("local sessions", msys.audit.inbound_session_count("/24", "SMTP"), 1)
+local ac = msys.audit.accept_construct(client, port)
+check("ac on inbound_cidr", ac:inbound_session_count("/24", "inbound_cidr"), 3)
+check("cluster connections", msys.audit.connections("60,1", {cidr = "/24", cluster = true}), 3)
+check("local connections", msys.audit.connections("60,1", {cidr = "/24"}), 1)
+check_error("unknown monitor", "unknown_monitor", msys.audit.connections, "61,1", {cluster = true})
+print("LUA-OK " .. checks)
+"#;
+    let second = &nodes[1].0;
+    let script = LuaScript::spawn(
+        &dir,
+        &format!("{LUA_CHECKS}{script}"),
+        &second.socket,
+        &["127.0.7.3".to_string(), nodes[1].1.ports[0].to_string()],
+    );
+    let output = script.finish();
+    let last = output.last().map(String::as_str).unwrap_or("");
+    assert!(
+        last.starts_with("LUA-OK "),
+        "the script's last line is {last:?}\n{}",
+        output.join("\n")
+    );
+}
