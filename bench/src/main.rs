@@ -15,6 +15,7 @@ mod report;
 mod scenarios {
     pub mod alternatives;
     pub mod churn;
+    pub mod cluster;
     pub mod criterion;
     pub mod hostile;
     pub mod overhead;
@@ -76,7 +77,7 @@ struct RunArgs {
     /// A smoke run in well under a minute: small sizes, few rounds. Writes quick.{md,json}.
     #[arg(long)]
     quick: bool,
-    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn.
+    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster.
     /// Writes partial.{md,json}.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -96,7 +97,7 @@ pub struct Ctx {
 
 type Scenario = fn(&Ctx, &mut Report) -> Result<()>;
 
-const SCENARIOS: [(&str, Scenario); 7] = [
+const SCENARIOS: [(&str, Scenario); 8] = [
     ("criterion", scenarios::criterion::run),
     ("sizes", scenarios::sizes::run),
     ("windows", scenarios::windows::run),
@@ -104,6 +105,7 @@ const SCENARIOS: [(&str, Scenario); 7] = [
     ("alternatives", scenarios::alternatives::run),
     ("overhead", scenarios::overhead::run),
     ("churn", scenarios::churn::run),
+    ("cluster", scenarios::cluster::run),
 ];
 
 fn main() -> ExitCode {

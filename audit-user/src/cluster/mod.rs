@@ -151,6 +151,14 @@ impl ClusterView {
             .collect()
     }
 
+    /// Entries held for the other nodes (their shares, the sum not counted).
+    pub fn entries(&self) -> usize {
+        self.fleet
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries()
+    }
+
     /// Monotonic time since the view was made: node liveness is judged on
     /// this node's own clock, never by comparing clocks across hosts.
     fn clock(&self) -> Duration {

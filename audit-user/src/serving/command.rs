@@ -227,6 +227,7 @@ fn cluster_stats(state: &SharedState) -> Vec<String> {
         format!("cluster_publish_errors {}", get(&s.publish_errors)),
         format!("cluster_follow_errors {}", get(&s.follow_errors)),
         format!("cluster_entries_refused {}", get(&s.refused)),
+        format!("cluster_fleet_entries {}", view.entries()),
     ];
     lines.extend(
         ages.iter()

@@ -28,9 +28,9 @@ use crate::{
 
 /// Hourly windows, four kept: a window boundary during the run shifts the
 /// data by one window, and the queries, summing windows 0 to 4, still see it all.
-const MONITOR: &str = "3600,4";
+pub(crate) const MONITOR: &str = "3600,4";
 const WINDOW: Duration = Duration::from_secs(3600);
-const FILLED_WINDOWS: u32 = 4;
+pub(crate) const FILLED_WINDOWS: u32 = 4;
 
 /// The request: connections in every window of the monitor, for `net`.
 fn request(net: &IpNet) -> String {
@@ -56,7 +56,7 @@ fn sum(monitors: &Monitors, net: &IpNet, now: Duration) -> u64 {
 
 /// One IP in one window each, oldest window first (a monitor only appends
 /// newer windows), so every query walks several windows' indexes.
-fn fill(set: &SyntheticSet, now: Duration) -> Monitors {
+pub(crate) fn fill(set: &SyntheticSet, now: Duration) -> Monitors {
     let spec: MonitorSpec = MONITOR.parse().expect("valid monitor");
     let mut monitors = Monitors::new(&[spec], usize::MAX);
     for age in (0..FILLED_WINDOWS).rev() {
