@@ -15,6 +15,8 @@ pub struct Redis {
     pub port: u16,
     pub dir: PathBuf,
     extra: Vec<String>,
+    /// Serve TLS only, on `port`.
+    tls: bool,
 }
 
 impl Redis {
@@ -39,14 +41,101 @@ impl Redis {
             port,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: false,
         };
         redis.spawn();
         Some(redis)
     }
 
+    /// A redis-server that speaks TLS only, with a certificate for 127.0.0.1
+    /// made here by openssl, signed by a CA of its own: `(server, CA PEM)`.
+    pub fn start_tls() -> Option<(Self, Vec<u8>)> {
+        let mut redis = Self::start()?;
+        redis.kill();
+        let dir = redis.dir.clone();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ]);
+        redis.tls = true;
+        redis.spawn();
+        let ca = std::fs::read(dir.join("ca.pem")).expect("CA");
+        Some((redis, ca))
+    }
+
     pub fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let ports: Vec<&str> = if self.tls {
+            vec![
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.pem",
+                "--tls-auth-clients",
+                "no",
+            ]
+        } else {
+            vec!["--port", &port]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .current_dir(&self.dir)
+            .args(&ports)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)

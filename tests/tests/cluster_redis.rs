@@ -86,7 +86,15 @@ fn node_at(
     prefix: &str,
     local: Arc<FakeLocal>,
 ) -> Node {
-    let target = Target::parse(url, password).expect("url");
+    node_to(
+        Target::parse(url, password).expect("url"),
+        name,
+        prefix,
+        local,
+    )
+}
+
+fn node_to(target: Target, name: &str, prefix: &str, local: Arc<FakeLocal>) -> Node {
     let mut settings = Settings::new(target, name, prefix, TTL);
     settings.snapshot_every = Duration::from_secs(2);
     let view = Arc::new(ClusterView::new(name, TTL));
@@ -406,4 +414,45 @@ async fn a_sentinel_failover_is_survived() {
     }
     let _ = sentinel.kill();
     let _ = sentinel.wait();
+}
+
+/// `rediss://`: the nodes verify the server against the CA the test made,
+/// and a node that trusts only the system's roots is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_tls_verified_against_a_ca_file() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("SKIPPED: openssl is not installed");
+        return;
+    }
+    let Some((redis, ca)) = Redis::start_tls() else {
+        return;
+    };
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let target = || {
+        Target::parse(&url, None)
+            .unwrap()
+            .with_root_cert(ca.clone())
+    };
+    let a = node_to(target(), "mx1", "t4", Arc::new(FakeLocal::default()));
+    let b = node_to(target(), "mx2", "t4", Arc::new(FakeLocal::default()));
+    a.local.set("SMTP", "192.0.2.1", 2);
+    b.local.set("SMTP", "192.0.2.2", 1);
+    eventually("sums over TLS", Duration::from_secs(5), || {
+        fleet_sessions(&a, "192.0.2.0/24") == Some(1)
+            && fleet_sessions(&b, "192.0.2.0/24") == Some(2)
+    })
+    .await;
+    let untrusting = node_at(&url, None, "mx3", "t4", Arc::new(FakeLocal::default()));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        untrusting.view.fleet().is_err(),
+        "a server our roots do not know was trusted"
+    );
+    assert!(
+        ClusterStats::get(&untrusting.view.stats.publish_errors) == 0
+            || untrusting.view.sync_age().is_none()
+    );
+    for n in [a, b, untrusting] {
+        n.task.abort();
+    }
 }

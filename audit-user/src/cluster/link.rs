@@ -10,6 +10,7 @@ use redis::{
     aio::MultiplexedConnection,
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
     AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo,
+    TlsCertificates,
 };
 
 /// Why the Redis URL or password cannot be used.
@@ -17,6 +18,11 @@ use redis::{
 pub enum TargetError {
     #[error("redis URL {url:?}: {reason}")]
     Url { url: String, reason: String },
+    #[error("cannot read the Redis CA certificate {path}: {source}")]
+    CaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read the Redis password file {path}: {source}")]
     PasswordFile {
         path: std::path::PathBuf,
@@ -27,8 +33,12 @@ pub enum TargetError {
 /// Where Redis is.
 #[derive(Clone)]
 pub enum Target {
-    /// `redis://[user:password@]host:port/db`.
-    Direct(ConnectionInfo),
+    /// `redis://[user:password@]host:port/db`, or `rediss://` with TLS,
+    /// verified against `root_cert` (PEM) or the system's roots.
+    Direct {
+        info: ConnectionInfo,
+        root_cert: Option<Vec<u8>>,
+    },
     /// `redis+sentinel://[user:password@]host:port[,host:port...]/primary[/db]`:
     /// the sentinels, the name they know the primary by, and how to log in to it.
     Sentinel {
@@ -42,7 +52,7 @@ impl std::fmt::Debug for Target {
     // Never prints a password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Direct(info) => write!(f, "redis://{}", info.addr()),
+            Target::Direct { info, .. } => write!(f, "redis://{}", info.addr()),
             Target::Sentinel {
                 sentinels, primary, ..
             } => {
@@ -105,11 +115,13 @@ impl Target {
                 redis,
             });
         }
-        if url.starts_with("rediss://") {
-            return Err(invalid("TLS (rediss://) is not supported yet"));
-        }
-        if !url.starts_with("redis://") && !url.starts_with("unix://") {
-            return Err(invalid("expected redis://, unix:// or redis+sentinel://"));
+        if !["redis://", "rediss://", "unix://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            return Err(invalid(
+                "expected redis://, rediss://, unix:// or redis+sentinel://",
+            ));
         }
         let mut info = url
             .into_connection_info()
@@ -118,8 +130,31 @@ impl Target {
             let redis = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(redis);
         }
-        Ok(Target::Direct(info))
+        Ok(Target::Direct {
+            info,
+            root_cert: None,
+        })
     }
+
+    /// Verifies a `rediss://` server against this CA certificate (PEM)
+    /// instead of the system's roots.
+    pub fn with_root_cert(self, pem: Vec<u8>) -> Self {
+        match self {
+            Target::Direct { info, .. } => Target::Direct {
+                info,
+                root_cert: Some(pem),
+            },
+            sentinel => sentinel,
+        }
+    }
+}
+
+/// Reads a CA certificate file (PEM) for `rediss://`.
+pub fn read_root_cert(path: &std::path::Path) -> Result<Vec<u8>, TargetError> {
+    std::fs::read(path).map_err(|source| TargetError::CaFile {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads a password file: its first line, without the line break.
@@ -143,6 +178,9 @@ impl Link {
     /// `timeout` bounds connecting and every answer: a stopped Redis makes
     /// a round fail after it, never hang.
     pub fn new(target: Target, timeout: Duration) -> Self {
+        // rustls needs one crypto provider for the process; a second install
+        // (another Link) is refused harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Self {
             target,
             config: AsyncConnectionConfig::new()
@@ -161,7 +199,17 @@ impl Link {
     pub async fn get(&mut self) -> redis::RedisResult<&mut MultiplexedConnection> {
         if self.connection.is_none() {
             let client = match &self.target {
-                Target::Direct(info) => Client::open(info.clone())?,
+                Target::Direct {
+                    info,
+                    root_cert: Some(root_cert),
+                } => Client::build_with_tls(
+                    info.clone(),
+                    TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert.clone()),
+                    },
+                )?,
+                Target::Direct { info, .. } => Client::open(info.clone())?,
                 Target::Sentinel {
                     sentinels,
                     primary,

@@ -35,7 +35,7 @@ use std::{
 };
 
 pub use fleet::{Fleet, NodeShare};
-pub use link::{read_password, Target, TargetError};
+pub use link::{read_password, read_root_cert, Target, TargetError};
 pub use node::{run, LocalShare, Settings};
 
 /// How this node talks to Redis, from `[cluster]`: the password file is read
@@ -46,7 +46,10 @@ pub fn settings(config: &crate::config::ClusterConfig) -> Result<Settings, Targe
         .as_deref()
         .map(read_password)
         .transpose()?;
-    let target = Target::parse(&config.redis.0, password.as_deref())?;
+    let mut target = Target::parse(&config.redis.0, password.as_deref())?;
+    if let Some(path) = &config.ca_file {
+        target = target.with_root_cert(read_root_cert(path)?);
+    }
     Ok(Settings::new(
         target,
         &config.node,

@@ -17,6 +17,9 @@ pub struct ClusterConfig {
     pub node: String,
     /// A file whose first line is the Redis password; never logged.
     pub password_file: Option<PathBuf>,
+    /// The CA certificate (PEM) a `rediss://` server's is verified against;
+    /// default: the system's roots.
+    pub ca_file: Option<PathBuf>,
     /// Several fleets may share one Redis under different prefixes.
     pub key_prefix: String,
     /// A node silent this long no longer counts, and cluster answers older
@@ -34,6 +37,7 @@ impl ClusterConfig {
             redis,
             node: host_node_name()?,
             password_file: None,
+            ca_file: None,
             key_prefix: DEFAULT_KEY_PREFIX.into(),
             node_ttl: DEFAULT_NODE_TTL,
         })
@@ -47,6 +51,7 @@ struct ClusterFile {
     redis: RedisUrl,
     node: Option<NodeName>,
     password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
     key_prefix: Option<KeyPrefix>,
     node_ttl_secs: Option<PositiveSecs>,
 }
@@ -62,6 +67,7 @@ impl TryFrom<ClusterFile> for ClusterConfig {
                 None => host_node_name()?,
             },
             password_file: file.password_file,
+            ca_file: file.ca_file,
             key_prefix: file
                 .key_prefix
                 .map_or_else(|| DEFAULT_KEY_PREFIX.to_string(), |p| p.0),
@@ -70,7 +76,7 @@ impl TryFrom<ClusterFile> for ClusterConfig {
     }
 }
 
-/// `redis://`, `unix://` or `redis+sentinel://`; whether it connects is
+/// `redis://`, `rediss://` (TLS), `unix://` or `redis+sentinel://`; whether it connects is
 /// found out at run time (Redis may come later than the agent).
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -80,12 +86,7 @@ impl TryFrom<String> for RedisUrl {
     type Error = ValueError;
 
     fn try_from(url: String) -> Result<Self, ValueError> {
-        if url.starts_with("rediss://") {
-            return Err(ValueError::RedisUrl(
-                "TLS (rediss://) is not supported yet".into(),
-            ));
-        }
-        if ["redis://", "unix://", "redis+sentinel://"]
+        if ["redis://", "rediss://", "unix://", "redis+sentinel://"]
             .iter()
             .any(|scheme| url.starts_with(scheme) && url.len() > scheme.len())
         {
@@ -209,7 +210,6 @@ mod tests {
     fn bad_cluster_keys_are_named() {
         for (text, key) in [
             ("[cluster]\nredis = \"http://x\"", "cluster.redis"),
-            ("[cluster]\nredis = \"rediss://x:6379\"", "cluster.redis"),
             (
                 "[cluster]\nredis = \"redis://x\"\nnode = \"mx 1\"",
                 "cluster.node",
