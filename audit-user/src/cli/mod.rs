@@ -185,6 +185,18 @@ mod tests {
         walk(&command(), "inbound-audit");
     }
 
+    /// The conffile the package installs works as shipped.
+    #[test]
+    fn shipped_config_file_is_accepted() {
+        let text = include_str!("../../../packaging/inbound-audit.toml");
+        let shipped = config::Config::from_toml(text).expect("packaging/inbound-audit.toml");
+        shipped.validate().unwrap();
+        shipped.check_references().unwrap();
+        assert_eq!(shipped.socket_group.as_deref(), Some("mail"));
+        assert_eq!(shipped.socket, PathBuf::from(config::DEFAULT_SOCKET_PATH));
+        assert_eq!(shipped.services, config::Config::default().services);
+    }
+
     #[test]
     fn top_level_help_ends_with_examples() {
         let help = command().render_long_help().to_string();
