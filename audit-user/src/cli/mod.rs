@@ -48,7 +48,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the kernel program and serve queries (root, or CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_SYS_RESOURCE)
+    /// Load the kernel program and serve queries (root, or CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_CHOWN CAP_SETPCAP)
     Agent(Box<agent::AgentArgs>),
     /// Send one request to a running agent and print its answer (exit 0 OK, 1 ERR, 2 no agent)
     Query(query::QueryArgs),
