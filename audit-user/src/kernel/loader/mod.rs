@@ -36,7 +36,10 @@ use self::pins::{
     attach_backstop, check_layout, detach_backstop, ensure_bpffs, program, program_error,
     replace_pinned_link, set_mirroring, take_map, SET_STATE_LINK, SOCK_OPS_LINK,
 };
-pub use self::{error::LoadError, pins::cleanup};
+pub use self::{
+    error::LoadError,
+    pins::{cleanup, FreshPins},
+};
 
 /// The compiled kernel program, embedded by build.rs (empty when it was not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/audit-ebpf.o"));

@@ -39,6 +39,59 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Pinned state that this start is creating: a pin directory that was absent
+/// or empty when the start began. Dropped before [`FreshPins::keep`], it
+/// removes whatever was pinned there, so a start that fails later (a cgroup
+/// that does not exist, a seeding error) leaves the system as it found it. A
+/// directory that held state (a previous agent's counts) is never touched.
+#[must_use = "dropping it at once removes the pins"]
+pub struct FreshPins {
+    dir: Option<PathBuf>,
+}
+
+impl FreshPins {
+    pub fn note(pin_dir: &Path) -> Self {
+        let fresh = match fs::read_dir(pin_dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        };
+        Self {
+            dir: fresh.then(|| pin_dir.to_path_buf()),
+        }
+    }
+
+    /// Whether a failed start would remove the pin directory.
+    pub fn is_fresh(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// The start succeeded: the pins stay and count on.
+    pub fn keep(mut self) {
+        self.dir = None;
+    }
+}
+
+impl Drop for FreshPins {
+    fn drop(&mut self) {
+        let Some(dir) = self.dir.take() else {
+            return;
+        };
+        match cleanup(&dir) {
+            Ok(removed) if removed.is_empty() && !dir.exists() => {}
+            Ok(removed) => log::info!(
+                "start failed: removed the {} objects it had pinned in {}",
+                removed.len(),
+                dir.display()
+            ),
+            Err(e) => log::warn!(
+                "start failed, and removing what it pinned in {} failed too: {e}; run `inbound-audit cleanup --pin-dir {}`",
+                dir.display(),
+                dir.display()
+            ),
+        }
+    }
+}
+
 const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
 
 /// Pinning needs bpffs. Most systems mount it at /sys/fs/bpf at boot; where none
@@ -75,6 +128,65 @@ pub(super) fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|stat| stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+#[cfg(test)]
+mod fresh_pins_tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "inbound-audit-fresh-pins-{name}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_failed_fresh_start_removes_what_it_pinned() {
+        let dir = scratch("absent");
+        let guard = FreshPins::note(&dir);
+        assert!(guard.is_fresh());
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("LIVE_V4"), b"").unwrap();
+        drop(guard);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+
+    #[test]
+    fn an_empty_directory_counts_as_fresh() {
+        let dir = scratch("empty");
+        fs::create_dir_all(&dir).unwrap();
+        let guard = FreshPins::note(&dir);
+        assert!(guard.is_fresh());
+        fs::write(dir.join("LAYOUT"), b"").unwrap();
+        drop(guard);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_previous_agents_state_is_never_removed() {
+        let dir = scratch("previous");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("LIVE_V4"), b"").unwrap();
+        let guard = FreshPins::note(&dir);
+        assert!(!guard.is_fresh());
+        drop(guard);
+        assert!(dir.join("LIVE_V4").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_successful_start_keeps_its_pins() {
+        let dir = scratch("kept");
+        let guard = FreshPins::note(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("LIVE_V4"), b"").unwrap();
+        guard.keep();
+        assert!(dir.join("LIVE_V4").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 pub(super) fn check_layout(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
