@@ -178,6 +178,21 @@ mod fresh_pins_tests {
     }
 
     #[test]
+    fn an_empty_or_absent_pin_dir_is_current() {
+        let dir = scratch("layout");
+        assert_eq!(pinned_layout(&dir), PinnedLayout::Current);
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(pinned_layout(&dir), PinnedLayout::Current);
+        // Files that are no pinned maps (state from before LAYOUT existed, or
+        // not bpffs at all): another layout, replaced.
+        fs::write(dir.join("LIVE"), b"").unwrap();
+        assert_eq!(pinned_layout(&dir), PinnedLayout::Other(None));
+        assert!(replace_other_layout(&dir).unwrap());
+        assert!(!dir.exists());
+        assert!(!replace_other_layout(&dir).unwrap());
+    }
+
+    #[test]
     fn a_successful_start_keeps_its_pins() {
         let dir = scratch("kept");
         let guard = FreshPins::note(&dir);
@@ -187,6 +202,57 @@ mod fresh_pins_tests {
         assert!(dir.join("LIVE_V4").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// What an agent found pinned, before loading over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PinnedLayout {
+    /// Nothing pinned, or this agent's own layout: load over it.
+    Current,
+    /// Another layout (an older or newer agent's, or state from before the
+    /// LAYOUT map): its maps cannot be read as ours. `None`: no readable LAYOUT.
+    Other(Option<u32>),
+}
+
+/// Reads the LAYOUT version pinned in `pin_dir` without loading anything.
+pub(super) fn pinned_layout(pin_dir: &Path) -> PinnedLayout {
+    let empty = fs::read_dir(pin_dir).map_or(true, |mut e| e.next().is_none());
+    if empty {
+        return PinnedLayout::Current;
+    }
+    let version = MapData::from_pin(pin_dir.join(map_names::LAYOUT))
+        .ok()
+        .and_then(|data| Array::<MapData, u32>::try_from(aya::maps::Map::Array(data)).ok())
+        .and_then(|layout| layout.get(&0, 0).ok());
+    match version {
+        Some(0) | Some(LAYOUT_VERSION) => PinnedLayout::Current,
+        other => PinnedLayout::Other(other),
+    }
+}
+
+/// Pinned state of another layout is replaced, never adopted half-way nor
+/// refused: its links are unpinned (detaching its programs) and its maps
+/// removed, so the new maps start empty and start-up seeds every open session
+/// from sock_diag, as for sessions that predate the programs. Nothing is
+/// counted twice: the old counts go with the old maps. Returns whether it did.
+pub(super) fn replace_other_layout(pin_dir: &Path) -> Result<bool, LoadError> {
+    let PinnedLayout::Other(found) = pinned_layout(pin_dir) else {
+        return Ok(false);
+    };
+    let found = found.map_or_else(
+        || "no readable LAYOUT".to_string(),
+        |v| format!("layout {v}"),
+    );
+    let removed = cleanup(pin_dir).map_err(|source| LoadError::PinDir {
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    log::warn!(
+        "{} held pinned state of {found} (this agent uses layout {LAYOUT_VERSION}): removed its {} objects; open sessions are seeded again from the kernel's socket table",
+        pin_dir.display(),
+        removed.len()
+    );
+    Ok(true)
 }
 
 pub(super) fn check_layout(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
