@@ -76,6 +76,21 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             let binary = build(&root)?;
             require_root("run the agent")?;
+            let cgroup = args
+                .iter()
+                .position(|a| a == "--cgroup")
+                .and_then(|i| args.get(i + 1))
+                .map(|c| c.to_string_lossy().into_owned());
+            // Attaching at the cgroup2 root counts every process on the host:
+            // say so, and how to undo it, before doing it.
+            println!(
+                "the agent attaches to {}; the programs stay attached after it stops: \
+                 detach them with `{} cleanup`",
+                cgroup
+                    .as_deref()
+                    .unwrap_or("the cgroup2 root (every process; narrow it with --cgroup DIR)"),
+                binary.display()
+            );
             let mut command = Command::new(binary);
             command.arg("agent").args(args);
             run(&mut command)
