@@ -1,4 +1,4 @@
-//! Build, run and test inbound-audit: `cargo xtask build|run|test|lint|bench`.
+//! Build, run, package and test inbound-audit: `cargo xtask build|run|deb|test|lint|bench`.
 //!
 //! The kernel program (and the bench's reference programs, bench-ebpf) needs a
 //! nightly toolchain with rust-src and bpf-linker built against the same LLVM
@@ -23,6 +23,7 @@ const BENCH_EBPF: &str = "bench-ebpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker must link the LLVM whose major version rustc uses (22 here).
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 #[derive(Parser)]
 struct Cli {
@@ -39,7 +40,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Build, then run every test: unit, property and the root end-to-end tests.
+    /// Build, then the Debian package target/debian/inbound-audit_<version>_amd64.deb
+    /// (cargo-deb, from the release binary), checked with lintian.
+    Deb,
+    /// Build and package, then run every test: unit, property and the root end-to-end tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -72,13 +76,31 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             let binary = build(&root)?;
             require_root("run the agent")?;
+            let cgroup = args
+                .iter()
+                .position(|a| a == "--cgroup")
+                .and_then(|i| args.get(i + 1))
+                .map(|c| c.to_string_lossy().into_owned());
+            // Attaching at the cgroup2 root counts every process on the host:
+            // say so, and how to undo it, before doing it.
+            println!(
+                "the agent attaches to {}; the programs stay attached after it stops: \
+                 detach them with `{} cleanup`",
+                cgroup
+                    .as_deref()
+                    .unwrap_or("the cgroup2 root (every process; narrow it with --cgroup DIR)"),
+                binary.display()
+            );
             let mut command = Command::new(binary);
             command.arg("agent").args(args);
             run(&mut command)
         }
+        Task::Deb => deb(&root, &build(&root)?).map(|_| ()),
         Task::Test { args } => {
             ensure_test_packages()?;
             let binary = build(&root)?;
+            // The package test (tests/tests/package.rs) installs this one.
+            let package = deb(&root, &binary)?;
             let object = ebpf_object(&root);
             let mut command = cargo(&root);
             command
@@ -96,7 +118,8 @@ fn main() -> Result<()> {
                 ])
                 .args(args)
                 .env("INBOUND_AUDIT_EBPF_OBJECT", &object)
-                .env("INBOUND_AUDIT_BIN", &binary);
+                .env("INBOUND_AUDIT_BIN", &binary)
+                .env("INBOUND_AUDIT_DEB", &package);
             if let Some(exim) = ensure_exim(&root) {
                 command.env("INBOUND_AUDIT_EXIM", exim);
             }
@@ -309,6 +332,85 @@ fn ensure_bpf_linker(root: &Path) -> Result<PathBuf> {
     Ok(bin_dir)
 }
 
+/// Packages the release binary `binary` (no rebuild) with cargo-deb: man pages
+/// and completions are generated from the binary's own clap definition into
+/// target/release/deb-assets, where audit-user's [package.metadata.deb] takes
+/// them. lintian errors fail the build; its warnings are printed.
+fn deb(root: &Path, binary: &Path) -> Result<PathBuf> {
+    let assets = binary
+        .parent()
+        .context("the release binary has a directory")?
+        .join("deb-assets");
+    if assets.exists() {
+        std::fs::remove_dir_all(&assets)
+            .with_context(|| format!("removing {}", assets.display()))?;
+    }
+    let man = assets.join("man");
+    run(Command::new(binary)
+        .args(["generate", "man"])
+        .arg(&man)
+        .stdout(std::process::Stdio::null()))?;
+    run(Command::new(binary)
+        .args(["generate", "completions"])
+        .arg(assets.join("completions"))
+        .stdout(std::process::Stdio::null()))?;
+    // Debian installs man pages compressed; -n keeps the archive reproducible.
+    for entry in std::fs::read_dir(&man)? {
+        run(Command::new("gzip").args(["-9nf"]).arg(entry?.path()))?;
+    }
+
+    let tools = target_dir(root)
+        .join("tools")
+        .join(format!("cargo-deb-{CARGO_DEB_VERSION}"));
+    let cargo_deb = tools.join("bin/cargo-deb");
+    if !cargo_deb.exists() {
+        println!(
+            "installing cargo-deb {CARGO_DEB_VERSION} into {} (once)",
+            tools.display()
+        );
+        run(cargo(root)
+            .args([
+                "install",
+                &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+                "--locked",
+                "--root",
+            ])
+            .arg(&tools))?;
+    }
+    let out_dir = target_dir(root).join("debian");
+    std::fs::create_dir_all(&out_dir)?;
+    let output = Command::new(&cargo_deb)
+        .current_dir(root)
+        .args(["--package", "audit-user", "--no-build", "--output"])
+        .arg(&out_dir)
+        .output()
+        .context("running cargo-deb")?;
+    if !output.status.success() {
+        bail!(
+            "cargo-deb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let package = PathBuf::from(
+        String::from_utf8(output.stdout)?
+            .lines()
+            .last()
+            .context("cargo-deb printed no package path")?
+            .trim(),
+    );
+    println!("built {}", package.display());
+    if Command::new("lintian").arg("--version").output().is_ok() {
+        // Root is how the tests run; lintian only warns about it.
+        run(Command::new("lintian")
+            .args(["--fail-on", "error", "--allow-root"])
+            .arg(&package))
+        .context("lintian found errors in the package")?;
+    } else {
+        println!("lintian is not installed: the package was not checked (apt-get install lintian)");
+    }
+    Ok(package)
+}
+
 const FUZZ_TARGETS: [&str; 3] = ["query_request", "policy_request", "cluster_entries"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -398,14 +500,17 @@ fn fuzz(root: &Path, seconds: u64, only: Option<&str>) -> Result<()> {
 
 /// Debian packages the adapter tests drive for real: a Lua host with
 /// LuaSocket, and Postfix (installed, never started as a service: the tests run
-/// private instances). Installed when missing and we can; otherwise those tests
-/// skip and say so. INBOUND_AUDIT_NO_APT=1 leaves the system alone.
-const TEST_PACKAGES: [&str; 5] = [
+/// private instances), Redis and its Sentinel (the cluster tests start private
+/// instances); lintian checks the package. Installed when missing and we can;
+/// otherwise those tests skip and say so. INBOUND_AUDIT_NO_APT=1 leaves the
+/// system alone.
+const TEST_PACKAGES: [&str; 6] = [
     "lua5.4",
     "lua-socket",
     "postfix",
     "redis-server",
     "redis-sentinel",
+    "lintian",
 ];
 
 fn ensure_test_packages() -> Result<()> {

@@ -97,6 +97,13 @@ pub fn run(options: AgentOptions) -> Result<(), AgentError> {
         Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
         Err(e) => log::warn!("could not drop capabilities: {e}"),
     }
+    // Start-up is complete: the programs are attached, open sessions seeded
+    // and the sockets listening (clients wait in the backlog until the runtime
+    // accepts). Type=notify units start what depends on us from here; outside
+    // systemd (no NOTIFY_SOCKET) this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        log::warn!("could not tell systemd that start-up is complete: {e}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -16,7 +16,7 @@ use crate::{
     kernel::{
         api::Kernel,
         cgroup,
-        loader::{KernelProgram, LoadError, LoadOptions},
+        loader::{FreshPins, KernelProgram, LoadError, LoadOptions},
         seed,
     },
     sys::{
@@ -70,6 +70,9 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
                 source,
             })?;
     }
+    // Declared before the program so that it drops after it: on any error
+    // below, what this start pinned is unpinned (and its programs detached).
+    let fresh_pins = FreshPins::note(&config.pin_dir);
     let mut program = KernelProgram::load(&LoadOptions {
         pin_dir: &config.pin_dir,
         cgroup: &cgroup_path,
@@ -128,6 +131,7 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
             "{seeded} sessions predate the kernel program: the tp_btf close backstop stays attached until they close"
         );
     }
+    fresh_pins.keep();
     Ok(Prepared {
         socket,
         policy_socket,

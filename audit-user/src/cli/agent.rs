@@ -8,53 +8,64 @@ use inbound_audit::{
     config::{self, Config},
 };
 
+/// Shown after the flags in `agent --help` and the man page.
+const AGENT_EXAMPLES: &str = "\
+Flags override the config file; SIGHUP reads both again, SIGTERM stops the agent
+(the kernel programs stay attached and keep counting; `inbound-audit cleanup`
+detaches them). Log verbosity: RUST_LOG=debug (default: info).
+
+Examples:
+  inbound-audit agent --config /etc/inbound-audit/inbound-audit.toml
+  inbound-audit agent --service SMTP=25,587 --monitor 60,1 --monitor 300,6
+  inbound-audit agent --cgroup /sys/fs/cgroup/unified/system.slice/postfix.service \\
+      --socket-group mail --policy-socket /var/spool/postfix/inbound-audit/policy.sock";
+
 #[derive(clap::Args, Clone)]
+#[command(after_help = AGENT_EXAMPLES)]
 pub struct AgentArgs {
-    /// TOML config file (default: /etc/inbound-audit/inbound-audit.toml when present).
-    #[arg(long)]
+    /// TOML config file [default: /etc/inbound-audit/inbound-audit.toml when it exists]
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// A service: NAME=PORT[,PORT...]; repeatable; replaces the config's services.
+    /// A service NAME=PORT[,PORT...], repeatable, replacing the config's [services] [default: SMTP=25,465,587]
     #[arg(long = "service", value_name = "NAME=PORTS")]
     services: Vec<String>,
-    /// Query socket path.
-    #[arg(long)]
+    /// Query socket [default: /run/inbound-audit/audit.sock]
+    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Group owning the query socket (name or gid).
-    #[arg(long)]
+    /// Group owning the query socket, name or gid [default: the agent's own group]
+    #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
-    /// cgroup v2 directory to watch (default: the cgroup2 root, i.e. every process).
-    #[arg(long)]
+    /// cgroup v2 directory whose sessions are counted [default: the cgroup2 root, every process]
+    #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
-    /// bpffs directory for pinned maps and links.
-    #[arg(long)]
+    /// bpffs directory for the pinned maps and links [default: /sys/fs/bpf/inbound-audit]
+    #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
-    /// Most simultaneous query clients.
-    #[arg(long)]
+    /// Most query clients connected at once [default: 1024]
+    #[arg(long, value_name = "N")]
     max_clients: Option<config::PositiveCount>,
-    /// A time-windowed monitor "W,N" (N windows of W seconds); repeatable;
-    /// replaces the config's monitors.
+    /// A monitor of N windows of W seconds, repeatable, replacing the config's monitors [default: none]
     #[arg(long = "monitor", value_name = "W,N")]
     monitors: Vec<String>,
-    /// Directory for the monitor state saved on shutdown.
-    #[arg(long)]
+    /// Directory of the monitor state saved on shutdown [default: /var/lib/inbound-audit]
+    #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Serve Postfix policy delegation (check_policy_service) on this socket.
-    #[arg(long)]
+    /// Serve Postfix policy delegation (check_policy_service) on this socket [default: none]
+    #[arg(long, value_name = "PATH")]
     policy_socket: Option<PathBuf>,
-    /// Group owning the policy socket (Postfix's smtpd runs as user postfix).
-    #[arg(long)]
+    /// Group owning the policy socket; Postfix's smtpd runs as postfix [default: the agent's group]
+    #[arg(long, value_name = "GROUP")]
     policy_socket_group: Option<String>,
-    /// Seconds between reconcile passes against the kernel's socket records.
+    /// Seconds between reconcile passes against the kernel's socket records [default: 10]
     #[arg(long, value_name = "SECS")]
     reconcile_interval: Option<config::PositiveSecs>,
-    /// Fleet-wide counts through this Redis (redis://host:port/db or
-    /// redis+sentinel://host:port/primary); replaces `[cluster] redis`.
+    /// Fleet-wide counts through this Redis (redis://, rediss://, redis+sentinel://host:port/primary) [default: `[cluster] redis`, else off]
     #[arg(long, value_name = "URL")]
     cluster_redis: Option<config::RedisUrl>,
-    /// This node's name in the fleet (default: `[cluster] node`, else the host name).
+    /// This node's name in the fleet [default: `[cluster] node`, else the host name]
     #[arg(long, value_name = "NAME")]
     node: Option<config::NodeName>,
-    /// Remove the pinned programs and maps on exit instead of counting on.
+    /// On exit, detach the programs and remove the pinned maps instead of counting on
     #[arg(long)]
     detach_on_exit: bool,
 }

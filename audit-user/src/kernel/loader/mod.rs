@@ -4,6 +4,8 @@
 //! Pinned layout under the pin directory (default /sys/fs/bpf/inbound-audit):
 //! one file per map (by name) and `link-sock-ops`, plus `link-set-state` while
 //! the close backstop is attached (only as long as seeded sessions remain).
+//! State pinned by an agent of another layout (the LAYOUT map) is replaced and
+//! its sessions seeded again, never refused (see `pins::replace_other_layout`).
 //!
 //! Split by seam: `pins` (bpffs, layout check, links), `sync` (the sync
 //! program and its test runs), `maps` (the maps' reads and writes),
@@ -34,9 +36,13 @@ use aya::{
 
 use self::pins::{
     attach_backstop, check_layout, detach_backstop, ensure_bpffs, program, program_error,
-    replace_pinned_link, set_mirroring, take_map, SET_STATE_LINK, SOCK_OPS_LINK,
+    replace_other_layout, replace_pinned_link, set_mirroring, take_map, SET_STATE_LINK,
+    SOCK_OPS_LINK,
 };
-pub use self::{error::LoadError, pins::cleanup};
+pub use self::{
+    error::LoadError,
+    pins::{cleanup, FreshPins},
+};
 
 /// The compiled kernel program, embedded by build.rs (empty when it was not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/audit-ebpf.o"));
@@ -84,6 +90,7 @@ impl KernelProgram {
         }
         let pin_dir = options.pin_dir.to_path_buf();
         ensure_bpffs(&pin_dir)?;
+        replace_other_layout(&pin_dir)?;
         fs::create_dir_all(&pin_dir).map_err(|source| LoadError::PinDir {
             path: pin_dir.clone(),
             source,

@@ -39,6 +39,59 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Pinned state that this start is creating: a pin directory that was absent
+/// or empty when the start began. Dropped before [`FreshPins::keep`], it
+/// removes whatever was pinned there, so a start that fails later (a cgroup
+/// that does not exist, a seeding error) leaves the system as it found it. A
+/// directory that held state (a previous agent's counts) is never touched.
+#[must_use = "dropping it at once removes the pins"]
+pub struct FreshPins {
+    dir: Option<PathBuf>,
+}
+
+impl FreshPins {
+    pub fn note(pin_dir: &Path) -> Self {
+        let fresh = match fs::read_dir(pin_dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        };
+        Self {
+            dir: fresh.then(|| pin_dir.to_path_buf()),
+        }
+    }
+
+    /// Whether a failed start would remove the pin directory.
+    pub fn is_fresh(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// The start succeeded: the pins stay and count on.
+    pub fn keep(mut self) {
+        self.dir = None;
+    }
+}
+
+impl Drop for FreshPins {
+    fn drop(&mut self) {
+        let Some(dir) = self.dir.take() else {
+            return;
+        };
+        match cleanup(&dir) {
+            Ok(removed) if removed.is_empty() && !dir.exists() => {}
+            Ok(removed) => log::info!(
+                "start failed: removed the {} objects it had pinned in {}",
+                removed.len(),
+                dir.display()
+            ),
+            Err(e) => log::warn!(
+                "start failed, and removing what it pinned in {} failed too: {e}; run `inbound-audit cleanup --pin-dir {}`",
+                dir.display(),
+                dir.display()
+            ),
+        }
+    }
+}
+
 const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
 
 /// Pinning needs bpffs. Most systems mount it at /sys/fs/bpf at boot; where none
@@ -75,6 +128,131 @@ pub(super) fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|stat| stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+#[cfg(test)]
+mod fresh_pins_tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "inbound-audit-fresh-pins-{name}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_failed_fresh_start_removes_what_it_pinned() {
+        let dir = scratch("absent");
+        let guard = FreshPins::note(&dir);
+        assert!(guard.is_fresh());
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("LIVE_V4"), b"").unwrap();
+        drop(guard);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+
+    #[test]
+    fn an_empty_directory_counts_as_fresh() {
+        let dir = scratch("empty");
+        fs::create_dir_all(&dir).unwrap();
+        let guard = FreshPins::note(&dir);
+        assert!(guard.is_fresh());
+        fs::write(dir.join("LAYOUT"), b"").unwrap();
+        drop(guard);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_previous_agents_state_is_never_removed() {
+        let dir = scratch("previous");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("LIVE_V4"), b"").unwrap();
+        let guard = FreshPins::note(&dir);
+        assert!(!guard.is_fresh());
+        drop(guard);
+        assert!(dir.join("LIVE_V4").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_empty_or_absent_pin_dir_is_current() {
+        let dir = scratch("layout");
+        assert_eq!(pinned_layout(&dir), PinnedLayout::Current);
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(pinned_layout(&dir), PinnedLayout::Current);
+        // Files that are no pinned maps (state from before LAYOUT existed, or
+        // not bpffs at all): another layout, replaced.
+        fs::write(dir.join("LIVE"), b"").unwrap();
+        assert_eq!(pinned_layout(&dir), PinnedLayout::Other(None));
+        assert!(replace_other_layout(&dir).unwrap());
+        assert!(!dir.exists());
+        assert!(!replace_other_layout(&dir).unwrap());
+    }
+
+    #[test]
+    fn a_successful_start_keeps_its_pins() {
+        let dir = scratch("kept");
+        let guard = FreshPins::note(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("LIVE_V4"), b"").unwrap();
+        guard.keep();
+        assert!(dir.join("LIVE_V4").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// What an agent found pinned, before loading over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PinnedLayout {
+    /// Nothing pinned, or this agent's own layout: load over it.
+    Current,
+    /// Another layout (an older or newer agent's, or state from before the
+    /// LAYOUT map): its maps cannot be read as ours. `None`: no readable LAYOUT.
+    Other(Option<u32>),
+}
+
+/// Reads the LAYOUT version pinned in `pin_dir` without loading anything.
+pub(super) fn pinned_layout(pin_dir: &Path) -> PinnedLayout {
+    let empty = fs::read_dir(pin_dir).map_or(true, |mut e| e.next().is_none());
+    if empty {
+        return PinnedLayout::Current;
+    }
+    let version = MapData::from_pin(pin_dir.join(map_names::LAYOUT))
+        .ok()
+        .and_then(|data| Array::<MapData, u32>::try_from(aya::maps::Map::Array(data)).ok())
+        .and_then(|layout| layout.get(&0, 0).ok());
+    match version {
+        Some(0) | Some(LAYOUT_VERSION) => PinnedLayout::Current,
+        other => PinnedLayout::Other(other),
+    }
+}
+
+/// Pinned state of another layout is replaced, never adopted half-way nor
+/// refused: its links are unpinned (detaching its programs) and its maps
+/// removed, so the new maps start empty and start-up seeds every open session
+/// from sock_diag, as for sessions that predate the programs. Nothing is
+/// counted twice: the old counts go with the old maps. Returns whether it did.
+pub(super) fn replace_other_layout(pin_dir: &Path) -> Result<bool, LoadError> {
+    let PinnedLayout::Other(found) = pinned_layout(pin_dir) else {
+        return Ok(false);
+    };
+    let found = found.map_or_else(
+        || "no readable LAYOUT".to_string(),
+        |v| format!("layout {v}"),
+    );
+    let removed = cleanup(pin_dir).map_err(|source| LoadError::PinDir {
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    log::warn!(
+        "{} held pinned state of {found} (this agent uses layout {LAYOUT_VERSION}): removed its {} objects; open sessions are seeded again from the kernel's socket table",
+        pin_dir.display(),
+        removed.len()
+    );
+    Ok(true)
 }
 
 pub(super) fn check_layout(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
