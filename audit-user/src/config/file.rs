@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use serde::Deserialize;
 
 use super::{
+    kernel_limits::KernelLimitEntry,
     limits::PolicyLimit,
     values::{
         FileMode, Gid, Monitor, Port, PositiveCount, PositiveSecs, RingBytes, TableSize, Uid,
@@ -39,6 +40,7 @@ pub(super) struct ConfigFile {
     max_tracked_ips: TableSize,
     max_tracked_sessions: TableSize,
     event_ring_bytes: RingBytes,
+    kernel_limits: Vec<KernelLimitEntry>,
 }
 
 impl Default for ConfigFile {
@@ -68,6 +70,7 @@ impl Default for ConfigFile {
             max_tracked_ips: TableSize(1 << 20),
             max_tracked_sessions: TableSize(1 << 20),
             event_ring_bytes: RingBytes(4 << 20),
+            kernel_limits: Vec::new(),
         }
     }
 }
@@ -131,6 +134,7 @@ impl From<ConfigFile> for Config {
             max_tracked_ips: file.max_tracked_ips.0,
             max_tracked_sessions: file.max_tracked_sessions.0,
             event_ring_bytes: file.event_ring_bytes.0,
+            kernel_limits: file.kernel_limits.into_iter().map(|l| l.0).collect(),
         }
     }
 }

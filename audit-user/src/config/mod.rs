@@ -16,6 +16,7 @@ use audit_common::MAX_SERVICES;
 
 mod error;
 mod file;
+pub mod kernel_limits;
 mod limits;
 mod values;
 
@@ -70,6 +71,8 @@ pub struct Config {
     pub max_tracked_sessions: u32,
     /// Size of the kernel's session-event ring buffer (set when the maps are created).
     pub event_ring_bytes: u32,
+    /// `[[kernel_limits]]`: SYNs the kernel refuses, in order (the first full one refuses).
+    pub kernel_limits: Vec<kernel_limits::KernelLimitConfig>,
 }
 
 /// Which local users may use the query socket, from its peer credentials.
@@ -173,6 +176,14 @@ impl Config {
                 _ => {}
             }
         }
+        for (i, limit) in self.kernel_limits.iter().enumerate() {
+            if !self.services.iter().any(|s| s.name == limit.service) {
+                return Err(invalid(
+                    &format!("kernel_limits[{i}]"),
+                    format!("service {:?} is not configured", limit.service),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -257,6 +268,16 @@ impl Config {
                     format!("\"{monitor}\" is configured twice"),
                 ));
             }
+        }
+        if self.kernel_limits.len() > audit_common::MAX_KERNEL_LIMITS {
+            return Err(invalid(
+                "kernel_limits",
+                format!(
+                    "{} limits configured, at most {} (the kernel program's fixed table)",
+                    self.kernel_limits.len(),
+                    audit_common::MAX_KERNEL_LIMITS
+                ),
+            ));
         }
         if self.socket.as_os_str().is_empty() {
             return Err(invalid("socket", "empty path"));
