@@ -152,7 +152,12 @@ impl Setup {
                 name: &format!("refusal-{name}"),
                 cgroup: &cgroup,
                 services: vec![format!("SMTP={},{}", server.ports[0], server.ports[1])],
-                extra_args: vec!["--config".into(), config.display().to_string()],
+                extra_args: vec![
+                    "--config".into(),
+                    config.display().to_string(),
+                    "--monitor".into(),
+                    "60,1".into(),
+                ],
             },
             &ns.0,
         );
@@ -229,6 +234,27 @@ fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
     admitted.push(connect(&setup.ns, "127.0.1.7", server));
     assert_refused(&setup.ns, "127.0.1.7", server);
 
+    // Every refusal counted: per IP in the refusals series, in stats, and
+    // one log line for the /24 (not one per SYN).
+    setup
+        .agent
+        .expect("@127.0.1.1 msys.audit.refusals(\"60,1\")", "OK 1");
+    setup
+        .agent
+        .expect("@127.0.1.7 msys.audit.refusals(\"60,1\")", "OK 1");
+    setup.agent.expect(
+        "msys.audit.refusals(\"60,1\", {cidr=\"127.0.1.0/24\"})",
+        "OK 4",
+    );
+    assert_eq!(setup.agent.stat("kernel_limit_refusals"), 4);
+    assert_eq!(setup.agent.stat("kernel_limit_dry_run_refusals"), 0);
+    assert_eq!(setup.agent.stat("kernel_limits_attached"), 1);
+    let show =
+        inbound_audit::serving::client::query_report(&setup.agent.socket, "show 127.0.1.0/24")
+            .expect("show request")
+            .expect("show report");
+    assert!(show.iter().any(|l| l == "Refusals 60/0: 4"), "{show:?}");
+
     // A reload without limits detaches the program: nothing is refused.
     std::fs::write(&setup.config, "").unwrap();
     setup.agent.signal(libc::SIGHUP);
@@ -243,8 +269,16 @@ fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
     }
     admitted.push(connect(&setup.ns, "127.0.1.7", server));
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
+    assert_eq!(setup.agent.stat("kernel_limits_attached"), 0);
     drop(admitted);
     setup.agent.stop();
+    let log = setup.agent.log_text();
+    assert_eq!(
+        log.matches("kernel limits: refused").count(),
+        1,
+        "one line per prefix per minute:\n{log}"
+    );
+    assert!(log.contains("SYNs from 127.0.1.0/24"), "{log}");
 }
 
 #[test]
@@ -282,6 +316,13 @@ fn dry_run_refuses_nothing() {
         .collect();
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
     expect_held(&mut setup.server, 5);
+    // The 4th and 5th would have been refused.
+    setup.agent.expect(
+        "msys.audit.refusals(\"60,1\", {cidr=\"127.0.1.0/24\"})",
+        "OK 2",
+    );
+    assert_eq!(setup.agent.stat("kernel_limit_dry_run_refusals"), 2);
+    assert_eq!(setup.agent.stat("kernel_limit_refusals"), 0);
     drop(admitted);
     setup.agent.stop();
 }

@@ -4,6 +4,7 @@
 
 mod events;
 mod reconcile;
+mod refusals;
 mod reload;
 mod signals;
 mod startup;
@@ -33,6 +34,7 @@ use crate::{
 use self::{
     events::follow_events,
     reconcile::reconcile,
+    refusals::follow_refusals,
     reload::apply_reload,
     signals::{Signal, Signals},
     startup::{prepare, save_monitor_state},
@@ -124,6 +126,11 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
     let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
     let program = Arc::new(Mutex::new(program));
     let reconcile_task = tokio::spawn(reconcile(program.clone(), state.clone(), shutdown.clone()));
+    let refusals_task = tokio::spawn(follow_refusals(
+        program.clone(),
+        state.clone(),
+        shutdown.clone(),
+    ));
 
     log::info!("serving queries on {}", socket.path().display());
     let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone()));
@@ -150,6 +157,7 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
     }
     let _ = events_task.await;
     let _ = reconcile_task.await;
+    let _ = refusals_task.await;
 
     save_monitor_state(&state);
     let pin_dir = state.setup().config.pin_dir.clone();

@@ -105,6 +105,7 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         );
     }
     let state = Arc::new(SharedState::new(config, slots));
+    AgentStats::set(&state.stats.kernel_limits_attached, refusal.attached.into());
     state.write_sessions().load(&tally_records(records));
     load_monitor_state(&state);
 
