@@ -326,3 +326,41 @@ fn dry_run_refuses_nothing() {
     drop(admitted);
     setup.agent.stop();
 }
+
+/// The agent keeps only CAP_BPF after start-up: a reload that brings the
+/// first limit must find the program loaded already.
+#[test]
+fn a_limit_added_by_a_reload_is_enforced() {
+    require_ebpf!();
+    let mut setup = Setup::start("reload", "");
+    let server = setup.v4();
+    assert_eq!(setup.agent.stat("kernel_limits_attached"), 0);
+    let mut admitted: Vec<TcpStream> = (1..=4)
+        .map(|i| connect(&setup.ns, &format!("127.0.1.{i}"), server))
+        .collect();
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 4);
+    std::fs::write(&setup.config, LIMITS).unwrap();
+    setup.agent.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !setup.agent.log_text().contains("SIGHUP: 1 kernel limit(s)") {
+        assert!(Instant::now() < deadline, "{}", setup.agent.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        setup
+            .agent
+            .log_text()
+            .contains("SIGHUP: 1 kernel limit(s), sk_lookup attached"),
+        "{}",
+        setup.agent.log_text()
+    );
+    // The four sessions that predate the limit count against it.
+    assert_refused(&setup.ns, "127.0.1.5", server);
+    reset(admitted.remove(0));
+    reset(admitted.remove(0));
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 2);
+    admitted.push(connect(&setup.ns, "127.0.1.5", server));
+    assert_refused(&setup.ns, "127.0.1.6", server);
+    drop(admitted);
+    setup.agent.stop();
+}

@@ -60,6 +60,8 @@ pub struct Refusal {
     exempt_v6: LpmTrie<MapData, [u8; 16], u32>,
     refused: BpfHashMap<MapData, RefusedKey, u64>,
     link: Option<FdLink>,
+    /// Why the sk_lookup program did not load at start-up, if it did not.
+    load_error: Option<String>,
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> LoadError {
@@ -75,9 +77,12 @@ where
 }
 
 impl Refusal {
-    /// Takes the limits' maps out of the loaded object (the program stays in
-    /// it, loaded only when a limit is configured).
+    /// Takes the limits' maps out of the loaded object and loads the
+    /// sk_lookup program, unattached: loading it needs CAP_NET_ADMIN, which
+    /// the agent drops after start-up, and a reload may add the first limit.
+    /// A kernel that refuses it is told when a limit asks for it.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        let load_error = load_program(ebpf).err().map(|e| e.to_string());
         Ok(Self {
             limits: take(ebpf, map_names::KERNEL_LIMITS)?,
             counts: take(ebpf, map_names::PREFIX_COUNTS)?,
@@ -85,6 +90,7 @@ impl Refusal {
             exempt_v6: take(ebpf, map_names::EXEMPT_V6)?,
             refused: take(ebpf, map_names::REFUSED_IPS)?,
             link: None,
+            load_error,
         })
     }
 
@@ -152,21 +158,19 @@ impl Refusal {
         Ok(status)
     }
 
-    fn attach(&mut self, ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    fn attach(&mut self, ebpf: &mut Ebpf) -> Result<(), String> {
         if self.link.is_some() {
             return Ok(());
         }
-        let name = program_names::SK_LOOKUP;
-        let program: &mut SkLookup = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|source| LoadError::Program { name, source })?;
+        if let Some(e) = &self.load_error {
+            return Err(format!("it did not load at start-up: {e}"));
         }
+        self.attach_loaded(ebpf).map_err(|e| e.to_string())
+    }
+
+    fn attach_loaded(&mut self, ebpf: &mut Ebpf) -> Result<(), LoadError> {
+        let name = program_names::SK_LOOKUP;
+        let program = sk_lookup(ebpf)?;
         let netns = File::open(OWN_NETNS).map_err(|source| LoadError::Netns { source })?;
         let id = program
             .attach(netns)
@@ -273,6 +277,23 @@ impl Refusal {
     pub fn attached(&self) -> bool {
         self.link.is_some()
     }
+}
+
+fn sk_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup, LoadError> {
+    let name = program_names::SK_LOOKUP;
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+fn load_program(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    sk_lookup(ebpf)?
+        .load()
+        .map_err(|source| LoadError::Program {
+            name: program_names::SK_LOOKUP,
+            source,
+        })
 }
 
 /// The `KERNEL_LIMITS` array as `limits` (in order) make it; unused slots are zero.
