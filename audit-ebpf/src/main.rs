@@ -405,13 +405,10 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
             };
             // The delta travels in the cookie field; two's complement makes a
             // wrapping add of its low 32 bits a signed add.
+            // Not applied to the per-prefix counts: the per-IP count it heals
+            // lost its increment to a collected entry, which prefix counts
+            // (never collected) did not.
             add_to_slot(counts, request.service as usize, request.cookie as u32);
-            refusal::count_prefixes(
-                request.family,
-                &request.addr,
-                request.service,
-                request.cookie as u32,
-            );
             Ok(sync_result::APPLIED)
         }
         _ => Err(()),

@@ -89,7 +89,8 @@ pub trait Kernel {
         limits: &[KernelLimitConfig],
         slots: &HashMap<String, u8>,
     ) -> Result<RefusalStatus, LoadError>;
-    /// SYNs refused per client IP since the last call.
+    /// SYNs refused per client IP since the last call (and, at most once a
+    /// minute, the per-prefix counts at zero collected).
     fn take_refused(&mut self) -> Vec<Refused>;
     /// Seeds the sessions already open on `ports` (port → slot) in `cgroup`.
     fn seed(
@@ -165,6 +166,8 @@ impl Kernel for KernelProgram {
     }
 
     fn take_refused(&mut self) -> Vec<Refused> {
+        // Called every second: the collection paces itself.
+        self.refusal().collect_zero_prefixes();
         self.refusal().take_refused()
     }
 

@@ -32,6 +32,9 @@ use crate::config::kernel_limits::KernelLimitConfig;
 /// uses this file, and api uses the loader).
 type LiveSnapshot = [(IpAddr, LiveCounts)];
 
+/// How often zero per-prefix counts are collected.
+const COLLECT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The network namespace the agent (and so the MTA it watches) runs in.
 const OWN_NETNS: &str = "/proc/self/ns/net";
 
@@ -62,6 +65,7 @@ pub struct Refusal {
     link: Option<FdLink>,
     /// Why the sk_lookup program did not load at start-up, if it did not.
     load_error: Option<String>,
+    last_collect: Option<std::time::Instant>,
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> LoadError {
@@ -91,6 +95,7 @@ impl Refusal {
             refused: take(ebpf, map_names::REFUSED_IPS)?,
             link: None,
             load_error,
+            last_collect: None,
         })
     }
 
@@ -253,6 +258,32 @@ impl Refusal {
                 Some((key.limit, net, i64::from(count as i32)))
             })
             .collect()
+    }
+
+    /// Deletes the per-prefix counts at zero (or below: a racing close), at
+    /// most once per `COLLECT_INTERVAL`: the kernel leaves them, and the map
+    /// would otherwise fill with every prefix that ever connected, after
+    /// which a new prefix could not be counted (nor limited). An open racing
+    /// the delete is lost to its prefix count: that prefix may admit one
+    /// session over its limit until it empties again. Returns how many went.
+    pub fn collect_zero_prefixes(&mut self) -> usize {
+        let due = self
+            .last_collect
+            .is_none_or(|at| at.elapsed() >= COLLECT_INTERVAL);
+        if !due {
+            return 0;
+        }
+        self.last_collect = Some(std::time::Instant::now());
+        let zero: Vec<PrefixKey> = self
+            .counts
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|&(_, count)| count as i32 <= 0)
+            .map(|(key, _)| key)
+            .collect();
+        zero.iter()
+            .filter(|key| self.counts.remove(key).is_ok())
+            .count()
     }
 
     /// SYNs refused per client IP since the agent last took them; the entries
