@@ -205,6 +205,9 @@ fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 3);
     assert_refused(&setup.ns, "127.0.1.9", server);
     assert_refused(&setup.ns, "127.0.1.1", server);
+    // The same limit through the dual-stack listener (a v4-mapped peer there).
+    let dual_stack = SocketAddr::new(addr("127.0.0.1"), setup.server.ports[1]);
+    assert_refused(&setup.ns, "127.0.1.10", dual_stack);
     // The MTA never saw the refused ones.
     expect_held(&mut setup.server, 3);
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 3);
@@ -244,16 +247,16 @@ fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
         .expect("@127.0.1.7 msys.audit.refusals(\"60,1\")", "OK 1");
     setup.agent.expect(
         "msys.audit.refusals(\"60,1\", {cidr=\"127.0.1.0/24\"})",
-        "OK 4",
+        "OK 5",
     );
-    assert_eq!(setup.agent.stat("kernel_limit_refusals"), 4);
+    assert_eq!(setup.agent.stat("kernel_limit_refusals"), 5);
     assert_eq!(setup.agent.stat("kernel_limit_dry_run_refusals"), 0);
     assert_eq!(setup.agent.stat("kernel_limits_attached"), 1);
     let show =
         inbound_audit::serving::client::query_report(&setup.agent.socket, "show 127.0.1.0/24")
             .expect("show request")
             .expect("show report");
-    assert!(show.iter().any(|l| l == "Refusals 60/0: 4"), "{show:?}");
+    assert!(show.iter().any(|l| l == "Refusals 60/0: 5"), "{show:?}");
 
     // A reload without limits detaches the program: nothing is refused.
     std::fs::write(&setup.config, "").unwrap();
