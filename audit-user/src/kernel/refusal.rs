@@ -244,22 +244,6 @@ impl Refusal {
         Ok(())
     }
 
-    /// The kernel's per-prefix counts: (limit index, network) → live sessions.
-    pub fn prefix_counts(&self) -> Vec<(u8, IpNet, i64)> {
-        let limits: Vec<KernelLimit> = (0..MAX_KERNEL_LIMITS as u32)
-            .map(|i| self.limits.get(&i, 0).unwrap_or_default())
-            .collect();
-        self.counts
-            .iter()
-            .filter_map(Result::ok)
-            .filter_map(|(key, count)| {
-                let limit = limits.get(usize::from(key.limit))?;
-                let net = key_net(&key, limit)?;
-                Some((key.limit, net, i64::from(count as i32)))
-            })
-            .collect()
-    }
-
     /// Deletes the per-prefix counts at zero (or below: a racing close), at
     /// most once per `COLLECT_INTERVAL`: the kernel leaves them, and the map
     /// would otherwise fill with every prefix that ever connected, after
@@ -303,10 +287,6 @@ impl Refusal {
             }
         }
         out
-    }
-
-    pub fn attached(&self) -> bool {
-        self.link.is_some()
     }
 }
 
@@ -453,16 +433,6 @@ fn key_ip(family: u8, addr: &[u8; 16]) -> Option<IpAddr> {
         FAMILY_V6 => Some(IpAddr::from(*addr)),
         _ => None,
     }
-}
-
-fn key_net(key: &PrefixKey, limit: &KernelLimit) -> Option<IpNet> {
-    let ip = key_ip(key.family, &key.addr)?;
-    let bits = if key.family == FAMILY_V4 {
-        limit.ipv4_prefix
-    } else {
-        limit.ipv6_prefix
-    };
-    IpNet::new(ip, bits).ok()
 }
 
 #[cfg(test)]
