@@ -32,6 +32,11 @@ pub mod map_names {
     pub const LAYOUT: &str = "LAYOUT";
     pub const SESSIONS: &str = "SESSIONS";
     pub const CONTROL: &str = "CONTROL";
+    pub const KERNEL_LIMITS: &str = "KERNEL_LIMITS";
+    pub const PREFIX_COUNTS: &str = "PREFIX_COUNTS";
+    pub const EXEMPT_V4: &str = "EXEMPT_V4";
+    pub const EXEMPT_V6: &str = "EXEMPT_V6";
+    pub const REFUSED_IPS: &str = "REFUSED_IPS";
 }
 
 /// `PORT_SERVICES` is an array indexed by local port: service slot + 1 for a
@@ -43,6 +48,7 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "inbound_sock_ops";
     pub const SET_STATE: &str = "inbound_set_state";
     pub const SYNC: &str = "inbound_sync";
+    pub const SK_LOOKUP: &str = "inbound_sk_lookup";
 }
 
 /// Indexes of the per-CPU `STATS` array: things the kernel side could not do.
@@ -54,6 +60,8 @@ pub mod stat {
     /// The socket table was full, or the kernel could not allocate a session's
     /// socket storage: a session could not be tracked (nor counted).
     pub const SOCKET_TABLE_FULL: u32 = 2;
+    /// SYNs the sk_lookup program refused (or, in dry run, would have).
+    pub const REFUSED: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -126,6 +134,9 @@ pub mod control {
     /// session by a `SOCKETS` record instead of socket storage, which the
     /// seeding's insert-if-absent sees.
     pub const MIRROR_TO_SOCKETS: u32 = 0;
+    /// Non-zero while some kernel limit is configured: only then do opens and
+    /// closes keep the per-prefix counts (`PREFIX_COUNTS`).
+    pub const KERNEL_LIMITS: u32 = 1;
     pub const COUNT: u32 = 4;
 }
 
@@ -181,6 +192,60 @@ pub struct ServiceName {
 }
 const _: () = assert!(size_of::<ServiceName>() == 32);
 
+/// Kernel limits (`[[kernel_limits]]`) at most. Each one costs every accept
+/// and close on its service a hash lookup and an atomic add, and every SYN on
+/// a watched port one more lookup: four keeps the sk_lookup program within a
+/// few hundred ns and lets a site limit a /32, a /24 and a /16 at once. The
+/// exempt list's value is a bit mask of limits, which four bits hold.
+pub const MAX_KERNEL_LIMITS: usize = 4;
+
+/// One kernel limit as the sk_lookup program reads it (`KERNEL_LIMITS[i]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLimit {
+    /// Live sessions allowed per prefix; the next SYN is refused.
+    pub max: u32,
+    /// The service slot the limit watches.
+    pub service: u8,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// `limit_flags`.
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<KernelLimit>() == 8);
+
+/// Values of `KernelLimit::flags`.
+pub mod limit_flags {
+    /// The slot holds a configured limit.
+    pub const ACTIVE: u8 = 1;
+    /// Count what would be refused, refuse nothing.
+    pub const DRY_RUN: u8 = 2;
+}
+
+/// A per-prefix live count's key (`PREFIX_COUNTS`): the client's address
+/// masked to the limit's prefix length, and which limit it counts for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PrefixKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub limit: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<PrefixKey>() == 24);
+
+/// A refused client's key (`REFUSED_IPS`, an LRU hash of SYN counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RefusedKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    /// 1: a dry-run limit would have refused it (it was let through).
+    pub dry_run: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<RefusedKey>() == 24);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is repr(C), made of integer arrays with explicit padding,
@@ -190,4 +255,7 @@ mod pod {
     unsafe impl aya::Pod for super::SessionStorage {}
     unsafe impl aya::Pod for super::SessionEvent {}
     unsafe impl aya::Pod for super::ServiceName {}
+    unsafe impl aya::Pod for super::KernelLimit {}
+    unsafe impl aya::Pod for super::PrefixKey {}
+    unsafe impl aya::Pod for super::RefusedKey {}
 }

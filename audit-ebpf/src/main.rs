@@ -10,6 +10,10 @@
 //! - `inbound_sync` (XDP, never attached): run by the agent through
 //!   BPF_PROG_TEST_RUN to seed or forget a socket with the same atomic code path.
 //!
+//! - `inbound_sk_lookup` (sk_lookup, `refusal`): refuses the SYN of a session
+//!   over a kernel limit; attached to the network namespace only while some
+//!   limit is configured.
+//!
 //! A seeded session (and one accepted while the agent seeds) has a record in
 //! `SOCKETS`, keyed by cookie: its close is uncounted only by whoever deletes
 //! that record, so however many of these programs see the close, it counts
@@ -44,6 +48,8 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockOpsContext, XdpContext},
 };
+
+mod refusal;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -399,6 +405,9 @@ fn try_sync(ctx: &XdpContext) -> Result<u32, ()> {
             };
             // The delta travels in the cookie field; two's complement makes a
             // wrapping add of its low 32 bits a signed add.
+            // Not applied to the per-prefix counts: the per-IP count it heals
+            // lost its increment to a collected entry, which prefix counts
+            // (never collected) did not.
             add_to_slot(counts, request.service as usize, request.cookie as u32);
             Ok(sync_result::APPLIED)
         }
@@ -465,6 +474,7 @@ fn count_open(event: u8, cookie: u64, record: &SocketRecord) -> bool {
         event
     };
     add_to_slot(counts, record.service as usize, 1);
+    refusal::count_prefixes(record.family, &record.addr, record.service, 1);
     emit(event, cookie, record);
     true
 }
@@ -513,6 +523,12 @@ fn uncount(cookie: u64, record: &SocketRecord) -> Result<(), ()> {
     if let Some(counts) = live_counts(record.family, &record.addr, false) {
         add_to_slot(counts, record.service as usize, 1u32.wrapping_neg());
     }
+    refusal::count_prefixes(
+        record.family,
+        &record.addr,
+        record.service,
+        1u32.wrapping_neg(),
+    );
     emit(EVENT_CLOSE, cookie, record);
     Ok(())
 }

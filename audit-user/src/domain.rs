@@ -56,10 +56,21 @@ pub enum Series {
     Receptions,
     /// Messages rejected, as reported by the MTA.
     Rejections,
+    /// SYNs a kernel limit refused (or, in dry run, would have refused).
+    Refusals,
 }
 
 impl Series {
-    pub const ALL: [Series; 3] = [Series::Connections, Series::Receptions, Series::Rejections];
+    pub const ALL: [Series; 4] = [
+        Series::Connections,
+        Series::Receptions,
+        Series::Rejections,
+        Series::Refusals,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+    /// The series the monitor state file holds, a prefix of `ALL`: the file
+    /// format predates `Refusals`, whose windows start empty after a restart.
+    pub const PERSISTED: usize = 3;
 
     pub(crate) fn slot(self) -> usize {
         self as usize
@@ -71,6 +82,7 @@ impl Series {
             Series::Connections => "Connections",
             Series::Receptions => "Receptions",
             Series::Rejections => "Rejections",
+            Series::Refusals => "Refusals",
         }
     }
 
@@ -80,6 +92,7 @@ impl Series {
             Series::Connections => "connections",
             Series::Receptions => "receptions",
             Series::Rejections => "rejections",
+            Series::Refusals => "refusals",
         }
     }
 }

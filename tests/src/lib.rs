@@ -203,7 +203,18 @@ impl TestServer {
     /// integration test) listening on each address (port 0: a free port) from
     /// inside `cgroup`.
     pub fn start(binary: &str, cgroup: &TestCgroup, addrs: &[&str]) -> Self {
-        let mut command = Command::new(binary);
+        Self::start_in(Command::new(binary), cgroup, addrs)
+    }
+
+    /// As `start`, inside the network namespace `netns` (made by `ip netns add`),
+    /// entered by nsenter: `ip netns exec` would remount /sys, hiding bpffs and cgroup2.
+    pub fn start_in_netns(binary: &str, netns: &str, cgroup: &TestCgroup, addrs: &[&str]) -> Self {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/run/netns/{netns}")).arg(binary);
+        Self::start_in(command, cgroup, addrs)
+    }
+
+    fn start_in(mut command: Command, cgroup: &TestCgroup, addrs: &[&str]) -> Self {
         command
             .args(addrs)
             .stdin(Stdio::piped())
@@ -235,6 +246,14 @@ impl TestServer {
             .read_line(&mut answer)
             .expect("test-server answer");
         answer.trim_end().to_string()
+    }
+
+    /// How many connections the server has accepted and still holds.
+    pub fn held(&mut self) -> usize {
+        let answer = self.command("count");
+        answer
+            .parse()
+            .unwrap_or_else(|_| panic!("test-server count: {answer:?}"))
     }
 
     /// Closes the server's side of the connection from `peer` (a FIN from the server).
@@ -307,6 +326,8 @@ pub struct Agent {
     log: PathBuf,
     /// RLIMIT_NOFILE (soft and hard) the agent's process starts with; None: ours.
     open_files: Option<u64>,
+    /// The network namespace the agent runs in (entered by nsenter); None: ours.
+    netns: Option<String>,
     _dir: TempDir,
 }
 
@@ -317,7 +338,17 @@ impl Agent {
 
     /// As `start`, with the agent's RLIMIT_NOFILE soft and hard limits set to
     /// `limit` (as `ulimit -n` in its shell would).
+    /// As `start`, inside the network namespace `netns` (made by `ip netns add`),
+    /// entered by nsenter: `ip netns exec` would remount /sys, hiding bpffs and cgroup2.
+    pub fn start_in_netns(options: AgentOptions<'_>, netns: &str) -> Self {
+        Self::start_with(options, None, Some(netns.to_string()))
+    }
+
     pub fn start_with_open_files(options: AgentOptions<'_>, limit: Option<u64>) -> Self {
+        Self::start_with(options, limit, None)
+    }
+
+    fn start_with(options: AgentOptions<'_>, limit: Option<u64>, netns: Option<String>) -> Self {
         let dir = TempDir::new(options.name);
         let socket = dir.path().join("audit.sock");
         let pin_dir = PathBuf::from(format!(
@@ -354,6 +385,7 @@ impl Agent {
             args,
             log,
             open_files: limit,
+            netns,
             _dir: dir,
         };
         agent.spawn();
@@ -366,7 +398,16 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let mut command = Command::new(agent_binary());
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg(agent_binary());
+                command
+            }
+            None => Command::new(agent_binary()),
+        };
         command
             .args(&self.args)
             .env("RUST_LOG", "info")

@@ -4,6 +4,7 @@
 
 mod events;
 mod reconcile;
+mod refusals;
 mod reload;
 mod signals;
 mod startup;
@@ -34,6 +35,7 @@ use crate::{
 use self::{
     events::follow_events,
     reconcile::reconcile,
+    refusals::follow_refusals,
     reload::apply_reload,
     signals::{Signal, Signals},
     startup::{prepare, save_monitor_state},
@@ -146,6 +148,11 @@ async fn serve(
     let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
     let program = Arc::new(Mutex::new(program));
     let reconcile_task = tokio::spawn(reconcile(program.clone(), state.clone(), shutdown.clone()));
+    let refusals_task = tokio::spawn(follow_refusals(
+        program.clone(),
+        state.clone(),
+        shutdown.clone(),
+    ));
 
     log::info!("serving queries on {}", socket.path().display());
     let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone()));
@@ -190,6 +197,7 @@ async fn serve(
     if let Some(task) = cluster_task {
         task.abort();
     }
+    let _ = refusals_task.await;
 
     save_monitor_state(&state);
     let pin_dir = state.setup().config.pin_dir.clone();

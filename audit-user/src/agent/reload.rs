@@ -55,6 +55,21 @@ pub(super) fn apply_reload<K: Kernel>(
                 return;
             }
         };
+        match program.configure_refusal(&config.kernel_limits, &slots) {
+            Ok(status) => {
+                AgentStats::set(&state.stats.kernel_limits_attached, status.attached.into());
+                log::info!(
+                    "SIGHUP: {} kernel limit(s), sk_lookup {}",
+                    status.limits,
+                    if status.attached {
+                        "attached"
+                    } else {
+                        "not attached"
+                    }
+                );
+            }
+            Err(e) => log::error!("SIGHUP: kernel limits not applied: {e}"),
+        }
         let newly_watched: HashMap<u16, u8> = config
             .services
             .iter()

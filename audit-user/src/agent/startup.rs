@@ -99,7 +99,16 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         .iter()
         .flat_map(|s| s.ports.iter().map(|&p| (p, slots[&s.name])))
         .collect();
+    // Before seeding: seeded sessions then count toward their prefixes too.
+    let refusal = program.configure_refusal(&config.kernel_limits, &slots)?;
+    if refusal.attached {
+        log::info!(
+            "{} kernel limit(s): SYNs over a limit are refused in the kernel (sk_lookup attached to this network namespace)",
+            refusal.limits
+        );
+    }
     let state = Arc::new(SharedState::new(config, slots));
+    AgentStats::set(&state.stats.kernel_limits_attached, refusal.attached.into());
     state.write_sessions().load(&tally_records(records));
     load_monitor_state(&state);
 

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::{
     cluster::ClusterConfig,
+    kernel_limits::KernelLimitEntry,
     limits::PolicyLimit,
     values::{
         FileMode, Gid, Monitor, Port, PositiveCount, PositiveSecs, RingBytes, TableSize, Uid,
@@ -41,6 +42,7 @@ pub(super) struct ConfigFile {
     max_tracked_sessions: TableSize,
     event_ring_bytes: RingBytes,
     cluster: Option<ClusterConfig>,
+    kernel_limits: Vec<KernelLimitEntry>,
 }
 
 impl Default for ConfigFile {
@@ -71,6 +73,7 @@ impl Default for ConfigFile {
             max_tracked_sessions: TableSize(1 << 20),
             event_ring_bytes: RingBytes(4 << 20),
             cluster: None,
+            kernel_limits: Vec::new(),
         }
     }
 }
@@ -135,6 +138,7 @@ impl From<ConfigFile> for Config {
             max_tracked_sessions: file.max_tracked_sessions.0,
             event_ring_bytes: file.event_ring_bytes.0,
             cluster: file.cluster,
+            kernel_limits: file.kernel_limits.into_iter().map(|l| l.0).collect(),
         }
     }
 }

@@ -17,6 +17,7 @@ use audit_common::MAX_SERVICES;
 mod cluster;
 mod error;
 mod file;
+pub mod kernel_limits;
 mod limits;
 mod values;
 
@@ -74,6 +75,8 @@ pub struct Config {
     pub event_ring_bytes: u32,
     /// Fleet-wide counts through Redis; None: clustering is off.
     pub cluster: Option<ClusterConfig>,
+    /// `[[kernel_limits]]`: SYNs the kernel refuses, in order (the first full one refuses).
+    pub kernel_limits: Vec<kernel_limits::KernelLimitConfig>,
 }
 
 /// Which local users may use the query socket, from its peer credentials.
@@ -183,6 +186,14 @@ impl Config {
                 _ => {}
             }
         }
+        for (i, limit) in self.kernel_limits.iter().enumerate() {
+            if !self.services.iter().any(|s| s.name == limit.service) {
+                return Err(invalid(
+                    &format!("kernel_limits[{i}]"),
+                    format!("service {:?} is not configured", limit.service),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -268,6 +279,16 @@ impl Config {
                     format!("\"{monitor}\" is configured twice"),
                 ));
             }
+        }
+        if self.kernel_limits.len() > audit_common::MAX_KERNEL_LIMITS {
+            return Err(invalid(
+                "kernel_limits",
+                format!(
+                    "{} limits configured, at most {} (the kernel program's fixed table)",
+                    self.kernel_limits.len(),
+                    audit_common::MAX_KERNEL_LIMITS
+                ),
+            ));
         }
         if self.socket.as_os_str().is_empty() {
             return Err(invalid("socket", "empty path"));

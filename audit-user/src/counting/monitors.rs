@@ -31,14 +31,14 @@ use crate::{
 pub(super) struct Window {
     /// Start time / W.
     pub(super) epoch: u64,
-    pub(super) series: [CidrIndex; 3],
+    pub(super) series: [CidrIndex; Series::COUNT],
 }
 
 impl Window {
     pub(super) fn new(epoch: u64) -> Self {
         Self {
             epoch,
-            series: [CidrIndex::new(), CidrIndex::new(), CidrIndex::new()],
+            series: std::array::from_fn(|_| CidrIndex::new()),
         }
     }
 
@@ -59,7 +59,7 @@ pub struct Monitor {
     windows: VecDeque<Window>,
     /// Per series: the sum of every window in `windows` and of what is left in
     /// `retiring`.
-    totals: [CidrIndex; 3],
+    totals: [CidrIndex; Series::COUNT],
     /// Windows that left the history whose counts are still in `totals`. At
     /// 1M keys taking a window out at once would stall every query for about a
     /// second, so its keys move out in batches, from the window and the totals
@@ -76,7 +76,7 @@ impl Monitor {
         Self {
             spec,
             windows: VecDeque::new(),
-            totals: [CidrIndex::new(), CidrIndex::new(), CidrIndex::new()],
+            totals: std::array::from_fn(|_| CidrIndex::new()),
             retiring: Vec::new(),
             tracked: 0,
             dropped: 0,

@@ -5,7 +5,9 @@
 //! Format: `STATE_MAGIC`, a body, and the body's FNV-1a hash (little-endian
 //! u64). Body: monitor count (u32); per monitor W (u64), N (u32), window count
 //! (u32); per window its epoch (u64) and, per series, an entry count (u32) and
-//! entries of family byte (4 or 6), address octets and count (u64).
+//! entries of family byte (4 or 6), address octets and count (u64). Only the
+//! first `Series::PERSISTED` series are stored (refusals are not), so files
+//! written before the refusals series existed still load.
 //!
 //! Counts are checked on load, not only the checksum: a stored entry's count
 //! is at least 1 (zero entries are never written) and at most
@@ -37,7 +39,7 @@ use std::{
 
 use crate::{
     counting::monitors::{Monitors, Window},
-    domain::MonitorSpec,
+    domain::{MonitorSpec, Series},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -263,7 +265,7 @@ impl Monitors {
             put_u32(&mut body, windows.len() as u32);
             for window in windows {
                 put_u64(&mut body, window.epoch);
-                for index in &window.series {
+                for index in &window.series[..Series::PERSISTED] {
                     put_u32(&mut body, index.len() as u32);
                     for (ip, count) in index.iter() {
                         match ip {
@@ -326,7 +328,7 @@ impl Monitors {
             let mut windows = VecDeque::new();
             for _ in 0..take_u32(&mut input).ok_or(corrupt("truncated"))? {
                 let mut window = Window::new(take_u64(&mut input).ok_or(corrupt("truncated"))?);
-                for index in &mut window.series {
+                for index in &mut window.series[..Series::PERSISTED] {
                     for _ in 0..take_u32(&mut input).ok_or(corrupt("truncated"))? {
                         let ip = take_ip(&mut input).ok_or(corrupt("bad address"))?;
                         let count = take_u64(&mut input).ok_or(corrupt("truncated"))?;

@@ -308,6 +308,11 @@ pub struct AgentStats {
     pub kernel_seeded_sessions: AtomicU64,
     /// 1 while the tp_btf close backstop is attached.
     pub close_backstop_attached: AtomicU64,
+    /// 1 while the sk_lookup program enforces `[[kernel_limits]]`.
+    pub kernel_limits_attached: AtomicU64,
+    /// SYNs refused by a kernel limit, and let through by a dry-run one.
+    pub kernel_limit_refusals: AtomicU64,
+    pub kernel_limit_dry_run_refusals: AtomicU64,
 }
 
 impl AgentStats {

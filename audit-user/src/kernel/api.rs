@@ -11,10 +11,11 @@ use std::{
 
 use audit_common::{LiveCounts, SocketRecord};
 
-use crate::domain::ServicePorts;
+use crate::{config::kernel_limits::KernelLimitConfig, domain::ServicePorts};
 
 use super::{
     loader::{error::LoadError, KernelProgram},
+    refusal::{RefusalStatus, Refused},
     seed::{self, SeedError, SeedReport},
 };
 
@@ -82,6 +83,15 @@ pub trait Kernel {
     /// True if it was attached and is detached now.
     fn detach_close_backstop(&mut self) -> Result<bool, LoadError>;
     fn close_backstop_attached(&self) -> bool;
+    /// Puts `limits` (`[[kernel_limits]]`) in the kernel; see `Refusal::configure`.
+    fn configure_refusal(
+        &mut self,
+        limits: &[KernelLimitConfig],
+        slots: &HashMap<String, u8>,
+    ) -> Result<RefusalStatus, LoadError>;
+    /// SYNs refused per client IP since the last call (and, at most once a
+    /// minute, the per-prefix counts at zero collected).
+    fn take_refused(&mut self) -> Vec<Refused>;
     /// Seeds the sessions already open on `ports` (port → slot) in `cgroup`.
     fn seed(
         &mut self,
@@ -145,6 +155,20 @@ impl Kernel for KernelProgram {
 
     fn close_backstop_attached(&self) -> bool {
         KernelProgram::close_backstop_attached(self)
+    }
+
+    fn configure_refusal(
+        &mut self,
+        limits: &[KernelLimitConfig],
+        slots: &HashMap<String, u8>,
+    ) -> Result<RefusalStatus, LoadError> {
+        KernelProgram::configure_refusal(self, limits, slots)
+    }
+
+    fn take_refused(&mut self) -> Vec<Refused> {
+        // Called every second: the collection paces itself.
+        self.refusal().collect_zero_prefixes();
+        self.refusal().take_refused()
     }
 
     fn seed(

@@ -14,7 +14,7 @@ use audit_common::{
     record_origin, stat, sync_result, LiveCounts, SocketRecord, FAMILY_V4, FAMILY_V6, MAX_SERVICES,
 };
 
-use crate::domain::ServicePorts;
+use crate::{config::kernel_limits::KernelLimitConfig, domain::ServicePorts};
 
 use super::{
     api::{Kernel, LiveSnapshot, TrackedSessions, Uncounted},
@@ -22,6 +22,7 @@ use super::{
         error::LoadError,
         services::{assign_slots, port_values},
     },
+    refusal::{RefusalStatus, Refused},
     seed::{SeedError, SeedReport},
 };
 
@@ -55,6 +56,10 @@ pub struct FakeKernel {
     pub adjustments: Vec<(IpAddr, u8, i64)>,
     /// How many times `snapshot_tracked` ran: one per pass.
     pub snapshots: AtomicUsize,
+    /// The kernel limits last configured.
+    pub kernel_limits: Vec<KernelLimitConfig>,
+    /// Refusals `take_refused` hands out (and empties).
+    pub refused: Vec<Refused>,
 }
 
 impl Default for FakeKernel {
@@ -74,6 +79,8 @@ impl Default for FakeKernel {
             seed_calls: Vec::new(),
             adjustments: Vec::new(),
             snapshots: AtomicUsize::new(0),
+            kernel_limits: Vec::new(),
+            refused: Vec::new(),
         }
     }
 }
@@ -154,6 +161,22 @@ impl FakeKernel {
 }
 
 impl Kernel for FakeKernel {
+    fn configure_refusal(
+        &mut self,
+        limits: &[KernelLimitConfig],
+        _slots: &HashMap<String, u8>,
+    ) -> Result<RefusalStatus, LoadError> {
+        self.kernel_limits = limits.to_vec();
+        Ok(RefusalStatus {
+            limits: limits.len(),
+            attached: !limits.is_empty(),
+        })
+    }
+
+    fn take_refused(&mut self) -> Vec<Refused> {
+        std::mem::take(&mut self.refused)
+    }
+
     fn snapshot_tracked(&self) -> Result<TrackedSessions, LoadError> {
         self.snapshots.fetch_add(1, Ordering::Relaxed);
         Ok(TrackedSessions {

@@ -1,5 +1,5 @@
 //! Everything that talks to the kernel: the eBPF loader and its maps, the
-//! start-up sync of pre-existing sessions, sock_diag, and cgroup discovery;
+//! start-up sync of pre-existing sessions, sock_diag, cgroup discovery, and the kernel limits' refusal;
 //! `api::Kernel` is what the agent uses of it (a fake stands in for tests).
 
 pub mod api;
@@ -7,5 +7,6 @@ pub mod cgroup;
 #[cfg(test)]
 pub mod fake;
 pub mod loader;
+pub mod refusal;
 pub mod seed;
 pub mod sock_diag;

@@ -190,6 +190,12 @@ fn stats(state: &SharedState) -> Vec<String> {
             }
         ),
         format!("kernel_refused_counted_later {}", get(&s.adopted)),
+        format!("kernel_limits_attached {}", get(&s.kernel_limits_attached)),
+        format!("kernel_limit_refusals {}", get(&s.kernel_limit_refusals)),
+        format!(
+            "kernel_limit_dry_run_refusals {}",
+            get(&s.kernel_limit_dry_run_refusals)
+        ),
         format!(
             "monitor_entries {}",
             monitors.iter().map(|m| m.tracked()).sum::<usize>()
@@ -241,7 +247,12 @@ fn cluster_stats(state: &SharedState) -> Vec<String> {
 fn show(state: &SharedState, net: &IpNet, now: Duration) -> Vec<String> {
     let mut lines = vec![format!("Network {net}")];
     let monitors = state.lock_monitors();
+    // Refusals only where kernel limits make them: other agents' output stays as it was.
+    let refusing = !state.setup().config.kernel_limits.is_empty();
     for series in Series::ALL {
+        if series == Series::Refusals && !refusing {
+            continue;
+        }
         for monitor in monitors.iter() {
             let spec = monitor.spec();
             for window in 0..=spec.kept {

@@ -417,3 +417,29 @@ fn the_directory_is_fsynced_after_the_rename() {
     .unwrap_or_else(|| panic!("the directory is not fsynced: {lines:#?}"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn refusals_are_not_saved_and_the_format_stays_as_it_was() {
+    let dir = scratch("refusals");
+    let (with, without) = (dir.join("with.state"), dir.join("without.state"));
+    let mut monitors = Monitors::new(&[spec("60,1")], 100);
+    monitors.record(Series::Connections, ip("10.0.0.1"), 3, at(30));
+    monitors.save(&without).unwrap();
+    monitors.record(Series::Refusals, ip("10.0.0.2"), 7, at(30));
+    monitors.save(&with).unwrap();
+    assert_eq!(
+        std::fs::read(&with).unwrap(),
+        std::fs::read(&without).unwrap()
+    );
+    // A file in the format of before the refusals series loads as ever.
+    std::fs::write(&with, file_with(&[(ip("10.0.0.1"), 3)])).unwrap();
+    let mut restored = Monitors::new(&[spec("60,1")], 100);
+    restored.load(&with, at(61)).unwrap();
+    let m = restored.by_key("60,1").unwrap();
+    assert_eq!(
+        m.sum(Series::Connections, &net("10.0.0.0/8"), 0, 0, at(61)),
+        3
+    );
+    assert_eq!(m.sum(Series::Refusals, &net("10.0.0.0/8"), 0, 0, at(61)), 0);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -46,6 +46,8 @@ pub enum LoadError {
     Sync(#[source] aya::programs::ProgramError),
     #[error("reading the sessions' socket storage: {0}")]
     SockDiag(#[from] crate::kernel::sock_diag::SockDiagError),
+    #[error("cannot open the agent's network namespace (/proc/self/ns/net): {source}")]
+    Netns { source: io::Error },
     #[error("too many services: {count} configured and in use, at most {max}")]
     TooManyServices { count: usize, max: usize },
 }

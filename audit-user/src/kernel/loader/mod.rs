@@ -43,6 +43,10 @@ pub use self::{
     error::LoadError,
     pins::{cleanup, FreshPins},
 };
+use crate::{
+    config::kernel_limits::KernelLimitConfig,
+    kernel::refusal::{Refusal, RefusalStatus},
+};
 
 /// The compiled kernel program, embedded by build.rs (empty when it was not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/audit-ebpf.o"));
@@ -63,6 +67,8 @@ pub struct KernelProgram {
     /// The accepted sessions' socket storage; read through sock_diag, by fd.
     sessions: MapData,
     events: Option<RingBuf<MapData>>,
+    /// Kernel limits' maps and the sk_lookup link (see kernel::refusal).
+    refusal: Refusal,
     pin_dir: PathBuf,
     // Keeps the sync program loaded; it is run through BPF_PROG_TEST_RUN.
     ebpf: Ebpf,
@@ -159,6 +165,7 @@ impl KernelProgram {
             control,
             sessions,
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
+            refusal: Refusal::take(&mut ebpf)?,
             pin_dir,
             ebpf,
         })
@@ -202,6 +209,27 @@ impl KernelProgram {
     /// Returns whether it was attached.
     pub fn detach_close_backstop(&mut self) -> Result<bool, LoadError> {
         detach_backstop(&self.pin_dir)
+    }
+
+    /// Puts the kernel limits in place (see `Refusal::configure`), their
+    /// counts rebuilt from the per-IP counts where a limit changed.
+    pub fn configure_refusal(
+        &mut self,
+        limits: &[KernelLimitConfig],
+        slots: &StdHashMap<String, u8>,
+    ) -> Result<RefusalStatus, LoadError> {
+        let live = if limits.is_empty() {
+            Vec::new()
+        } else {
+            self.snapshot_live()?
+        };
+        self.refusal
+            .configure(&mut self.ebpf, &mut self.control, limits, slots, &live)
+    }
+
+    /// The kernel limits' state, for the agent's reports.
+    pub fn refusal(&mut self) -> &mut Refusal {
+        &mut self.refusal
     }
 
     /// The ring buffer of session events; can be taken once.

@@ -386,6 +386,7 @@ fn query_for_call(call: CallSyntax) -> Result<Query, QueryError> {
                 "msys.audit.connections" => msys_audit_windowed(args, Series::Connections),
                 "msys.audit.receptions" => msys_audit_windowed(args, Series::Receptions),
                 "msys.audit.rejections" => msys_audit_windowed(args, Series::Rejections),
+                "msys.audit.refusals" => msys_audit_windowed(args, Series::Refusals),
                 _ => Err(unknown_function(&name)),
             }
         }
