@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "kernel"],
     &["counting"],
     &["serving"],
-    &["adapters"],
+    &["adapters", "metrics"],
     &["agent"],
     // The binary's command line, on top of everything.
     &["cli"],

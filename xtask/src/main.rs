@@ -399,8 +399,9 @@ fn fuzz(root: &Path, seconds: u64, only: Option<&str>) -> Result<()> {
 /// Debian packages the adapter tests drive for real: a Lua host with
 /// LuaSocket, and Postfix (installed, never started as a service: the tests run
 /// private instances). Installed when missing and we can; otherwise those tests
-/// skip and say so. INBOUND_AUDIT_NO_APT=1 leaves the system alone.
-const TEST_PACKAGES: [&str; 3] = ["lua5.4", "lua-socket", "postfix"];
+/// skip and say so; Prometheus (with promtool) and tmux for the metrics and
+/// `top` tests. INBOUND_AUDIT_NO_APT=1 leaves the system alone.
+const TEST_PACKAGES: [&str; 5] = ["lua5.4", "lua-socket", "postfix", "prometheus", "tmux"];
 
 fn ensure_test_packages() -> Result<()> {
     let missing: Vec<&str> = TEST_PACKAGES

@@ -20,6 +20,7 @@ use crate::{
         loader::{self, KernelProgram, LoadError},
         seed::SeedError,
     },
+    metrics,
     serving::{server, shutdown},
     sys::{
         caps as privileges,
@@ -54,6 +55,8 @@ pub enum AgentError {
         path: std::path::PathBuf,
         source: DirError,
     },
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -119,6 +122,15 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
     } = prepared;
     let mut signals = Signals::install()?;
     held.release();
+    // Bound before any task starts, so a taken port fails start-up cleanly.
+    let metrics_listener = match state.setup().config.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            log::info!("serving Prometheus metrics on http://{addr}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
 
     let (trigger, shutdown) = shutdown::channel();
     let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
@@ -135,6 +147,8 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
         );
         tokio::spawn(postfix::serve(socket, state.clone(), shutdown.clone()))
     });
+    let metrics_task = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, state.clone(), shutdown.clone())));
 
     while signals.next().await == Signal::Reload {
         match &reload {
@@ -146,6 +160,9 @@ async fn serve(prepared: Prepared, held: HeldSignals) -> Result<(), AgentError> 
     trigger.trigger();
     let _ = server_task.await;
     if let Some(task) = policy_task {
+        let _ = task.await;
+    }
+    if let Some(task) = metrics_task {
         let _ = task.await;
     }
     let _ = events_task.await;

@@ -39,6 +39,7 @@ pub(super) struct ConfigFile {
     max_tracked_ips: TableSize,
     max_tracked_sessions: TableSize,
     event_ring_bytes: RingBytes,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ConfigFile {
@@ -68,6 +69,7 @@ impl Default for ConfigFile {
             max_tracked_ips: TableSize(1 << 20),
             max_tracked_sessions: TableSize(1 << 20),
             event_ring_bytes: RingBytes(4 << 20),
+            metrics_listen: None,
         }
     }
 }
@@ -131,6 +133,7 @@ impl From<ConfigFile> for Config {
             max_tracked_ips: file.max_tracked_ips.0,
             max_tracked_sessions: file.max_tracked_sessions.0,
             event_ring_bytes: file.event_ring_bytes.0,
+            metrics_listen: file.metrics_listen,
         }
     }
 }

@@ -70,6 +70,8 @@ pub struct Config {
     pub max_tracked_sessions: u32,
     /// Size of the kernel's session-event ring buffer (set when the maps are created).
     pub event_ring_bytes: u32,
+    /// Where `/metrics` is served over HTTP (Prometheus text format); None: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Which local users may use the query socket, from its peer credentials.
@@ -202,7 +204,8 @@ impl Config {
             max_tracked_ips,
             max_tracked_sessions,
             event_ring_bytes,
-            state_dir
+            state_dir,
+            metrics_listen
         );
         kept
     }

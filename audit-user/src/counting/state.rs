@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::{
     config::Config,
-    counting::{index::CidrIndex, monitors::Monitors},
+    counting::{index::CidrIndex, monitors::Monitors, observed::Observed},
     domain::Series,
 };
 
@@ -55,6 +55,11 @@ impl LiveSessions {
         self.by_slot
             .get(slot as usize)
             .map_or(0, |index| index.get(ip))
+    }
+
+    /// One service slot's index, for readers that walk it (metrics, `top`).
+    pub fn slot(&self, slot: u8) -> Option<&CidrIndex> {
+        self.by_slot.get(slot as usize)
     }
 
     pub fn tracked_ips(&self) -> usize {
@@ -264,6 +269,8 @@ pub struct AgentStats {
     pub kernel_seeded_sessions: AtomicU64,
     /// 1 while the tp_btf close backstop is attached.
     pub close_backstop_attached: AtomicU64,
+    /// Counters and latencies for the Prometheus exposition.
+    pub observed: Observed,
 }
 
 impl AgentStats {
@@ -366,6 +373,9 @@ impl SharedState {
             }
         }
         drop(monitors);
+        for event in batch.iter().filter(|e| e.kind == EVENT_OPEN) {
+            self.stats.observed.accepted(event.service);
+        }
         AgentStats::add(&self.stats.events, outcome.applied);
         if outcome.underflows + outcome.malformed > 0 {
             AgentStats::add(&self.stats.underflows, outcome.underflows);

@@ -61,10 +61,12 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
             if monitors.is_empty() {
                 return Err(not_configured());
             }
+            state.stats.observed.recorded(*series, *n);
             Ok(Reply::Count(monitors.record(*series, *ip, *n, now)))
         }
         Query::Show { cidr } => Ok(Reply::Lines(show(state, &cidr.resolve(client)?, now))),
         Query::Stats => Ok(Reply::Lines(stats(state))),
+        Query::CidrShell(shell) => crate::serving::cidr_shell::answer(shell, state, now),
     }
 }
 

@@ -1,0 +1,277 @@
+//! Answers a [`CidrShell`] request from the live index and the monitors.
+//! Rows are found from the networks that hold counts (the index's per-/24
+//! and per-/64 sums where the size allows, otherwise the IPs inside the
+//! request's cidr), then each row's counts are prefix queries. The sessions
+//! lock and the monitors' lock are taken one after the other, never together.
+
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+
+use ipnet::IpNet;
+
+use super::{CidrShell, CountRequest, Order, SeriesRef};
+use crate::{
+    counting::{index::CidrIndex, monitors::Monitors, state::SharedState},
+    serving::protocol::reply::{ErrorCode, QueryError, Reply},
+};
+
+pub fn answer(
+    request: &CidrShell,
+    state: &SharedState,
+    now: Duration,
+) -> Result<Reply, QueryError> {
+    match request {
+        CidrShell::Available => Ok(Reply::Lines(available(state, now))),
+        CidrShell::Count(count) => Ok(Reply::Lines(show_count(count, state, now)?)),
+    }
+}
+
+/// Momentum's `show available` layout: `<series> : <what it covers>`.
+fn available(state: &SharedState, now: Duration) -> Vec<String> {
+    let setup = state.setup();
+    let mut lines = vec!["sessions : live, every service".to_string()];
+    for service in &setup.config.services {
+        lines.push(format!("sessions.{} : live", service.name));
+    }
+    let monitors = state.lock_monitors();
+    for (position, monitor) in monitors.iter().enumerate() {
+        let spec = monitor.spec();
+        let start = (now.as_secs() / spec.window_secs).saturating_sub(u64::from(spec.kept))
+            * spec.window_secs;
+        for series in crate::domain::Series::ALL {
+            lines.push(format!(
+                "{}.{position} : monitor \"{spec}\" @0-{} : {} => {}",
+                series.name(),
+                spec.kept,
+                momentum_time(start),
+                momentum_time(now.as_secs()),
+            ));
+        }
+    }
+    lines
+}
+
+/// `YYYYMMDDTHHMMSS` in UTC, as Momentum's `show available` prints times.
+fn momentum_time(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// What one series reads, resolved against the configuration.
+enum Resolved {
+    Sessions(Vec<u8>),
+    Monitored {
+        series: crate::domain::Series,
+        monitor: usize,
+        first: u32,
+        last: u32,
+    },
+}
+
+fn resolve(series: &SeriesRef, state: &SharedState) -> Result<Resolved, QueryError> {
+    match series {
+        SeriesRef::Sessions(None) => {
+            let setup = state.setup();
+            Ok(Resolved::Sessions(setup.slots.values().copied().collect()))
+        }
+        SeriesRef::Sessions(Some(name)) => {
+            let setup = state.setup();
+            let slot = setup
+                .slots
+                .iter()
+                .find(|(service, _)| service.eq_ignore_ascii_case(name))
+                .map(|(_, &slot)| slot)
+                .ok_or_else(|| {
+                    QueryError::new(
+                        ErrorCode::UnknownService,
+                        format!(
+                            "no service {name:?} (configured: {})",
+                            setup.service_names().join(", ")
+                        ),
+                    )
+                })?;
+            Ok(Resolved::Sessions(vec![slot]))
+        }
+        &SeriesRef::Monitored {
+            series,
+            monitor,
+            first,
+            last,
+        } => Ok(Resolved::Monitored {
+            series,
+            monitor,
+            first,
+            last,
+        }),
+    }
+}
+
+fn check_monitor(monitors: &Monitors, position: usize) -> Result<(), QueryError> {
+    if monitors.is_empty() {
+        return Err(QueryError::new(
+            ErrorCode::NotConfigured,
+            "no monitors are configured (monitors = [\"W,N\"] or --monitor W,N)",
+        ));
+    }
+    if monitors.by_position(position).is_none() {
+        return Err(QueryError::new(
+            ErrorCode::UnknownMonitor,
+            format!(
+                "no monitor at position {position} ({} configured, from position 0)",
+                monitors.iter().count()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn same_family(net: &IpNet, ip: IpAddr) -> bool {
+    matches!(
+        (net, ip),
+        (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_))
+    )
+}
+
+/// Adds every network of the wanted sizes inside `cidr` that holds a count
+/// in `index`. At exactly the index's /24 (/64) size its prefix sums are read
+/// instead of its IPs.
+fn collect_rows(index: &CidrIndex, cidr: &IpNet, sizes: (u8, u8), rows: &mut BTreeSet<IpNet>) {
+    let hot = match cidr {
+        IpNet::V4(_) => 24,
+        IpNet::V6(_) => 64,
+    };
+    if sizes == (hot, hot) {
+        rows.extend(
+            index
+                .hot_sums()
+                .map(|(net, _)| net)
+                .filter(|net| cidr.contains(net)),
+        );
+        return;
+    }
+    for (ip, _) in index.iter() {
+        if !same_family(cidr, ip) || !cidr.contains(&ip) {
+            continue;
+        }
+        for len in sizes.0..=sizes.1 {
+            if let Ok(net) = IpNet::new(ip, len) {
+                rows.insert(net.trunc());
+            }
+        }
+    }
+}
+
+fn show_count(
+    request: &CountRequest,
+    state: &SharedState,
+    now: Duration,
+) -> Result<Vec<String>, QueryError> {
+    let width = match request.cidr {
+        IpNet::V4(_) => 32,
+        IpNet::V6(_) => 128,
+    };
+    let sizes = request.sizes.unwrap_or((width, width));
+    let series: Vec<Resolved> = request
+        .series
+        .iter()
+        .map(|s| resolve(s, state))
+        .collect::<Result<_, _>>()?;
+
+    // Rows first, then counts: one lock at a time.
+    let mut rows = BTreeSet::new();
+    let mut counts: Vec<Vec<u64>> = Vec::new();
+    {
+        let sessions = state.read_sessions();
+        for s in &series {
+            if let Resolved::Sessions(slots) = s {
+                for index in slots.iter().filter_map(|&slot| sessions.slot(slot)) {
+                    collect_rows(index, &request.cidr, sizes, &mut rows);
+                }
+            }
+        }
+    }
+    {
+        let monitors = state.lock_monitors();
+        for s in &series {
+            if let Resolved::Monitored {
+                series, monitor, ..
+            } = s
+            {
+                check_monitor(&monitors, *monitor)?;
+                let m = monitors.by_position(*monitor).expect("checked");
+                collect_rows(m.seen(*series), &request.cidr, sizes, &mut rows);
+            }
+        }
+    }
+    let rows: Vec<IpNet> = rows.into_iter().collect();
+    for s in &series {
+        let column: Vec<u64> = match s {
+            Resolved::Sessions(slots) => {
+                let sessions = state.read_sessions();
+                rows.iter()
+                    .map(|net| {
+                        slots
+                            .iter()
+                            .map(|&slot| sessions.count(slot, net))
+                            .fold(0, u64::saturating_add)
+                    })
+                    .collect()
+            }
+            Resolved::Monitored {
+                series,
+                monitor,
+                first,
+                last,
+            } => {
+                let monitors = state.lock_monitors();
+                let m = monitors.by_position(*monitor).expect("checked");
+                rows.iter()
+                    .map(|net| m.sum(*series, net, *first, *last, now))
+                    .collect()
+            }
+        };
+        counts.push(column);
+    }
+
+    let mut table: Vec<(IpNet, Vec<u64>)> = rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, net)| {
+            let row: Vec<u64> = counts.iter().map(|column| column[i]).collect();
+            let row = if request.union {
+                vec![row.into_iter().fold(0, u64::saturating_add)]
+            } else {
+                row
+            };
+            (net, row)
+        })
+        .filter(|(_, row)| row.iter().any(|&c| c > 0))
+        .filter(|(_, row)| row[0] >= request.threshold)
+        .collect();
+    if request.order == Order::Count {
+        // Stable: equal counts stay in network order.
+        table.sort_by(|a, b| b.1[0].cmp(&a.1[0]));
+    }
+    table.truncate(request.limit);
+    Ok(table
+        .into_iter()
+        .map(|(net, row)| {
+            let counts: Vec<String> = row.iter().map(u64::to_string).collect();
+            format!("{net} : {}", counts.join(","))
+        })
+        .collect())
+}
