@@ -9,6 +9,7 @@ mod agent;
 mod cleanup;
 mod query;
 mod report;
+mod top;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +40,8 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_SOCKET_PATH)]
         socket: PathBuf,
     },
+    /// A live view of the busiest networks per service (--once: print it once).
+    Top(top::TopArgs),
     /// Detach the kernel programs and remove all pinned state.
     Cleanup {
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
@@ -57,6 +60,7 @@ pub fn main() -> ExitCode {
             report::run_report(&socket, &format!("show {network}"))
         }
         Command::Stats { socket } => report::run_report(&socket, "stats"),
+        Command::Top(args) => top::run(args),
         Command::Cleanup { pin_dir } => cleanup::run(&pin_dir),
     }
 }

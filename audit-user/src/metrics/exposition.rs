@@ -443,21 +443,32 @@ mod tests {
         assert_eq!(buckets, [0, 1, 1, 2, 2, 3, 3, 4]);
     }
 
-    /// The figure for the README: a scrape at 1M tracked IPs, and how long it
-    /// holds the sessions read lock. `cargo test --release -- --ignored scrape_at`.
+    fn million_ip_state() -> SharedState {
+        let state = state();
+        let mut tally = crate::counting::state::Tally::new();
+        for i in 0..1_000_000u32 {
+            // Spread over ~140k /24s, 1 to 9 sessions each IP.
+            let ip = IpAddr::from((0x0a00_0000u32 + i * 37).to_be_bytes());
+            tally.insert((0, ip), u64::from(i % 9 + 1));
+        }
+        state.write_sessions().load(&tally);
+        state
+    }
+
+    fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+        sorted[((sorted.len() - 1) as f64 * p) as usize]
+    }
+
+    /// The figures for the README: a scrape at 1M tracked IPs and how long it
+    /// holds the sessions read lock; a `top` request; and the p99 of other
+    /// queries while scrapes and `top` requests run in a loop.
+    /// `cargo test --release -p audit-user --lib -- --ignored --nocapture million`
     #[test]
     #[ignore = "measurement: builds 1M tracked IPs"]
-    fn scrape_at_a_million_ips() {
-        let state = state();
-        {
-            let mut sessions = state.write_sessions();
-            let mut tally = crate::counting::state::Tally::new();
-            for i in 0..1_000_000u32 {
-                let ip = IpAddr::from((0x0a00_0000u32 + i * 7).to_be_bytes());
-                tally.insert((0, ip), u64::from(i % 9 + 1));
-            }
-            sessions.load(&tally);
-        }
+    fn scrape_and_top_at_a_million_ips() {
+        use crate::serving::{command::execute, protocol::parse_request};
+        let state = std::sync::Arc::new(million_ip_state());
+        assert_eq!(state.read_sessions().tracked_ips(), 1_000_000);
         let mut under_lock = Vec::new();
         let mut whole = Vec::new();
         for _ in 0..10 {
@@ -474,9 +485,76 @@ mod tests {
         under_lock.sort();
         whole.sort();
         println!(
-            "1M IPs: sessions read lock held {:?} (median), {:?} (max); whole scrape {:?} (median)",
+            "1M IPs: scrape holds the sessions read lock {:?} median, {:?} max; whole scrape {:?} median",
             under_lock[5], under_lock[9], whole[5]
         );
-        assert_eq!(state.read_sessions().tracked_ips(), 1_000_000);
+        let now = crate::domain::unix_now();
+        let ask = |line: &str| execute(&parse_request(line.as_bytes()).unwrap(), &state, now);
+        for (what, line) in [
+            (
+                "top /24",
+                "show count for 0.0.0.0/0 in sessions.SMTP cidrsize 24 order by count limit 15",
+            ),
+            (
+                "top /32",
+                "show count for 0.0.0.0/0 in sessions.SMTP cidrsize 32 order by count limit 15",
+            ),
+        ] {
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let started = Instant::now();
+                std::hint::black_box(ask(line));
+                times.push(started.elapsed());
+            }
+            times.sort();
+            println!("1M IPs: {what} request {:?} median", times[2]);
+        }
+        let query = "msys.audit.inbound_session_count(\"10.1.2.0/24\", \"SMTP\")";
+        let measure = || {
+            let mut times = Vec::with_capacity(20_000);
+            for _ in 0..20_000 {
+                let started = Instant::now();
+                std::hint::black_box(ask(query));
+                times.push(started.elapsed());
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            times.sort();
+            (
+                percentile(&times, 0.5),
+                percentile(&times, 0.99),
+                times[times.len() - 1],
+            )
+        };
+        let quiet = measure();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let background = {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::black_box(render(&state));
+                    for cidr in ["0.0.0.0/0", "::/0"] {
+                        let line = format!(
+                            "show count for {cidr} in sessions.SMTP cidrsize {} order by count limit 15",
+                            if cidr == "::/0" { 64 } else { 24 }
+                        );
+                        std::hint::black_box(execute(
+                            &parse_request(line.as_bytes()).unwrap(),
+                            &state,
+                            now,
+                        ));
+                    }
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        let busy = measure();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = background.join().unwrap();
+        println!(
+            "1M IPs: session_count p50/p99/max {:?}/{:?}/{:?} quiet; {:?}/{:?}/{:?} while {rounds} scrape+top rounds ran",
+            quiet.0, quiet.1, quiet.2, busy.0, busy.1, busy.2
+        );
     }
 }
