@@ -1,10 +1,12 @@
 //! Answers a [`CidrShell`] request from the live index and the monitors.
-//! Rows are found from the networks that hold counts (the index's per-/24
-//! and per-/64 sums where the size allows, otherwise the IPs inside the
-//! request's cidr), then each row's counts are prefix queries. The sessions
-//! lock and the monitors' lock are taken one after the other, never together.
+//! Each series becomes a map from network to count in one pass over the
+//! index (its per-/24 and per-/64 sums where the size allows, otherwise its
+//! IPs inside the request's cidr); a monitored series' networks come from the
+//! monitor's totals and their counts in the asked windows are prefix queries.
+//! Only the first `limit` rows are sorted. The sessions lock and the
+//! monitors' lock are taken one series at a time, never together.
 
-use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
 
@@ -146,33 +148,72 @@ fn same_family(net: &IpNet, ip: IpAddr) -> bool {
     )
 }
 
-/// Adds every network of the wanted sizes inside `cidr` that holds a count
-/// in `index`. At exactly the index's /24 (/64) size its prefix sums are read
-/// instead of its IPs.
-fn collect_rows(index: &CidrIndex, cidr: &IpNet, sizes: (u8, u8), rows: &mut BTreeSet<IpNet>) {
+/// Adds the count of every network of the wanted sizes inside `cidr` that
+/// holds one in `index` to `sums`, in one pass: the index's per-/24 (/64)
+/// sums when that is the only size, else its IPs.
+fn add_sums(index: &CidrIndex, cidr: &IpNet, sizes: (u8, u8), sums: &mut HashMap<IpNet, u64>) {
     let hot = match cidr {
         IpNet::V4(_) => 24,
         IpNet::V6(_) => 64,
     };
     if sizes == (hot, hot) {
-        rows.extend(
-            index
-                .hot_sums()
-                .map(|(net, _)| net)
-                .filter(|net| cidr.contains(net)),
-        );
+        for (net, sum) in index.hot_sums().filter(|(net, _)| cidr.contains(net)) {
+            let entry = sums.entry(net).or_default();
+            *entry = entry.saturating_add(sum);
+        }
         return;
     }
-    for (ip, _) in index.iter() {
+    for (ip, count) in index.iter() {
         if !same_family(cidr, ip) || !cidr.contains(&ip) {
             continue;
         }
         for len in sizes.0..=sizes.1 {
             if let Ok(net) = IpNet::new(ip, len) {
-                rows.insert(net.trunc());
+                let entry = sums.entry(net.trunc()).or_default();
+                *entry = entry.saturating_add(count);
             }
         }
     }
+}
+
+/// One column: each network's count of one series.
+fn column(
+    series: &Resolved,
+    request: &CountRequest,
+    sizes: (u8, u8),
+    state: &SharedState,
+    now: Duration,
+) -> Result<HashMap<IpNet, u64>, QueryError> {
+    let mut sums = HashMap::new();
+    match series {
+        Resolved::Sessions(slots) => {
+            let sessions = state.read_sessions();
+            for index in slots.iter().filter_map(|&slot| sessions.slot(slot)) {
+                add_sums(index, &request.cidr, sizes, &mut sums);
+            }
+        }
+        Resolved::Monitored {
+            series,
+            monitor,
+            first,
+            last,
+        } => {
+            let monitors = state.lock_monitors();
+            check_monitor(&monitors, *monitor)?;
+            let m = monitors.by_position(*monitor).expect("checked");
+            // The networks come from the monitor's all-window totals; their
+            // counts in the asked windows are prefix queries.
+            let mut seen = HashMap::new();
+            add_sums(m.seen(*series), &request.cidr, sizes, &mut seen);
+            for net in seen.into_keys() {
+                let count = m.sum(*series, &net, *first, *last, now);
+                if count > 0 {
+                    sums.insert(net, count);
+                }
+            }
+        }
+    }
+    Ok(sums)
 }
 
 fn show_count(
@@ -190,81 +231,40 @@ fn show_count(
         .iter()
         .map(|s| resolve(s, state))
         .collect::<Result<_, _>>()?;
-
-    // Rows first, then counts: one lock at a time.
-    let mut rows = BTreeSet::new();
-    let mut counts: Vec<Vec<u64>> = Vec::new();
-    {
-        let sessions = state.read_sessions();
-        for s in &series {
-            if let Resolved::Sessions(slots) = s {
-                for index in slots.iter().filter_map(|&slot| sessions.slot(slot)) {
-                    collect_rows(index, &request.cidr, sizes, &mut rows);
-                }
-            }
-        }
-    }
-    {
-        let monitors = state.lock_monitors();
-        for s in &series {
-            if let Resolved::Monitored {
-                series, monitor, ..
-            } = s
-            {
-                check_monitor(&monitors, *monitor)?;
-                let m = monitors.by_position(*monitor).expect("checked");
-                collect_rows(m.seen(*series), &request.cidr, sizes, &mut rows);
-            }
-        }
-    }
-    let rows: Vec<IpNet> = rows.into_iter().collect();
-    for s in &series {
-        let column: Vec<u64> = match s {
-            Resolved::Sessions(slots) => {
-                let sessions = state.read_sessions();
-                rows.iter()
-                    .map(|net| {
-                        slots
-                            .iter()
-                            .map(|&slot| sessions.count(slot, net))
-                            .fold(0, u64::saturating_add)
-                    })
-                    .collect()
-            }
-            Resolved::Monitored {
-                series,
-                monitor,
-                first,
-                last,
-            } => {
-                let monitors = state.lock_monitors();
-                let m = monitors.by_position(*monitor).expect("checked");
-                rows.iter()
-                    .map(|net| m.sum(*series, net, *first, *last, now))
-                    .collect()
-            }
-        };
-        counts.push(column);
-    }
-
-    let mut table: Vec<(IpNet, Vec<u64>)> = rows
+    // One lock at a time, one series at a time.
+    let columns: Vec<HashMap<IpNet, u64>> = series
+        .iter()
+        .map(|s| column(s, request, sizes, state, now))
+        .collect::<Result<_, _>>()?;
+    let nets: std::collections::HashSet<IpNet> =
+        columns.iter().flat_map(|c| c.keys().copied()).collect();
+    let mut table: Vec<(IpNet, Vec<u64>)> = nets
         .into_iter()
-        .enumerate()
-        .map(|(i, net)| {
-            let row: Vec<u64> = counts.iter().map(|column| column[i]).collect();
+        .map(|net| {
+            let row = columns.iter().map(|c| c.get(&net).copied().unwrap_or(0));
             let row = if request.union {
-                vec![row.into_iter().fold(0, u64::saturating_add)]
+                vec![row.fold(0, u64::saturating_add)]
             } else {
-                row
+                row.collect()
             };
             (net, row)
         })
-        .filter(|(_, row)| row.iter().any(|&c| c > 0))
         .filter(|(_, row)| row[0] >= request.threshold)
         .collect();
-    if request.order == Order::Count {
-        // Stable: equal counts stay in network order.
-        table.sort_by(|a, b| b.1[0].cmp(&a.1[0]));
+    match request.order {
+        Order::Cidr => table.sort_unstable_by_key(|(net, _)| *net),
+        Order::Count => {
+            // Largest first, equal counts in network order; only the first
+            // `limit` need sorting.
+            let compare = |a: &(IpNet, Vec<u64>), b: &(IpNet, Vec<u64>)| {
+                b.1[0].cmp(&a.1[0]).then(a.0.cmp(&b.0))
+            };
+            if table.len() > request.limit && request.limit > 0 {
+                table.select_nth_unstable_by(request.limit - 1, compare);
+            }
+            table.truncate(request.limit);
+            table.sort_unstable_by(compare);
+        }
     }
     table.truncate(request.limit);
     Ok(table
