@@ -312,3 +312,61 @@ fn prometheus_scrapes_the_agent_and_parses_the_dashboard() {
         .is_err());
     drop(held);
 }
+
+/// The README's picture of the dashboard: real sessions, receptions,
+/// rejections and queries for about two minutes, scraped by a real
+/// Prometheus, drawn by contrib/grafana/render.py with the dashboard's own
+/// queries. Needs matplotlib for /usr/bin/python3 (Debian's
+/// python3-matplotlib). Run by hand:
+/// `cargo xtask test -- -p integration-tests --test metrics -- --ignored dashboard_picture`
+#[test]
+#[ignore = "draws contrib/grafana/inbound-audit.png (about two minutes)"]
+fn dashboard_picture() {
+    require_ebpf!();
+    require_prometheus!();
+    const PICTURE_METRICS: u16 = 19466;
+    let listen = format!("127.0.0.1:{PICTURE_METRICS}");
+    let fixture = SmtpFixture::start(
+        env!("CARGO_BIN_EXE_test-server"),
+        "metrics-picture",
+        &["--metrics-listen", &listen, "--monitor", "60,5"],
+    );
+    let prometheus = Prometheus::start(PICTURE_METRICS);
+    let mut held: Vec<TcpStream> = Vec::new();
+    let started = Instant::now();
+    let mut step = 0u32;
+    while started.elapsed() < Duration::from_secs(120) {
+        step += 1;
+        // A growing crowd from 127.0.0.0/24 and a burst from 127.0.5.0/24
+        // that comes and goes; receptions for most, rejections for some.
+        let from = if step % 40 < 20 {
+            format!("127.0.5.{}", step % 7 + 1)
+        } else {
+            format!("127.0.0.{}", step % 50 + 1)
+        };
+        held.push(connect_from(ip(&from), fixture.smtp));
+        let _ = fixture.agent.query(&format!("add receptions {from}"));
+        if step.is_multiple_of(3) {
+            let _ = fixture.agent.query(&format!("add rejections {from}"));
+        }
+        let _ = fixture
+            .agent
+            .query(&format!("audit_service \"SMTP\" \"{from}/24\""));
+        if held.len() > 60 || (step % 40 == 39) {
+            let keep = held.len() / 2;
+            held.truncate(keep);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/grafana/inbound-audit.png");
+    let status = Command::new("/usr/bin/python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/grafana/render.py"))
+        .arg(&prometheus.url)
+        .arg(&out)
+        .arg("2.2")
+        .status()
+        .expect("run render.py");
+    assert!(status.success(), "render.py failed");
+    assert!(std::fs::metadata(&out).unwrap().len() > 10_000);
+}

@@ -1,6 +1,6 @@
 //! The `/metrics` HTTP endpoint (hyper 1, HTTP/1.1 only). Every other path is
-//! 404. Each connection is its own task; shutdown stops accepting and lets
-//! in-flight scrapes finish on their own.
+//! 404, other methods than GET and HEAD 405. Each connection is its own task;
+//! shutdown stops accepting and lets in-flight scrapes finish on their own.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -12,7 +12,7 @@ use hyper::{
     service::service_fn,
     Method, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -20,6 +20,8 @@ use crate::{
     metrics::exposition::{render_as, Format},
     serving::shutdown::Shutdown,
 };
+
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -90,7 +92,11 @@ pub async fn serve(listener: TcpListener, state: Arc<SharedState>, mut shutdown:
                 let response = respond(&request, &state);
                 async move { Ok::<_, Infallible>(response) }
             });
+            // A client that never finishes its request head is dropped, so
+            // idle connections cannot pile up.
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

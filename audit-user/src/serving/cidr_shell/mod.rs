@@ -35,8 +35,9 @@
 //!
 //! Cost: at `cidrsize 24` (IPv4) or `64` (IPv6) a `sessions` series reads
 //! the index's per-prefix sums, one entry per network, not every IP; other
-//! sizes walk the IPs inside `cidr`. Each row's counts are index prefix
-//! queries, O(prefix length).
+//! sizes walk the index's IPs (keeping those inside `cidr`). A monitored
+//! series walks the monitor's totals for its networks, then each network's
+//! count in the asked windows is a prefix query, O(prefix length).
 
 mod answer;
 mod parse;
