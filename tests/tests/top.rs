@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{agent_binary, connect_from, require_ebpf, SmtpFixture};
+use integration_tests::{agent_binary, connect_from, require_ebpf, SmtpFixture, TempDir};
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
@@ -107,16 +107,17 @@ fn once_prints_the_table() {
     );
 }
 
-/// A tmux server of its own (`-L`), killed on drop.
+/// A tmux server of its own (`-S`, its socket in a scratch directory), killed
+/// on drop.
 struct Tmux {
-    name: String,
+    dir: TempDir,
 }
 
 impl Tmux {
     fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new("tmux")
-            .arg("-L")
-            .arg(&self.name)
+            .arg("-S")
+            .arg(self.dir.path().join("tmux.sock"))
             .args(args)
             .output()
             .expect("run tmux")
@@ -168,7 +169,7 @@ fn live_screen_switches_prefix_and_sort_under_tmux() {
     }
     let (fixture, _held) = fixture("top-tmux");
     let tmux = Tmux {
-        name: format!("inbound-audit-top-{}", std::process::id()),
+        dir: TempDir::new("top-tmux-screen"),
     };
     let command = format!(
         "{} top --socket {}",
