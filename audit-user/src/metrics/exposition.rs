@@ -509,6 +509,25 @@ mod tests {
             times.sort();
             println!("1M IPs: {what} request {:?} median", times[2]);
         }
+        // What of the /32 request holds the sessions read lock: the copy.
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            {
+                let sessions = state.read_sessions();
+                std::hint::black_box(crate::serving::cidr_shell::gather(
+                    sessions.slot(0).unwrap(),
+                    &"0.0.0.0/0".parse().unwrap(),
+                    (32, 32),
+                ));
+            }
+            held.push(started.elapsed());
+        }
+        held.sort();
+        println!(
+            "1M IPs: top /32 holds the sessions read lock {:?} median",
+            held[2]
+        );
         let query = "msys.audit.inbound_session_count(\"10.1.2.0/24\", \"SMTP\")";
         let measure = || {
             let mut times = Vec::with_capacity(20_000);

@@ -1,7 +1,8 @@
 //! Answers a [`CidrShell`] request from the live index and the monitors.
 //! Each series becomes a map from network to count in one pass over the
 //! index (its per-/24 and per-/64 sums where the size allows, otherwise its
-//! IPs inside the request's cidr); a monitored series' networks come from the
+//! IPs inside the request's cidr), copied out under the sessions lock and
+//! grouped after it is released; a monitored series' networks come from the
 //! monitor's totals and their counts in the asked windows are prefix queries.
 //! Only the first `limit` rows are sorted. The sessions lock and the
 //! monitors' lock are taken one series at a time, never together.
@@ -148,29 +149,50 @@ fn same_family(net: &IpNet, ip: IpAddr) -> bool {
     )
 }
 
-/// Adds the count of every network of the wanted sizes inside `cidr` that
-/// holds one in `index` to `sums`, in one pass: the index's per-/24 (/64)
-/// sums when that is the only size, else its IPs.
-fn add_sums(index: &CidrIndex, cidr: &IpNet, sizes: (u8, u8), sums: &mut HashMap<IpNet, u64>) {
+/// What a series holds inside the request's cidr, copied out under the
+/// lock so that grouping and hashing happen after it is released.
+pub enum Gathered {
+    /// The index's per-/24 (/64) sums, when that is the only size asked.
+    Hot(Vec<(IpNet, u64)>),
+    Ips(Vec<(IpAddr, u64)>),
+}
+
+pub fn gather(index: &CidrIndex, cidr: &IpNet, sizes: (u8, u8)) -> Gathered {
     let hot = match cidr {
         IpNet::V4(_) => 24,
         IpNet::V6(_) => 64,
     };
     if sizes == (hot, hot) {
-        for (net, sum) in index.hot_sums().filter(|(net, _)| cidr.contains(net)) {
-            let entry = sums.entry(net).or_default();
-            *entry = entry.saturating_add(sum);
-        }
-        return;
+        return Gathered::Hot(
+            index
+                .hot_sums()
+                .filter(|(net, _)| cidr.contains(net))
+                .collect(),
+        );
     }
-    for (ip, count) in index.iter() {
-        if !same_family(cidr, ip) || !cidr.contains(&ip) {
-            continue;
-        }
-        for len in sizes.0..=sizes.1 {
-            if let Ok(net) = IpNet::new(ip, len) {
-                let entry = sums.entry(net.trunc()).or_default();
-                *entry = entry.saturating_add(count);
+    Gathered::Ips(
+        index
+            .iter()
+            .filter(|&(ip, _)| same_family(cidr, ip) && cidr.contains(&ip))
+            .collect(),
+    )
+}
+
+/// Adds each network's count of `gathered` to `sums`.
+fn add_sums(gathered: Gathered, sizes: (u8, u8), sums: &mut HashMap<IpNet, u64>) {
+    let mut add = |net: IpNet, n: u64| {
+        let entry = sums.entry(net).or_default();
+        *entry = entry.saturating_add(n);
+    };
+    match gathered {
+        Gathered::Hot(nets) => nets.into_iter().for_each(|(net, n)| add(net, n)),
+        Gathered::Ips(ips) => {
+            for (ip, count) in ips {
+                for len in sizes.0..=sizes.1 {
+                    if let Ok(net) = IpNet::new(ip, len) {
+                        add(net.trunc(), count);
+                    }
+                }
             }
         }
     }
@@ -187,9 +209,16 @@ fn column(
     let mut sums = HashMap::new();
     match series {
         Resolved::Sessions(slots) => {
-            let sessions = state.read_sessions();
-            for index in slots.iter().filter_map(|&slot| sessions.slot(slot)) {
-                add_sums(index, &request.cidr, sizes, &mut sums);
+            let gathered: Vec<Gathered> = {
+                let sessions = state.read_sessions();
+                slots
+                    .iter()
+                    .filter_map(|&slot| sessions.slot(slot))
+                    .map(|index| gather(index, &request.cidr, sizes))
+                    .collect()
+            };
+            for g in gathered {
+                add_sums(g, sizes, &mut sums);
             }
         }
         Resolved::Monitored {
@@ -204,7 +233,11 @@ fn column(
             // The networks come from the monitor's all-window totals; their
             // counts in the asked windows are prefix queries.
             let mut seen = HashMap::new();
-            add_sums(m.seen(*series), &request.cidr, sizes, &mut seen);
+            add_sums(
+                gather(m.seen(*series), &request.cidr, sizes),
+                sizes,
+                &mut seen,
+            );
             for net in seen.into_keys() {
                 let count = m.sum(*series, &net, *first, *last, now);
                 if count > 0 {

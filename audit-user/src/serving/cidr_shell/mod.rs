@@ -46,7 +46,7 @@ mod tests;
 
 use ipnet::IpNet;
 
-pub use answer::answer;
+pub use answer::{answer, gather, Gathered};
 pub use parse::parse;
 
 use crate::domain::Series;
