@@ -17,6 +17,7 @@ pub mod domain;
 
 pub mod config;
 pub mod kernel;
+pub mod metrics;
 pub mod sys;
 
 pub mod counting;

@@ -24,7 +24,7 @@ const LAYERS: &[&[&str]] = &[
     // The shared state holds the fleet view that queries read.
     &["counting", "cluster"],
     &["serving"],
-    &["adapters"],
+    &["adapters", "metrics"],
     &["agent"],
     // The binary's command line, on top of everything.
     &["cli"],

@@ -501,16 +501,19 @@ fn fuzz(root: &Path, seconds: u64, only: Option<&str>) -> Result<()> {
 /// Debian packages the adapter tests drive for real: a Lua host with
 /// LuaSocket, and Postfix (installed, never started as a service: the tests run
 /// private instances), Redis and its Sentinel (the cluster tests start private
-/// instances); lintian checks the package. Installed when missing and we can;
+/// instances), Prometheus (with promtool) and tmux for the metrics and `top`
+/// tests; lintian checks the package. Installed when missing and we can;
 /// otherwise those tests skip and say so. INBOUND_AUDIT_NO_APT=1 leaves the
 /// system alone.
-const TEST_PACKAGES: [&str; 6] = [
+const TEST_PACKAGES: [&str; 8] = [
     "lua5.4",
     "lua-socket",
     "postfix",
     "redis-server",
     "redis-sentinel",
     "lintian",
+    "prometheus",
+    "tmux",
 ];
 
 fn ensure_test_packages() -> Result<()> {

@@ -22,6 +22,7 @@ use crate::{
         loader::{self, KernelProgram, LoadError},
         seed::SeedError,
     },
+    metrics,
     serving::{server, shutdown},
     sys::{
         caps as privileges,
@@ -59,6 +60,8 @@ pub enum AgentError {
     },
     #[error("cluster: {0}")]
     Cluster(#[from] TargetError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -143,6 +146,15 @@ async fn serve(
     } = prepared;
     let mut signals = Signals::install()?;
     held.release();
+    // Bound before any task starts, so a taken port fails start-up cleanly.
+    let metrics_listener = match state.setup().config.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            log::info!("serving Prometheus metrics on http://{addr}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
 
     let (trigger, shutdown) = shutdown::channel();
     let events_task = tokio::spawn(follow_events(events, state.clone(), shutdown.clone()));
@@ -177,6 +189,8 @@ async fn serve(
         );
         tokio::spawn(postfix::serve(socket, state.clone(), shutdown.clone()))
     });
+    let metrics_task = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, state.clone(), shutdown.clone())));
 
     while signals.next().await == Signal::Reload {
         match &reload {
@@ -188,6 +202,9 @@ async fn serve(
     trigger.trigger();
     let _ = server_task.await;
     if let Some(task) = policy_task {
+        let _ = task.await;
+    }
+    if let Some(task) = metrics_task {
         let _ = task.await;
     }
     let _ = events_task.await;

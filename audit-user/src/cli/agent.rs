@@ -56,6 +56,9 @@ pub struct AgentArgs {
     /// Group owning the policy socket; Postfix's smtpd runs as postfix [default: the agent's group]
     #[arg(long, value_name = "GROUP")]
     policy_socket_group: Option<String>,
+    /// Serve Prometheus metrics over HTTP at ADDR/metrics, e.g. 127.0.0.1:9464 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds between reconcile passes against the kernel's socket records [default: 10]
     #[arg(long, value_name = "SECS")]
     reconcile_interval: Option<config::PositiveSecs>,
@@ -113,6 +116,9 @@ fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
     }
     if let Some(group) = args.policy_socket_group.clone() {
         config.policy_socket_group = Some(group);
+    }
+    if let Some(addr) = args.metrics_listen {
+        config.metrics_listen = Some(addr);
     }
     if let Some(dir) = args.state_dir.clone() {
         config.state_dir = dir;

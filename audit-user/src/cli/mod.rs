@@ -12,6 +12,7 @@ mod cleanup;
 mod generate;
 mod query;
 mod report;
+mod top;
 
 /// The version with the commit it was built from (build.rs).
 const VERSION: &str = env!("INBOUND_AUDIT_VERSION");
@@ -78,6 +79,8 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = config::DEFAULT_SOCKET_PATH)]
         socket: PathBuf,
     },
+    /// A live view of the busiest networks per service (--once: print it once)
+    Top(top::TopArgs),
     /// Detach the kernel programs and remove all pinned state (stop the agent first)
     #[command(
         after_help = "Example:\n  inbound-audit cleanup --pin-dir /sys/fs/bpf/inbound-audit"
@@ -118,6 +121,7 @@ pub fn main() -> ExitCode {
             report::run_report(&socket, &format!("show {network}{scope}"))
         }
         Command::Stats { socket } => report::run_report(&socket, "stats"),
+        Command::Top(args) => top::run(args),
         Command::Cleanup { pin_dir } => cleanup::run(&pin_dir),
         Command::Generate(args) => generate::run(args),
     }

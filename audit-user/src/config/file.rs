@@ -43,6 +43,7 @@ pub(super) struct ConfigFile {
     event_ring_bytes: RingBytes,
     cluster: Option<ClusterConfig>,
     kernel_limits: Vec<KernelLimitEntry>,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ConfigFile {
@@ -74,6 +75,7 @@ impl Default for ConfigFile {
             event_ring_bytes: RingBytes(4 << 20),
             cluster: None,
             kernel_limits: Vec::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -139,6 +141,7 @@ impl From<ConfigFile> for Config {
             event_ring_bytes: file.event_ring_bytes.0,
             cluster: file.cluster,
             kernel_limits: file.kernel_limits.into_iter().map(|l| l.0).collect(),
+            metrics_listen: file.metrics_listen,
         }
     }
 }

@@ -77,6 +77,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[[kernel_limits]]`: SYNs the kernel refuses, in order (the first full one refuses).
     pub kernel_limits: Vec<kernel_limits::KernelLimitConfig>,
+    /// Where `/metrics` is served over HTTP (Prometheus text format); None: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Which local users may use the query socket, from its peer credentials.
@@ -224,7 +226,8 @@ impl Config {
             max_tracked_sessions,
             event_ring_bytes,
             state_dir,
-            cluster
+            cluster,
+            metrics_listen
         );
         kept
     }

@@ -351,6 +351,14 @@ impl<K: TrieKey> PrefixTrie<K> {
         }
     }
 
+    /// Every `HOT_LEN` prefix holding keys with its sum, in no order: one
+    /// map walk, no trie walk (the per-prefix distribution of the metrics).
+    pub fn hot_sums(&self) -> impl Iterator<Item = (K, u64)> + '_ {
+        self.hot
+            .iter()
+            .map(|(prefix, sum)| (K::unpack(*prefix), Wide::saturated(sum.get())))
+    }
+
     /// Every key with its count, in ascending key order.
     pub fn iter(&self) -> impl Iterator<Item = (K, u64)> + '_ {
         Iter {
@@ -760,6 +768,21 @@ impl CidrIndex {
             .v6
             .iter()
             .map(|(k, c)| (IpAddr::V6(Ipv6Addr::from(k)), c));
+        v4.chain(v6)
+    }
+
+    /// Every IPv4 /24 and IPv6 /64 that holds sessions with its sum, in no
+    /// order; see [`PrefixTrie::hot_sums`].
+    pub fn hot_sums(&self) -> impl Iterator<Item = (IpNet, u64)> + '_ {
+        let v4 = self.v4.hot_sums().map(|(k, sum)| {
+            let net = ipnet::Ipv4Net::new(Ipv4Addr::from(k), u32::HOT_LEN).expect("HOT_LEN <= 32");
+            (IpNet::V4(net), sum)
+        });
+        let v6 = self.v6.hot_sums().map(|(k, sum)| {
+            let net =
+                ipnet::Ipv6Net::new(Ipv6Addr::from(k), u128::HOT_LEN).expect("HOT_LEN <= 128");
+            (IpNet::V6(net), sum)
+        });
         v4.chain(v6)
     }
 

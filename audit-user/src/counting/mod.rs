@@ -4,5 +4,6 @@
 
 pub mod index;
 pub mod monitors;
+pub mod observed;
 pub mod persistence;
 pub mod state;

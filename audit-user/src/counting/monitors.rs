@@ -110,6 +110,12 @@ impl Monitor {
         self.tracked
     }
 
+    /// Every IP with a count of `series` in some kept window (a superset
+    /// while dropped windows retire), for readers that list networks.
+    pub fn seen(&self, series: Series) -> &CidrIndex {
+        &self.totals[series.slot()]
+    }
+
     /// Newest first, for the state file.
     pub(super) fn windows(&self) -> &VecDeque<Window> {
         &self.windows

@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use crate::{
     cluster::ClusterView,
     config::Config,
-    counting::{index::CidrIndex, monitors::Monitors},
+    counting::{index::CidrIndex, monitors::Monitors, observed::Observed},
     domain::Series,
 };
 
@@ -60,6 +60,11 @@ impl LiveSessions {
         self.by_slot
             .get(slot as usize)
             .map_or(0, |index| index.get(ip))
+    }
+
+    /// One service slot's index, for readers that walk it (metrics, `top`).
+    pub fn slot(&self, slot: u8) -> Option<&CidrIndex> {
+        self.by_slot.get(slot as usize)
     }
 
     pub fn tracked_ips(&self) -> usize {
@@ -313,6 +318,8 @@ pub struct AgentStats {
     /// SYNs refused by a kernel limit, and let through by a dry-run one.
     pub kernel_limit_refusals: AtomicU64,
     pub kernel_limit_dry_run_refusals: AtomicU64,
+    /// Counters and latencies for the Prometheus exposition.
+    pub observed: Observed,
 }
 
 impl AgentStats {
@@ -432,6 +439,9 @@ impl SharedState {
             }
         }
         drop(monitors);
+        for event in batch.iter().filter(|e| e.kind == EVENT_OPEN) {
+            self.stats.observed.accepted(event.service);
+        }
         AgentStats::add(&self.stats.events, outcome.applied);
         if outcome.underflows + outcome.malformed > 0 {
             AgentStats::add(&self.stats.underflows, outcome.underflows);

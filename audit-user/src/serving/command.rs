@@ -97,6 +97,7 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
             if monitors.is_empty() {
                 return Err(not_configured());
             }
+            state.stats.observed.recorded(*series, *n);
             Ok(Reply::Count(monitors.record(*series, *ip, *n, now)))
         }
         Query::Show { cidr, scope } => {
@@ -108,6 +109,7 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
             }))
         }
         Query::Stats => Ok(Reply::Lines(stats(state))),
+        Query::CidrShell(shell) => crate::serving::cidr_shell::answer(shell, state, now),
     }
 }
 

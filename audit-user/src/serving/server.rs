@@ -19,6 +19,7 @@ use tokio::{net::UnixStream, sync::Semaphore, time::Instant};
 use crate::{
     counting::state::{AgentStats, SharedState},
     serving::{
+        cidr_shell::CidrShell,
         command,
         connection::{Connection, Incoming},
         protocol::{parse_request, ErrorCode, Query, QueryError, Reply},
@@ -379,11 +380,35 @@ impl std::fmt::Display for Peer {
 /// narrower write permission. (Queries were checked at accept; they are
 /// checked again because `[access]` may have changed since, on SIGHUP.)
 pub fn answer_as(line: &[u8], state: &SharedState, peer: &Peer, refusals: &RefusalLog) -> Reply {
+    let started = std::time::Instant::now();
+    let mut function = "unparsed";
+    let reply = answer_unobserved(line, state, peer, refusals, &mut function);
+    let code = match &reply {
+        Reply::Error(error) => error.code.as_str(),
+        _ => "ok",
+    };
+    state
+        .stats
+        .observed
+        .query(function, code, started.elapsed());
+    reply
+}
+
+/// [`answer_as`] before its latency and result are counted; sets `function`
+/// once the request parsed.
+fn answer_unobserved(
+    line: &[u8],
+    state: &SharedState,
+    peer: &Peer,
+    refusals: &RefusalLog,
+    function: &mut &'static str,
+) -> Reply {
     AgentStats::add(&state.stats.queries, 1);
     let request = match parse_request(line) {
         Ok(request) => request,
         Err(error) => return Reply::Error(error),
     };
+    *function = function_of(&request.query);
     let writes = matches!(request.query, Query::Add { .. });
     if !state
         .setup()
@@ -413,6 +438,20 @@ pub fn answer_as(line: &[u8], state: &SharedState, peer: &Peer, refusals: &Refus
         ));
     }
     command::execute(&request, state, crate::domain::unix_now())
+}
+
+/// The `function` label of the query metrics: one word per kind of request.
+fn function_of(query: &Query) -> &'static str {
+    match query {
+        Query::SessionCount { .. } => "session_count",
+        Query::Windowed { .. } => "windowed",
+        Query::Sliding { .. } => "sliding",
+        Query::Add { .. } => "add",
+        Query::Show { .. } => "show",
+        Query::Stats => "stats",
+        Query::CidrShell(CidrShell::Available) => "show_available",
+        Query::CidrShell(CidrShell::Count(_)) => "show_count",
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ pub fn decide(
     };
     if end_of_message {
         record(state, Series::Receptions, client, now);
+        state.stats.observed.policy_answer(&decision.action);
         return Ok(decision);
     }
     for limit in limits {
@@ -65,6 +66,7 @@ pub fn decide(
         }
         *last_refused = instance;
     }
+    state.stats.observed.policy_answer(&decision.action);
     Ok(decision)
 }
 
@@ -93,6 +95,7 @@ fn refuses(action: &str) -> bool {
 }
 
 fn record(state: &SharedState, series: Series, client: IpAddr, now: Duration) {
+    state.stats.observed.recorded(series, 1);
     let mut monitors = state.lock_monitors();
     if !monitors.is_empty() {
         monitors.record(series, client, 1, now);

@@ -25,6 +25,8 @@ pub enum ErrorCode {
     UnknownMonitor,
     NotConfigured,
     Forbidden,
+    UnknownSeries,
+    NoHistory,
 }
 
 impl ErrorCode {
@@ -44,6 +46,8 @@ impl ErrorCode {
             ErrorCode::UnknownMonitor => "unknown_monitor",
             ErrorCode::NotConfigured => "not_configured",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::UnknownSeries => "unknown_series",
+            ErrorCode::NoHistory => "no_history",
         }
     }
 }

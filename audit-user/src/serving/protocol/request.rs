@@ -77,6 +77,8 @@ pub enum Query {
     Show { cidr: CidrArg, scope: ShowScope },
     /// Console `stats`: the agent's own counters.
     Stats,
+    /// `show count for ...` / `show available`, Momentum's cidr_cli grammar.
+    CidrShell(crate::serving::cidr_shell::CidrShell),
 }
 
 /// Whose counts `show` prints.
@@ -141,6 +143,10 @@ fn read_console_command(reader: &mut Reader<'_>) -> Result<Option<Query>, QueryE
     let command = words.next().unwrap_or("");
     if command != "add" && command != "show" && command != "stats" {
         return Ok(None);
+    }
+    if let Some(shell) = crate::serving::cidr_shell::parse(rest) {
+        reader.skip_to_end();
+        return shell.map(|shell| Some(Query::CidrShell(shell)));
     }
     let words: Vec<&str> = words.collect();
     let query = match (command, words.as_slice()) {
