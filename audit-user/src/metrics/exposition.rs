@@ -16,6 +16,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use crate::cluster::ClusterStats;
 use crate::counting::{
     index::CidrIndex,
     observed::Labels,
@@ -226,8 +227,37 @@ pub fn registry(state: &SharedState) -> Registry {
             gauge(bytes),
         );
     }
-    // CLUSTER: live nodes and data age per node go here once the cluster/
-    // layer exists (inbound_audit_cluster_nodes, inbound_audit_cluster_data_age_seconds).
+    if let Some(view) = state.cluster() {
+        let ages = view.node_ages();
+        registry.register(
+            "cluster_nodes_live",
+            "Live nodes in the fleet, this one included",
+            gauge(ages.len() as u64 + 1),
+        );
+        let data_age: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
+        for (node, age) in ages {
+            data_age
+                .get_or_create(&vec![("node", node)])
+                .set(age.as_secs_f64());
+        }
+        registry.register_with_unit(
+            "cluster_node_data_age",
+            "Time since each other live node's heartbeat last moved",
+            Unit::Seconds,
+            data_age,
+        );
+        let cluster = &view.stats;
+        registry.register(
+            "cluster_publish_errors",
+            "Rounds in which publishing this node's counts to Redis failed",
+            counter(ClusterStats::get(&cluster.publish_errors)),
+        );
+        registry.register(
+            "cluster_entries_refused",
+            "Entries read from Redis and refused as malformed",
+            counter(ClusterStats::get(&cluster.refused)),
+        );
+    }
     registry
 }
 
@@ -434,6 +464,31 @@ mod tests {
                 "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
             )),
             Format::OpenMetrics
+        );
+    }
+
+    #[test]
+    fn cluster_families_only_with_clustering() {
+        let state = state();
+        assert!(!render(&state).contains("cluster"));
+        let view = std::sync::Arc::new(crate::cluster::ClusterView::new(
+            "mx1",
+            std::time::Duration::from_secs(5),
+        ));
+        state.enable_cluster(view);
+        let text = render_as(&state, Format::Prometheus);
+        assert!(
+            text.contains("inbound_audit_cluster_nodes_live 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("inbound_audit_cluster_publish_errors_total 0\n"),
+            "{text}"
+        );
+        // No other node is live yet: no data-age samples.
+        assert!(
+            !text.contains("inbound_audit_cluster_node_data_age_seconds{"),
+            "{text}"
         );
     }
 
