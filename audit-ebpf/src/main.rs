@@ -26,6 +26,9 @@
 //! hold the table and adopts it through the sync program. Nothing here logs per
 //! session: `STATS` counts what could not be done, and the agent logs once per
 //! interval.
+//!
+//! About 630 lines: one object holds every program and the maps they share,
+//! and the verifier wants their helpers inlined beside them.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]

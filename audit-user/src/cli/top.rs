@@ -28,7 +28,8 @@ use super::report::unreachable_agent;
 
 #[derive(clap::Args)]
 pub struct TopArgs {
-    #[arg(long, default_value = config::DEFAULT_SOCKET_PATH)]
+    /// The agent's query socket
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_SOCKET_PATH)]
     socket: PathBuf,
     /// Print the table once, as plain text, and exit.
     #[arg(long)]

@@ -1,4 +1,5 @@
-//! Tests of request parsing: every call form, client contexts, framing, and the error codes.
+//! Tests of request parsing: every call form, client contexts, framing, and
+//! the error codes (one test per call form, hence the length).
 
 use super::*;
 use proptest::prelude::*;
