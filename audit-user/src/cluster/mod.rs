@@ -125,7 +125,7 @@ impl ClusterView {
     pub fn fleet(&self) -> Result<RwLockReadGuard<'_, Fleet>, Unavailable> {
         let age = self.sync_age();
         match age {
-            Some(age) if age < self.ttl => Ok(self.fleet.read().unwrap_or_else(|p| p.into_inner())),
+            Some(age) if age < self.ttl => Ok(self.read()),
             _ => Err(Unavailable {
                 age_secs: age.map_or(u64::MAX, |a| a.as_secs()),
                 ttl_secs: self.ttl.as_secs(),
@@ -144,7 +144,7 @@ impl ClusterView {
     /// How long ago each live node was last heard from.
     pub fn node_ages(&self) -> Vec<(String, Duration)> {
         let now = self.clock();
-        let fleet = self.fleet.read().unwrap_or_else(|p| p.into_inner());
+        let fleet = self.read();
         fleet
             .node_names()
             .filter_map(|name| {
@@ -156,16 +156,19 @@ impl ClusterView {
 
     /// Entries held for the other nodes (their shares, the sum not counted).
     pub fn entries(&self) -> usize {
-        self.fleet
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .entries()
+        self.read().entries()
     }
 
     /// Monotonic time since the view was made: node liveness is judged on
     /// this node's own clock, never by comparing clocks across hosts.
     fn clock(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// The fleet whatever its age, for the rounds' own reads (queries go
+    /// through [`ClusterView::fleet`], which checks freshness).
+    fn read(&self) -> RwLockReadGuard<'_, Fleet> {
+        self.fleet.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Fleet> {

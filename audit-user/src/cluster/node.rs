@@ -412,7 +412,7 @@ impl Follower {
             self.follow(connection, keys, settings, view, name, beat)
                 .await?;
         }
-        let fleet = view.fleet.read().unwrap_or_else(|p| p.into_inner());
+        let fleet = view.read();
         self.followed
             .retain(|name, _| fleet.node(name).is_some() || names.contains(name));
         Ok(())
@@ -429,7 +429,7 @@ impl Follower {
     ) -> RedisResult<()> {
         let now = view.clock();
         let in_step = self.followed.get(name).is_some_and(|f| {
-            f.epoch == beat.header.epoch && !f.stale && view.write().node(name).is_some()
+            f.epoch == beat.header.epoch && !f.stale && view.read().node(name).is_some()
         });
         if !in_step {
             self.load_snapshot(connection, keys, settings, view, name, beat)
@@ -445,7 +445,7 @@ impl Follower {
             followed.beat = beat.beat;
             view.write().touch(name, now);
         }
-        let applied = |view: &ClusterView| view.write().node(name).map_or(0, |s| s.seq);
+        let applied = |view: &ClusterView| view.read().node(name).map_or(0, |s| s.seq);
         if beat.header.seq > applied(view) {
             self.read_log(connection, keys, view, name).await?;
             // The heartbeat is written with the batch it names, atomically:
