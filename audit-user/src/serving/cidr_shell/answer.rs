@@ -55,23 +55,12 @@ fn available(state: &SharedState, now: Duration) -> Vec<String> {
 
 /// `YYYYMMDDTHHMMSS` in UTC, as Momentum's `show available` prints times.
 fn momentum_time(unix: u64) -> String {
-    let (days, secs) = (unix / 86_400, unix % 86_400);
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    i64::try_from(unix)
+        .ok()
+        .and_then(|secs| jiff::Timestamp::from_second(secs).ok())
+        .unwrap_or(jiff::Timestamp::MAX)
+        .strftime("%Y%m%dT%H%M%S")
+        .to_string()
 }
 
 /// What one series reads, resolved against the configuration.
@@ -307,4 +296,14 @@ fn show_count(
             format!("{net} : {}", counts.join(","))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn momentum_times_are_utc_without_separators() {
+        assert_eq!(super::momentum_time(0), "19700101T000000");
+        assert_eq!(super::momentum_time(1_764_590_461), "20251201T120101");
+        assert_eq!(super::momentum_time(951_782_400), "20000229T000000");
+    }
 }
