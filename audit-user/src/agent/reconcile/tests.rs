@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -21,10 +21,6 @@ fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 
-fn shared_state() -> SharedState {
-    SharedState::new(Config::default(), HashMap::from([("SMTP".to_string(), 0)]))
-}
-
 /// What one pass did, for the assertions.
 #[derive(Debug, PartialEq, Eq)]
 struct Did {
@@ -33,287 +29,277 @@ struct Did {
     adopted: usize,
 }
 
-/// One whole reconcile pass at Unix time `now` (seconds).
-fn pass(
-    reconcile: &mut Reconcile,
-    kernel: &Mutex<FakeKernel>,
-    state: &SharedState,
-    now: u64,
-) -> Did {
-    let mut reconciler = std::mem::take(&mut reconcile.kernel_reconciler);
-    let pass = kernel_pass(kernel, &mut reconciler).expect("fake kernel pass");
-    reconcile.kernel_reconciler = reconciler;
-    let did = Did {
-        healed: pass.healed,
-        collected: pass.collected,
-        adopted: pass.adopted,
-    };
-    reconcile.apply(pass, state, Duration::from_secs(now));
-    did
+/// A reconciler with the fake kernel it reads and the agent state it repairs.
+struct Fixture {
+    kernel: Mutex<FakeKernel>,
+    state: SharedState,
+    reconcile: Reconcile,
 }
 
-fn kernel(fake: FakeKernel) -> Mutex<FakeKernel> {
-    Mutex::new(fake)
-}
+impl Fixture {
+    fn new() -> Self {
+        Self::on(FakeKernel::default())
+    }
 
-fn count(kernel: &Mutex<FakeKernel>, at: &str) -> u32 {
-    kernel.lock().unwrap().count(ip(at), 0)
+    /// A kernel whose per-IP table holds `capacity` entries.
+    fn with_capacity(capacity: u64) -> Self {
+        Self::on(FakeKernel {
+            capacity,
+            ..FakeKernel::default()
+        })
+    }
+
+    fn on(fake: FakeKernel) -> Self {
+        Self {
+            kernel: Mutex::new(fake),
+            state: SharedState::new(Config::default(), HashMap::from([("SMTP".to_string(), 0)])),
+            reconcile: Reconcile::new(),
+        }
+    }
+
+    fn fake(&self) -> MutexGuard<'_, FakeKernel> {
+        self.kernel.lock().unwrap()
+    }
+
+    /// One whole reconcile pass at Unix time `now` (seconds).
+    fn pass(&mut self, now: u64) -> Did {
+        let mut reconciler = std::mem::take(&mut self.reconcile.kernel_reconciler);
+        let pass = kernel_pass(&self.kernel, &mut reconciler).expect("fake kernel pass");
+        self.reconcile.kernel_reconciler = reconciler;
+        let did = Did {
+            healed: pass.healed,
+            collected: pass.collected,
+            adopted: pass.adopted,
+        };
+        self.reconcile
+            .apply(pass, &self.state, Duration::from_secs(now));
+        did
+    }
+
+    /// The kernel's live SMTP count of `at`.
+    fn count(&self, at: &str) -> u32 {
+        self.fake().count(ip(at), 0)
+    }
+
+    /// Overwrites the kernel's live SMTP count of `at`, as a lost update would.
+    fn corrupt(&self, at: &str, sessions: u32) {
+        self.fake().live.get_mut(&ip(at)).unwrap().sessions[0] = sessions;
+    }
+
+    fn refused_since_pass(&self) -> bool {
+        self.reconcile.refused_since_pass(&self.kernel)
+    }
+
+    fn stats(&self) -> &AgentStats {
+        &self.state.stats
+    }
 }
 
 #[test]
 fn a_per_ip_count_is_healed_only_after_two_passes_agree() {
-    let kernel = kernel(FakeKernel::default());
-    let state = shared_state();
-    let mut reconcile = Reconcile::new();
-    kernel.lock().unwrap().accept(1, ip("10.0.0.1"), 0);
+    let mut f = Fixture::new();
+    f.fake().accept(1, ip("10.0.0.1"), 0);
     // A difference seen once (an update in flight) is left alone.
-    kernel
-        .lock()
-        .unwrap()
-        .live
-        .get_mut(&ip("10.0.0.1"))
-        .unwrap()
-        .sessions[0] = 5;
-    assert_eq!(pass(&mut reconcile, &kernel, &state, 1).healed, 0);
-    kernel
-        .lock()
-        .unwrap()
-        .live
-        .get_mut(&ip("10.0.0.1"))
-        .unwrap()
-        .sessions[0] = 3;
-    assert_eq!(pass(&mut reconcile, &kernel, &state, 2).healed, 0);
-    assert_eq!(count(&kernel, "10.0.0.1"), 3);
-    assert!(kernel.lock().unwrap().adjustments.is_empty());
+    f.corrupt("10.0.0.1", 5);
+    assert_eq!(f.pass(1).healed, 0);
+    f.corrupt("10.0.0.1", 3);
+    assert_eq!(f.pass(2).healed, 0);
+    assert_eq!(f.count("10.0.0.1"), 3);
+    assert!(f.fake().adjustments.is_empty());
     // The same difference twice: healed by the difference, atomically.
-    assert_eq!(pass(&mut reconcile, &kernel, &state, 3).healed, 1);
-    assert_eq!(count(&kernel, "10.0.0.1"), 1);
-    assert_eq!(
-        kernel.lock().unwrap().adjustments,
-        vec![(ip("10.0.0.1"), 0, -2)]
-    );
-    assert_eq!(AgentStats::get(&state.stats.kernel_repairs), 1);
+    assert_eq!(f.pass(3).healed, 1);
+    assert_eq!(f.count("10.0.0.1"), 1);
+    assert_eq!(f.fake().adjustments, vec![(ip("10.0.0.1"), 0, -2)]);
+    assert_eq!(AgentStats::get(&f.stats().kernel_repairs), 1);
 }
 
 #[test]
 fn zero_entries_are_collected() {
-    let kernel = kernel(FakeKernel::default());
-    let state = shared_state();
-    let mut reconcile = Reconcile::new();
+    let mut f = Fixture::new();
     {
-        let mut fake = kernel.lock().unwrap();
+        let mut fake = f.fake();
         fake.accept(1, ip("10.0.0.1"), 0);
         fake.accept(2, ip("10.0.0.2"), 0);
         fake.close(1);
     }
-    assert_eq!(pass(&mut reconcile, &kernel, &state, 1).collected, 1);
-    let live: Vec<IpAddr> = kernel.lock().unwrap().live.keys().copied().collect();
+    assert_eq!(f.pass(1).collected, 1);
+    let live: Vec<IpAddr> = f.fake().live.keys().copied().collect();
     assert_eq!(live, vec![ip("10.0.0.2")]);
-    assert_eq!(AgentStats::get(&state.stats.collected), 1);
+    assert_eq!(AgentStats::get(&f.stats().collected), 1);
 }
 
 #[test]
 fn the_index_is_repaired_from_the_records_after_two_agreeing_passes() {
-    let kernel = kernel(FakeKernel::default());
-    let state = shared_state();
-    let mut reconcile = Reconcile::new();
+    let mut f = Fixture::new();
     {
-        let mut fake = kernel.lock().unwrap();
+        let mut fake = f.fake();
         fake.accept(1, ip("10.0.0.1"), 0);
         fake.accept(2, ip("10.0.0.1"), 0);
     }
     // The index missed both opens (lost events) and has a ghost.
-    state
+    f.state
         .write_sessions()
         .load(&HashMap::from([((0, ip("10.9.9.9")), 4)]));
-    pass(&mut reconcile, &kernel, &state, 1);
-    assert_eq!(state.read_sessions().get(0, ip("10.0.0.1")), 0);
-    pass(&mut reconcile, &kernel, &state, 2);
-    assert_eq!(state.read_sessions().get(0, ip("10.0.0.1")), 2);
-    assert_eq!(state.read_sessions().get(0, ip("10.9.9.9")), 0);
-    assert_eq!(AgentStats::get(&state.stats.repairs), 2);
-    assert_eq!(AgentStats::get(&state.stats.kernel_sessions), 2);
+    f.pass(1);
+    assert_eq!(f.state.read_sessions().get(0, ip("10.0.0.1")), 0);
+    f.pass(2);
+    assert_eq!(f.state.read_sessions().get(0, ip("10.0.0.1")), 2);
+    assert_eq!(f.state.read_sessions().get(0, ip("10.9.9.9")), 0);
+    assert_eq!(AgentStats::get(&f.stats().repairs), 2);
+    assert_eq!(AgentStats::get(&f.stats().kernel_sessions), 2);
 }
 
 #[test]
 fn the_backstop_is_detached_once_no_seeded_session_is_left() {
-    let kernel = kernel(FakeKernel::default());
-    let state = shared_state();
-    let mut reconcile = Reconcile::new();
+    let mut f = Fixture::new();
     {
-        let mut fake = kernel.lock().unwrap();
+        let mut fake = f.fake();
         fake.counted
             .insert(7, record(ip("10.0.0.7"), 0, record_origin::SEEDED));
         fake.live.entry(ip("10.0.0.7")).or_default().sessions[0] = 1;
         fake.accept(8, ip("10.0.0.8"), 0);
     }
-    pass(&mut reconcile, &kernel, &state, 1);
-    assert!(kernel.lock().unwrap().backstop);
-    assert_eq!(AgentStats::get(&state.stats.kernel_seeded_sessions), 1);
-    assert_eq!(AgentStats::get(&state.stats.close_backstop_attached), 1);
-    kernel.lock().unwrap().close(7);
-    pass(&mut reconcile, &kernel, &state, 2);
-    assert!(!kernel.lock().unwrap().backstop);
-    assert_eq!(AgentStats::get(&state.stats.kernel_seeded_sessions), 0);
-    assert_eq!(AgentStats::get(&state.stats.close_backstop_attached), 0);
+    f.pass(1);
+    assert!(f.fake().backstop);
+    assert_eq!(AgentStats::get(&f.stats().kernel_seeded_sessions), 1);
+    assert_eq!(AgentStats::get(&f.stats().close_backstop_attached), 1);
+    f.fake().close(7);
+    f.pass(2);
+    assert!(!f.fake().backstop);
+    assert_eq!(AgentStats::get(&f.stats().kernel_seeded_sessions), 0);
+    assert_eq!(AgentStats::get(&f.stats().close_backstop_attached), 0);
 }
 
 #[test]
 fn lost_events_bring_two_quick_passes() {
-    let kernel = kernel(FakeKernel::default());
-    let state = shared_state();
+    let mut f = Fixture::new();
     let interval = Duration::from_secs(10);
-    let mut reconcile = Reconcile::new();
     // Start-up: two quick passes, then the interval.
-    assert_eq!(reconcile.pause(interval), QUICK);
-    pass(&mut reconcile, &kernel, &state, 1);
-    assert_eq!(reconcile.pause(interval), QUICK);
-    pass(&mut reconcile, &kernel, &state, 2);
-    assert_eq!(reconcile.pause(interval), interval);
-    kernel.lock().unwrap().stats[stat::EVENTS_LOST as usize] = 3;
-    pass(&mut reconcile, &kernel, &state, 12);
-    assert_eq!(reconcile.pause(interval), QUICK);
-    assert_eq!(AgentStats::get(&state.stats.kernel_events_lost), 3);
-    pass(&mut reconcile, &kernel, &state, 13);
-    assert_eq!(reconcile.pause(interval), QUICK);
-    pass(&mut reconcile, &kernel, &state, 14);
-    assert_eq!(reconcile.pause(interval), interval);
+    assert_eq!(f.reconcile.pause(interval), QUICK);
+    f.pass(1);
+    assert_eq!(f.reconcile.pause(interval), QUICK);
+    f.pass(2);
+    assert_eq!(f.reconcile.pause(interval), interval);
+    f.fake().stats[stat::EVENTS_LOST as usize] = 3;
+    f.pass(12);
+    assert_eq!(f.reconcile.pause(interval), QUICK);
+    assert_eq!(AgentStats::get(&f.stats().kernel_events_lost), 3);
+    f.pass(13);
+    assert_eq!(f.reconcile.pause(interval), QUICK);
+    f.pass(14);
+    assert_eq!(f.reconcile.pause(interval), interval);
 }
 
 #[test]
 fn a_session_a_full_table_refused_is_counted_at_the_next_pass_and_the_flag_clears() {
-    let kernel = kernel(FakeKernel {
-        capacity: 2,
-        ..FakeKernel::default()
-    });
-    let state = shared_state();
-    let mut reconcile = Reconcile::new();
-    pass(&mut reconcile, &kernel, &state, 100);
-    assert!(!reconcile.refused_since_pass(&kernel));
+    let mut f = Fixture::with_capacity(2);
+    f.pass(100);
+    assert!(!f.refused_since_pass());
     // Two short sessions leave zero entries that fill the table.
     {
-        let mut fake = kernel.lock().unwrap();
+        let mut fake = f.fake();
         for (cookie, at) in [(1, "10.0.0.1"), (2, "10.0.0.2")] {
             fake.accept(cookie, ip(at), 0);
             fake.close(cookie);
         }
         assert!(!fake.accept(3, ip("10.0.0.3"), 0));
     }
-    assert_eq!(count(&kernel, "10.0.0.3"), 0);
+    assert_eq!(f.count("10.0.0.3"), 0);
     // The refusal wakes the reconciler before its interval.
-    assert!(reconcile.refused_since_pass(&kernel));
-    let did = pass(&mut reconcile, &kernel, &state, 101);
+    assert!(f.refused_since_pass());
+    let did = f.pass(101);
     assert_eq!((did.collected, did.adopted), (2, 1));
-    assert_eq!(count(&kernel, "10.0.0.3"), 1);
-    assert!(!reconcile.refused_since_pass(&kernel));
-    let stats = &state.stats;
-    assert_eq!(AgentStats::get(&stats.kernel_tables_saturated), 1);
-    assert_eq!(AgentStats::get(&stats.kernel_tables_last_saturated), 101);
-    assert_eq!(AgentStats::get(&stats.adopted), 1);
-    assert_eq!(AgentStats::get(&stats.kernel_sessions), 1);
+    assert_eq!(f.count("10.0.0.3"), 1);
+    assert!(!f.refused_since_pass());
+    assert_eq!(AgentStats::get(&f.stats().kernel_tables_saturated), 1);
+    assert_eq!(
+        AgentStats::get(&f.stats().kernel_tables_last_saturated),
+        101
+    );
+    assert_eq!(AgentStats::get(&f.stats().adopted), 1);
+    assert_eq!(AgentStats::get(&f.stats().kernel_sessions), 1);
     // Nothing refused since: no longer saturated, and when it last was stays.
-    pass(&mut reconcile, &kernel, &state, 111);
-    assert_eq!(AgentStats::get(&stats.kernel_tables_saturated), 0);
-    assert_eq!(AgentStats::get(&stats.kernel_tables_last_saturated), 101);
-    assert_eq!(AgentStats::get(&stats.kernel_ip_table_full), 1);
+    f.pass(111);
+    assert_eq!(AgentStats::get(&f.stats().kernel_tables_saturated), 0);
+    assert_eq!(
+        AgentStats::get(&f.stats().kernel_tables_last_saturated),
+        101
+    );
+    assert_eq!(AgentStats::get(&f.stats().kernel_ip_table_full), 1);
 }
 
 #[test]
 fn a_table_full_of_live_ips_stays_saturated_until_one_leaves() {
-    let kernel = kernel(FakeKernel {
-        capacity: 1,
-        ..FakeKernel::default()
-    });
-    let state = shared_state();
-    let mut reconcile = Reconcile::new();
+    let mut f = Fixture::with_capacity(1);
     {
-        let mut fake = kernel.lock().unwrap();
+        let mut fake = f.fake();
         fake.accept(1, ip("10.0.0.1"), 0);
         assert!(!fake.accept(2, ip("10.0.0.2"), 0));
     }
     for now in [1, 2, 3] {
-        assert_eq!(pass(&mut reconcile, &kernel, &state, now).adopted, 0);
-        assert_eq!(AgentStats::get(&state.stats.kernel_tables_saturated), 1);
+        assert_eq!(f.pass(now).adopted, 0);
+        assert_eq!(AgentStats::get(&f.stats().kernel_tables_saturated), 1);
     }
-    assert_eq!(count(&kernel, "10.0.0.2"), 0);
-    kernel.lock().unwrap().close(1);
-    let did = pass(&mut reconcile, &kernel, &state, 4);
+    assert_eq!(f.count("10.0.0.2"), 0);
+    f.fake().close(1);
+    let did = f.pass(4);
     assert_eq!((did.collected, did.adopted), (1, 1));
-    assert_eq!(count(&kernel, "10.0.0.2"), 1);
+    assert_eq!(f.count("10.0.0.2"), 1);
     // One entry of one in use: full still (a new IP would be refused).
-    assert_eq!(AgentStats::get(&state.stats.kernel_tables_saturated), 1);
-    assert_eq!(
-        AgentStats::get(&state.stats.kernel_tables_last_saturated),
-        4
-    );
-    kernel.lock().unwrap().close(2);
-    pass(&mut reconcile, &kernel, &state, 5);
-    assert_eq!(AgentStats::get(&state.stats.kernel_tables_saturated), 0);
-    assert_eq!(
-        AgentStats::get(&state.stats.kernel_tables_last_saturated),
-        4
-    );
+    assert_eq!(AgentStats::get(&f.stats().kernel_tables_saturated), 1);
+    assert_eq!(AgentStats::get(&f.stats().kernel_tables_last_saturated), 4);
+    f.fake().close(2);
+    f.pass(5);
+    assert_eq!(AgentStats::get(&f.stats().kernel_tables_saturated), 0);
+    assert_eq!(AgentStats::get(&f.stats().kernel_tables_last_saturated), 4);
 }
 
 #[test]
 fn refusals_before_the_first_pass_wake_it_and_count_as_saturation() {
-    let kernel = kernel(FakeKernel {
-        capacity: 1,
-        ..FakeKernel::default()
-    });
-    let state = shared_state();
+    let mut f = Fixture::with_capacity(1);
     {
-        let mut fake = kernel.lock().unwrap();
+        let mut fake = f.fake();
         // A previous agent's refusal: not news to this one.
         fake.stats[stat::IP_TABLE_FULL as usize] = 4;
         fake.accept(1, ip("10.0.0.1"), 0);
         fake.close(1);
     }
-    let mut reconcile = Reconcile::new();
-    reconcile.start_from(&kernel);
-    assert!(!reconcile.refused_since_pass(&kernel));
-    assert!(!kernel.lock().unwrap().accept(2, ip("10.0.0.2"), 0));
-    assert!(reconcile.refused_since_pass(&kernel));
-    let did = pass(&mut reconcile, &kernel, &state, 50);
+    f.reconcile.start_from(&f.kernel);
+    assert!(!f.refused_since_pass());
+    assert!(!f.fake().accept(2, ip("10.0.0.2"), 0));
+    assert!(f.refused_since_pass());
+    let did = f.pass(50);
     assert_eq!((did.collected, did.adopted), (1, 1));
-    assert_eq!(
-        AgentStats::get(&state.stats.kernel_tables_last_saturated),
-        50
-    );
-    assert_eq!(reconcile.unlogged_refusals, 0);
-    assert_eq!(reconcile.last_full_log, Some(Duration::from_secs(50)));
+    assert_eq!(AgentStats::get(&f.stats().kernel_tables_last_saturated), 50);
+    assert_eq!(f.reconcile.unlogged_refusals, 0);
+    assert_eq!(f.reconcile.last_full_log, Some(Duration::from_secs(50)));
 }
 
 #[test]
 fn refusals_are_logged_once_per_interval_not_once_per_pass() {
-    let kernel = kernel(FakeKernel {
-        capacity: 1,
-        ..FakeKernel::default()
-    });
-    let state = shared_state();
-    let mut reconcile = Reconcile::new();
-    kernel.lock().unwrap().accept(1, ip("10.0.0.1"), 0);
-    pass(&mut reconcile, &kernel, &state, 100);
+    let mut f = Fixture::with_capacity(1);
+    f.fake().accept(1, ip("10.0.0.1"), 0);
+    f.pass(100);
     let mut cookie = 10;
-    let mut refuse = |kernel: &Mutex<FakeKernel>| {
+    let mut refuse = |f: &Fixture| {
         cookie += 1;
-        assert!(!kernel.lock().unwrap().accept(cookie, ip("10.0.1.1"), 0));
+        assert!(!f.fake().accept(cookie, ip("10.0.1.1"), 0));
     };
-    refuse(&kernel);
-    pass(&mut reconcile, &kernel, &state, 101);
-    assert_eq!(reconcile.last_full_log, Some(Duration::from_secs(101)));
-    assert_eq!(reconcile.unlogged_refusals, 0);
+    refuse(&f);
+    f.pass(101);
+    assert_eq!(f.reconcile.last_full_log, Some(Duration::from_secs(101)));
+    assert_eq!(f.reconcile.unlogged_refusals, 0);
     // Within the interval (10 s): counted for the next line, not logged.
     for now in [102, 104, 106] {
-        refuse(&kernel);
-        pass(&mut reconcile, &kernel, &state, now);
+        refuse(&f);
+        f.pass(now);
     }
-    assert_eq!(reconcile.last_full_log, Some(Duration::from_secs(101)));
-    assert_eq!(reconcile.unlogged_refusals, 3);
-    refuse(&kernel);
-    pass(&mut reconcile, &kernel, &state, 111);
-    assert_eq!(reconcile.last_full_log, Some(Duration::from_secs(111)));
-    assert_eq!(reconcile.unlogged_refusals, 0);
+    assert_eq!(f.reconcile.last_full_log, Some(Duration::from_secs(101)));
+    assert_eq!(f.reconcile.unlogged_refusals, 3);
+    refuse(&f);
+    f.pass(111);
+    assert_eq!(f.reconcile.last_full_log, Some(Duration::from_secs(111)));
+    assert_eq!(f.reconcile.unlogged_refusals, 0);
 }
 
 /// Polls `check` every 10 ms for up to 10 s.
