@@ -12,15 +12,15 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    connect_from, join_cgroup_on_exec, redis::free_port, require_ebpf, SmtpFixture, TempDir,
-    TestCgroup,
+    connect_from, join_cgroup_on_exec, redis::free_port, require_ebpf, Agent, AgentOptions,
+    TempDir, TestCgroup, TestServer,
 };
 
 const RSPAMD: &str = "/usr/bin/rspamd";
@@ -35,6 +35,10 @@ Subject: inbound-audit rspamd test\r\nMessage-ID: <rspamd-test@example.org>\r\n\
 
 /// The plugin's timeout in this test: the frozen-agent case waits this long.
 const TIMEOUT_SECS: &str = "0.5";
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
 
 /// A README block that starts at the line `first` and ends before the closing fence.
 fn readme_block(first: &str) -> String {
@@ -104,7 +108,7 @@ impl Rspamd {
         Self {
             dir: dir.to_path_buf(),
             port,
-            cgroup: TestCgroup::new("rspamd"),
+            cgroup: TestCgroup::new("rspamd-daemon"),
             child: None,
         }
     }
@@ -248,7 +252,9 @@ fn symbol(reply: &serde_json::Value, name: &str) -> Option<(f64, Vec<String>)> {
 fn assert_no_audit_symbols(reply: &serde_json::Value, rspamd: &Rspamd) {
     let symbols = reply["symbols"].as_object().unwrap();
     assert!(
-        symbols.keys().all(|name| !name.starts_with("INBOUND_AUDIT")),
+        symbols
+            .keys()
+            .all(|name| !name.starts_with("INBOUND_AUDIT")),
         "unexpected symbols: {reply}\n{}",
         rspamd.log()
     );
@@ -263,14 +269,24 @@ fn rspamd_scores_clients_over_the_limits_and_fails_open() {
             return;
         }
     }
-    // rspamd's workers run as _rspamd: the socket's group lets them in, as the
-    // README says.
-    let mut fixture = SmtpFixture::start(
+    // The test server on IPv4 and IPv6 loopback, both SMTP; rspamd's workers
+    // run as _rspamd: the socket's group lets them in, as the README says.
+    let cgroup = TestCgroup::new("rspamd");
+    let server = TestServer::start(
         env!("CARGO_BIN_EXE_test-server"),
-        "rspamd",
-        &["--monitor", "60,1", "--socket-group", RSPAMD_USER],
+        &cgroup,
+        &["127.0.0.1:0", "[::1]:0"],
     );
-    let smtp = fixture.smtp;
+    let mut agent = Agent::start(AgentOptions {
+        name: "rspamd",
+        cgroup: &cgroup,
+        services: vec![format!("SMTP={},{}", server.ports[0], server.ports[1])],
+        extra_args: ["--monitor", "60,1", "--socket-group", RSPAMD_USER]
+            .map(String::from)
+            .to_vec(),
+    });
+    let smtp = SocketAddr::new(ip("127.0.0.1"), server.ports[0]);
+    let smtp_v6 = SocketAddr::new(ip("::1"), server.ports[1]);
 
     // The README's local.d/inbound_audit.conf with this agent's socket and
     // smaller limits: above 2 sessions per /24, above 3 connections per /32 in
@@ -279,7 +295,7 @@ fn rspamd_scores_clients_over_the_limits_and_fails_open() {
     let conf = readme_block("# /etc/rspamd/local.d/inbound_audit.conf")
         .replace(
             "/run/inbound-audit/audit.sock",
-            fixture.agent.socket.to_str().unwrap(),
+            agent.socket.to_str().unwrap(),
         )
         .replace("timeout = 1.0;", &format!("timeout = {TIMEOUT_SECS};"))
         .replace("max = 10;", "max = 2;")
@@ -301,9 +317,9 @@ fn rspamd_scores_clients_over_the_limits_and_fails_open() {
 
     // Three live sessions from one /24: over 2.
     let busy: Vec<_> = (0..3)
-        .map(|_| connect_from("127.0.0.81".parse().unwrap(), smtp))
+        .map(|_| connect_from(ip("127.0.0.81"), smtp))
         .collect();
-    fixture.agent.expect_count("127.0.0.0/24", "SMTP", 3);
+    agent.expect_count("127.0.0.0/24", "SMTP", 3);
     let reply = rspamd.scan("127.0.0.81");
     assert_eq!(
         symbol(&reply, "INBOUND_AUDIT_SESSIONS"),
@@ -313,20 +329,31 @@ fn rspamd_scores_clients_over_the_limits_and_fails_open() {
     );
     assert_eq!(symbol(&reply, "INBOUND_AUDIT_CONNECTIONS"), None);
 
+    // IPv6: three sessions from ::1, counted in its /64.
+    let busy_v6: Vec<_> = (0..3).map(|_| connect_from(ip("::1"), smtp_v6)).collect();
+    agent.expect_count("::/64", "SMTP", 3);
+    let reply = rspamd.scan("::1");
+    assert_eq!(
+        symbol(&reply, "INBOUND_AUDIT_SESSIONS"),
+        Some((5.0, vec!["::/64=3".to_string()])),
+        "{reply}\n{}",
+        rspamd.log()
+    );
+
     // Another /24 with one session and one connection: nothing.
-    let quiet = connect_from("127.0.1.82".parse().unwrap(), smtp);
-    fixture.agent.expect_count("127.0.1.0/24", "SMTP", 1);
+    let quiet = connect_from(ip("127.0.1.82"), smtp);
+    agent.expect_count("127.0.1.0/24", "SMTP", 1);
     assert_no_audit_symbols(&rspamd.scan("127.0.1.82"), &rspamd);
 
     // Four connections from one IP in this minute (and the one before): over 3.
     for _ in 0..4 {
-        drop(connect_from("127.0.2.83".parse().unwrap(), smtp));
+        drop(connect_from(ip("127.0.2.83"), smtp));
     }
-    fixture.agent.expect(
+    agent.expect(
         "@127.0.2.83 msys.audit.connections(\"60,1\", {cidr=\"/32\", endv=1})",
         "OK 4",
     );
-    fixture.agent.expect_count("127.0.2.0/24", "SMTP", 0);
+    agent.expect_count("127.0.2.0/24", "SMTP", 0);
     let reply = rspamd.scan("127.0.2.83");
     assert_eq!(
         symbol(&reply, "INBOUND_AUDIT_CONNECTIONS"),
@@ -343,26 +370,149 @@ fn rspamd_scores_clients_over_the_limits_and_fails_open() {
 
     // The agent stopped (SIGSTOP): no answer within the timeout; no symbol,
     // and rspamd still answers.
-    fixture.agent.freeze();
+    agent.freeze();
     let reply = rspamd.scan("127.0.0.81");
-    fixture.agent.signal(libc::SIGCONT);
+    agent.signal(libc::SIGCONT);
     assert_no_audit_symbols(&reply, &rspamd);
     assert!(
-        rspamd.log().contains("INBOUND_AUDIT_SESSIONS: no answer from"),
+        rspamd.log().contains("(IO timeout); no symbol"),
         "the timeout is not logged\n{}",
         rspamd.log()
     );
 
     // The agent gone (its socket removed): the same.
-    fixture.agent.stop();
+    agent.stop();
     let reply = rspamd.scan("127.0.0.81");
     assert_no_audit_symbols(&reply, &rspamd);
     assert!(
-        rspamd.log().contains("No such file or directory"),
+        rspamd.log().contains("(cannot connect to the host: "),
         "the missing socket is not logged\n{}",
         rspamd.log()
     );
 
-    assert!(rspamd.stop(), "rspamd did not stop on SIGTERM\n{}", rspamd.log());
-    drop((busy, quiet));
+    assert!(
+        rspamd.stop(),
+        "rspamd did not stop on SIGTERM\n{}",
+        rspamd.log()
+    );
+    drop((busy, busy_v6, quiet));
+}
+
+/// `rspamadm -v configtest` on Debian's own /etc/rspamd/rspamd.conf, with
+/// LOCAL_CONFDIR (normally /etc/rspamd) a scratch directory holding the
+/// README's install: plugins.d/inbound_audit.lua, rspamd.conf.local and
+/// local.d/inbound_audit.conf. Returns what rspamadm printed.
+fn configtest(dir: &Path, local_conf: &str) -> String {
+    for sub in ["plugins.d", "local.d", "db"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    std::fs::write(dir.join("plugins.d/inbound_audit.lua"), PLUGIN).unwrap();
+    std::fs::write(
+        dir.join("rspamd.conf.local"),
+        readme_block("# /etc/rspamd/rspamd.conf.local\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("local.d/inbound_audit.conf"), local_conf).unwrap();
+    let output = Command::new(RSPAMADM)
+        .arg(format!("--var=LOCAL_CONFDIR={}", dir.display()))
+        .arg(format!("--var=DBDIR={}/db", dir.display()))
+        .args(["-v", "configtest", "-c", DEBIAN_CONF])
+        .output()
+        .expect("run rspamadm");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+const RSPAMADM: &str = "/usr/bin/rspamadm";
+const DEBIAN_CONF: &str = "/etc/rspamd/rspamd.conf";
+
+#[test]
+fn the_readme_install_loads_under_debians_config_and_bad_values_name_their_key() {
+    for file in [RSPAMADM, DEBIAN_CONF] {
+        if !Path::new(file).exists() {
+            eprintln!("SKIPPED (no {file}): apt-get install rspamd, or run `cargo xtask test`, which installs it");
+            return;
+        }
+    }
+    let dir = TempDir::new("rspamd-configtest");
+    let readme_conf = readme_block("# /etc/rspamd/local.d/inbound_audit.conf");
+    let output = configtest(dir.path(), &readme_conf);
+    let plugin_path = format!(
+        "init lua module inbound_audit from {}/plugins.d",
+        dir.path().display()
+    );
+    for expected in [
+        plugin_path.as_str(),
+        "registered symbol INBOUND_AUDIT_SESSIONS with weight 5.00",
+        "registered symbol INBOUND_AUDIT_CONNECTIONS with weight 3.00",
+        "group inbound_audit",
+        "syntax OK",
+    ] {
+        assert!(output.contains(expected), "no {expected:?} in:\n{output}");
+    }
+    assert!(!output.contains("bad config"), "{output}");
+
+    // Each bad value disables the plugin (no symbol at all) with an error
+    // naming its key; the rest of rspamd's configuration is still fine.
+    for (bad, key) in [
+        (
+            "max = 10;",
+            "max = -1;",
+            "symbols.INBOUND_AUDIT_SESSIONS.max",
+        ),
+        (
+            "max = 30;",
+            "max = 2.5;",
+            "symbols.INBOUND_AUDIT_CONNECTIONS.max",
+        ),
+        (
+            "ipv4_prefix = 24;",
+            "ipv4_prefix = 33;",
+            "symbols.INBOUND_AUDIT_SESSIONS.ipv4_prefix",
+        ),
+        (
+            "ipv6_prefix = 128;",
+            "ipv6_prefix = 129;",
+            "symbols.INBOUND_AUDIT_CONNECTIONS.ipv6_prefix",
+        ),
+        (
+            "count = \"sessions\";",
+            "count = \"spam\";",
+            "symbols.INBOUND_AUDIT_SESSIONS.count",
+        ),
+        (
+            "monitor = \"60,1\";",
+            "monitor = \"60\";",
+            "symbols.INBOUND_AUDIT_CONNECTIONS.monitor",
+        ),
+        (
+            "service = \"SMTP\";",
+            "service = \"SMTP\\\" x\";",
+            "symbols.INBOUND_AUDIT_SESSIONS.service",
+        ),
+        (
+            "endv = 1;",
+            "endv = -1;",
+            "symbols.INBOUND_AUDIT_CONNECTIONS.endv",
+        ),
+        ("socket = \"/run/", "socket = \"run/", "socket"),
+        ("timeout = 1.0;", "timeout = 0;", "timeout"),
+    ]
+    .map(|(good, bad, key)| (readme_conf.replacen(good, bad, 1), key))
+    {
+        assert_ne!(bad, readme_conf, "{key}: the README's example moved");
+        let output = configtest(dir.path(), &bad);
+        assert!(
+            output.contains(&format!("inbound_audit: bad config {key}: ")),
+            "{key} is not named:\n{output}"
+        );
+        assert!(
+            !output.contains("registered symbol INBOUND_AUDIT"),
+            "{key}: the plugin still registered symbols:\n{output}"
+        );
+        assert!(output.contains("syntax OK"), "{output}");
+    }
 }
