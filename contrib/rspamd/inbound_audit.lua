@@ -59,6 +59,14 @@ local lua_util = require 'lua_util'
 local DEFAULT_SOCKET = '/run/inbound-audit/audit.sock'
 local DEFAULT_TIMEOUT = 1.0
 local COUNTS = { sessions = true, connections = true, receptions = true, rejections = true }
+-- The keys a rule may have, by its count; `enabled` is rspamd's own.
+local RULE_KEYS = {
+  count = true, ipv4_prefix = true, ipv6_prefix = true, max = true, score = true,
+  description = true,
+}
+local SESSION_KEYS = { service = true }
+local WINDOW_KEYS = { monitor = true, startv = true, endv = true }
+local TOP_KEYS = { socket = true, timeout = true, symbols = true, enabled = true }
 
 -- Used when the config has no `symbols` table: the two checks the plugin is for.
 local DEFAULT_SYMBOLS = {
@@ -96,6 +104,13 @@ local function parse_rule(name, raw)
   rule.count = raw.count or 'sessions'
   if not COUNTS[rule.count] then
     return nil, key('count'), 'must be sessions, connections, receptions or rejections'
+  end
+  -- A misspelt key would otherwise silently fall back to its default.
+  local own = rule.count == 'sessions' and SESSION_KEYS or WINDOW_KEYS
+  for k in pairs(raw) do
+    if not RULE_KEYS[k] and not own[k] then
+      return nil, key(tostring(k)), string.format('unknown key for count = "%s"', rule.count)
+    end
   end
   rule.ipv4_prefix = integer_in(raw.ipv4_prefix or 24, 0, 32)
   if not rule.ipv4_prefix then
@@ -189,6 +204,13 @@ local opts = rspamd_config:get_all_opt(N)
 if not opts then
   lua_util.disable_module(N, 'config')
   return
+end
+
+for k in pairs(opts) do
+  if not TOP_KEYS[k] then
+    bad_config(tostring(k), 'unknown key (socket, timeout, symbols)')
+    return
+  end
 end
 
 local settings = {
