@@ -501,8 +501,16 @@ fn the_readme_install_loads_under_debians_config_and_bad_values_name_their_key()
         ("socket = \"/run/", "socket = \"run/", "socket"),
         ("timeout = 1.0;", "timeout = 0;", "timeout"),
         ("timeout = 1.0;", "timeout = 1.0; sockets = 2;", "sockets"),
-        ("ipv4_prefix = 24;", "ipv4_prefx = 24;", "symbols.INBOUND_AUDIT_SESSIONS.ipv4_prefx"),
-        ("endv = 1;", "endv = 1; service = \"SMTP\";", "symbols.INBOUND_AUDIT_CONNECTIONS.service"),
+        (
+            "ipv4_prefix = 24;",
+            "ipv4_prefx = 24;",
+            "symbols.INBOUND_AUDIT_SESSIONS.ipv4_prefx",
+        ),
+        (
+            "endv = 1;",
+            "endv = 1; service = \"SMTP\";",
+            "symbols.INBOUND_AUDIT_CONNECTIONS.service",
+        ),
     ]
     .map(|(good, bad, key)| (readme_conf.replacen(good, bad, 1), key))
     {
