@@ -502,10 +502,11 @@ fn fuzz(root: &Path, seconds: u64, only: Option<&str>) -> Result<()> {
 /// LuaSocket, and Postfix (installed, never started as a service: the tests run
 /// private instances), Redis and its Sentinel (the cluster tests start private
 /// instances), Prometheus (with promtool) and tmux for the metrics and `top`
-/// tests; lintian checks the package. Installed when missing and we can;
+/// tests; rspamd (never started as a service) for the plugin test; lintian
+/// checks the package. Installed when missing and we can;
 /// otherwise those tests skip and say so. INBOUND_AUDIT_NO_APT=1 leaves the
 /// system alone.
-const TEST_PACKAGES: [&str; 8] = [
+const TEST_PACKAGES: [&str; 9] = [
     "lua5.4",
     "lua-socket",
     "postfix",
@@ -514,6 +515,7 @@ const TEST_PACKAGES: [&str; 8] = [
     "lintian",
     "prometheus",
     "tmux",
+    "rspamd",
 ];
 
 fn ensure_test_packages() -> Result<()> {
