@@ -115,8 +115,8 @@ pub struct PolicyClient {
 
 impl PolicyClient {
     pub fn connect(path: &Path) -> Result<Self> {
-        let stream =
-            UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+        let stream = UnixStream::connect(path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(Self {
             stream,
