@@ -96,6 +96,9 @@ impl Arm {
 struct Run {
     rate: f64,
     agent_cpu_us_per_message: f64,
+    /// This process's CPU: the reference server's threads (the bench's own
+    /// thread waits for smtp-source meanwhile).
+    bench_cpu_us_per_message: f64,
 }
 
 pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
@@ -188,8 +191,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             set_arm(&postfix, arm)?;
             let answered_before = reference_server.answered();
             let cpu_before = agent.pid().and_then(env::cpu_seconds).unwrap_or(0.0);
+            let own_before = env::cpu_seconds(std::process::id()).unwrap_or(0.0);
             let secs = source_run(&ns, &postfix, messages, sessions)?;
             let cpu_after = agent.pid().and_then(env::cpu_seconds).unwrap_or(0.0);
+            let own_after = env::cpu_seconds(std::process::id()).unwrap_or(0.0);
             // Each message is checked at RCPT and END-OF-MESSAGE.
             let answered = reference_server.answered() - answered_before;
             if (arm == Arm::Reference) != (answered >= 2 * messages as u64) {
@@ -198,12 +203,14 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             let run = Run {
                 rate: messages as f64 / secs,
                 agent_cpu_us_per_message: (cpu_after - cpu_before) / messages as f64 * 1e6,
+                bench_cpu_us_per_message: (own_after - own_before) / messages as f64 * 1e6,
             };
             println!(
-                "  round {round} {:<9} {:.0} messages/s (agent {:.0} µs CPU per message)",
+                "  round {round} {:<9} {:.0} messages/s (CPU per message: agent {:.0} µs, bench {:.0} µs)",
                 arm.label(),
                 run.rate,
-                run.agent_cpu_us_per_message
+                run.agent_cpu_us_per_message,
+                run.bench_cpu_us_per_message
             );
             results.push((arm, run));
         }
@@ -238,6 +245,15 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 .iter()
                 .flat_map(|r| r.iter().filter(|(a, _)| *a == arm))
                 .map(|(_, r)| r.agent_cpu_us_per_message)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let bench_cpu = |arm: Arm| {
+        median(
+            &runs
+                .iter()
+                .flat_map(|r| r.iter().filter(|(a, _)| *a == arm))
+                .map(|(_, r)| r.bench_cpu_us_per_message)
                 .collect::<Vec<_>>(),
         )
     };
@@ -276,6 +292,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             } else {
                 format!("{:.0} µs", agent_cpu(arm))
             },
+            format!("{:.0} µs", bench_cpu(arm)),
         ]);
     }
     report.sections.push(Section {
@@ -300,11 +317,13 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             "messages/s (median)".into(),
             "÷ none".into(),
             "agent CPU per message".into(),
+            "bench process CPU per message (the reference server)".into(),
         ],
         rows,
         data: json!({
             "rounds": runs.iter().map(|r| r.iter().map(|(a, run)| json!({
                 "arm": a.label(), "rate": run.rate, "agent_cpu_us_per_message": run.agent_cpu_us_per_message,
+                "bench_cpu_us_per_message": run.bench_cpu_us_per_message,
             })).collect::<Vec<_>>()).collect::<Vec<_>>(),
             "programs_ratio": programs,
             "policy_ratio": policy,
