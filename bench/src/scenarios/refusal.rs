@@ -328,12 +328,16 @@ fn accept_rates(
         sk_lookup_program(agent.pid().context("agent pid")?)?
     };
     rate_run(target, Duration::from_millis(500), 0)?; // warm-up
-    // Where the time goes: kernel run time per connection of the sock_ops
-    // program (which keeps the per-prefix counts when limits exist) and of
-    // the sk_lookup program, in one stats-on run of each arm.
+                                                      // Where the time goes: kernel run time per connection of the sock_ops
+                                                      // program (which keeps the per-prefix counts when limits exist) and of
+                                                      // the sk_lookup program, in one stats-on run of each arm.
     let mut kernel_rows = Vec::new();
     for limited in [false, true] {
-        reload_to(agent, if limited { &with } else { base }, u64::from(limited))?;
+        reload_to(
+            agent,
+            if limited { &with } else { base },
+            u64::from(limited),
+        )?;
         let lookup = if limited {
             Some(sk_lookup_program(agent.pid().context("agent pid")?)?)
         } else {
@@ -355,7 +359,12 @@ fn accept_rates(
             _ => 0,
         };
         kernel_rows.push(vec![
-            if limited { "with a limit" } else { "without limits" }.to_string(),
+            if limited {
+                "with a limit"
+            } else {
+                "without limits"
+            }
+            .to_string(),
             format!("{:.0} ns", ops_ns as f64 / made as f64),
             if limited {
                 format!("{:.0} ns", lookup_ns as f64 / made as f64)
@@ -427,7 +436,11 @@ fn accept_rates(
             median(&with_agent),
             median(&without_agent),
         ),
-        columns: vec!["arm".into(), "sock_ops per connection".into(), "sk_lookup per connection".into()],
+        columns: vec![
+            "arm".into(),
+            "sock_ops per connection".into(),
+            "sk_lookup per connection".into(),
+        ],
         rows: kernel_rows,
         data: json!({
             "with": with_rates, "without": without_rates,
