@@ -26,6 +26,8 @@ pub struct BenchAgent {
     pub pin_dir: PathBuf,
     dir: PathBuf,
     args: Vec<String>,
+    /// The network namespace it runs in (`/run/netns/NAME`, entered by nsenter); None: ours.
+    netns: Option<String>,
 }
 
 impl BenchAgent {
@@ -88,7 +90,37 @@ impl BenchAgent {
             pin_dir,
             dir,
             args,
+            netns: None,
         })
+    }
+
+    /// Runs the agent (from its next start) inside the namespace at `path`:
+    /// kernel limits attach there.
+    pub fn in_netns(&mut self, path: String) {
+        self.netns = Some(path);
+    }
+
+    /// The config file the agent reads (at start and on SIGHUP).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("bench.toml")
+    }
+
+    /// Appends `text` to the config file, for the next start or reload.
+    pub fn append_config(&self, text: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.config_path())?;
+        file.write_all(text.as_bytes())?;
+        Ok(())
+    }
+
+    /// SIGHUP: the agent reloads its config file.
+    pub fn reload(&self) -> Result<()> {
+        let pid = self.pid().context("agent not running")?;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        Ok(())
     }
 
     /// Starts the agent and waits until it answers queries.
@@ -98,7 +130,15 @@ impl BenchAgent {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(&self.binary)
+        let mut command = match &self.netns {
+            Some(path) => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net={path}")).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = command
             .args(&self.args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -10,6 +10,7 @@ mod env;
 mod kernel;
 mod latency;
 mod net;
+mod policy;
 mod reference;
 mod report;
 mod scenarios {
@@ -18,7 +19,9 @@ mod scenarios {
     pub mod cluster;
     pub mod criterion;
     pub mod hostile;
+    pub mod mailhost;
     pub mod overhead;
+    pub mod refusal;
     pub mod sizes;
     pub mod windows;
 }
@@ -77,7 +80,7 @@ struct RunArgs {
     /// A smoke run in well under a minute: small sizes, few rounds. Writes quick.{md,json}.
     #[arg(long)]
     quick: bool,
-    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster.
+    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster, refusal, mailhost.
     /// Writes partial.{md,json}.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -97,7 +100,7 @@ pub struct Ctx {
 
 type Scenario = fn(&Ctx, &mut Report) -> Result<()>;
 
-const SCENARIOS: [(&str, Scenario); 8] = [
+const SCENARIOS: [(&str, Scenario); 10] = [
     ("criterion", scenarios::criterion::run),
     ("sizes", scenarios::sizes::run),
     ("windows", scenarios::windows::run),
@@ -106,6 +109,8 @@ const SCENARIOS: [(&str, Scenario); 8] = [
     ("overhead", scenarios::overhead::run),
     ("churn", scenarios::churn::run),
     ("cluster", scenarios::cluster::run),
+    ("refusal", scenarios::refusal::run),
+    ("mailhost", scenarios::mailhost::run),
 ];
 
 fn main() -> ExitCode {

@@ -187,8 +187,12 @@ async fn serve(
             socket.path().display(),
             state.setup().config.policy_limits.len()
         );
-        tokio::spawn(postfix::serve(socket, state.clone(), shutdown.clone()))
+        postfix::serve_on_own_thread(socket, state.clone(), shutdown.clone())
     });
+    let policy_task = policy_task.transpose().map_err(|source| AgentError::Io {
+        what: "starting the Postfix policy server's thread",
+        source,
+    })?;
     let metrics_task = metrics_listener
         .map(|listener| tokio::spawn(metrics::serve(listener, state.clone(), shutdown.clone())));
 
@@ -201,8 +205,8 @@ async fn serve(
     log::info!("shutting down");
     trigger.trigger();
     let _ = server_task.await;
-    if let Some(task) = policy_task {
-        let _ = task.await;
+    if let Some(thread) = policy_task {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     if let Some(task) = metrics_task {
         let _ = task.await;

@@ -22,4 +22,4 @@ mod test_support;
 
 pub use decision::{decide, Decision, PolicyMemory};
 pub use reader::{PolicyError, PolicyReader, PolicyRequest};
-pub use serve::serve;
+pub use serve::{serve, serve_on_own_thread};
