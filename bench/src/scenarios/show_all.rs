@@ -1,0 +1,391 @@
+//! `show all` (Momentum's console CSV of every tracked IP) at 1M tracked IPs:
+//! the time for a whole dump through the socket, and how long it makes
+//! other clients wait: the latency of a concurrent query client during the
+//! dump beside the same client with the agent otherwise idle, in one run,
+//! rounds interleaved; and, in-process on the agent's own state types, the
+//! time of each chunk (the most any one lock is held, plus its formatting).
+//!
+//! The sessions are synthetic and pre-filled through the kernel as in
+//! `sizes`; a monitor "300,6" carries receptions for every tenth IP (reported
+//! with `add` before the measurement), so rows have windows to look up.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use inbound_audit::{
+    config::Config,
+    counting::state::{SharedState, Tally},
+    domain::{Series, ServicePorts},
+    serving::{
+        client::{query_stream, StreamEnd},
+        show_all::{Dump, CHUNK_IPS},
+    },
+};
+use inbound_bench::{
+    stats::{median, Percentiles},
+    synthetic::{session_count_request, QueryKind, SyntheticSet},
+};
+use ipnet::IpNet;
+use serde_json::json;
+
+use crate::{
+    agent::{BenchAgent, QueryClient},
+    env, kernel,
+    report::{fmt_count, fmt_ns, fmt_size, Report, Section},
+    Ctx,
+};
+
+const SERVICE: &str = "SMTP";
+const MONITOR: &str = "300,6";
+/// Every this many IPs has receptions in the monitor's current window.
+const RECEPTIONS_EVERY: usize = 10;
+
+struct Plan {
+    size: usize,
+    rounds: usize,
+    /// How long the idle phase of a round queries.
+    idle: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                size: 20_000,
+                rounds: 2,
+                idle: Duration::from_millis(300),
+            }
+        } else {
+            Self {
+                size: 1_000_000,
+                rounds: 5,
+                idle: Duration::from_secs(2),
+            }
+        }
+    }
+}
+
+/// One query stream's latencies, by kind of request.
+#[derive(Default)]
+struct Latencies {
+    sessions: Vec<f64>,
+    windowed: Vec<f64>,
+}
+
+impl Latencies {
+    fn extend(&mut self, other: Latencies) {
+        self.sessions.extend(other.sessions);
+        self.windowed.extend(other.windowed);
+    }
+}
+
+/// Alternating `msys.audit.inbound_session_count` (the sessions' read lock)
+/// and `msys.audit.receptions` (the monitors' lock) until `stop`, one at a time.
+fn query_until(
+    client: &mut QueryClient,
+    requests: &[(bool, Vec<u8>)],
+    stop: impl Fn() -> bool,
+) -> Result<Latencies> {
+    let mut out = Latencies::default();
+    let mut i = 0;
+    while !stop() {
+        let (windowed, request) = &requests[i % requests.len()];
+        let started = Instant::now();
+        client.count(request)?;
+        let ns = started.elapsed().as_nanos() as f64;
+        if *windowed {
+            out.windowed.push(ns);
+        } else {
+            out.sessions.push(ns);
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+struct DumpRun {
+    secs: f64,
+    rows: u64,
+    bytes: u64,
+}
+
+/// One whole `show all` through the socket, as `inbound-audit show all` reads it.
+fn dump_once(socket: &std::path::Path) -> Result<DumpRun> {
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    let end = query_stream(socket, "show all", |line| {
+        bytes += line.len() as u64 + 1;
+        Ok(())
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    match end {
+        StreamEnd::Complete { rows } => Ok(DumpRun { secs, rows, bytes }),
+        other => bail!("show all did not complete: {other:?}"),
+    }
+}
+
+/// In-process, on the agent's types: the time of every chunk of a whole dump.
+fn chunk_times(set: &SyntheticSet) -> Result<(Vec<f64>, u64)> {
+    let config = Config {
+        services: vec![ServicePorts {
+            name: SERVICE.into(),
+            ports: vec![25],
+        }],
+        monitors: vec![MONITOR.parse()?],
+        max_tracked_ips_per_monitor: usize::MAX,
+        ..Config::default()
+    };
+    let state = SharedState::new(config, HashMap::from([(SERVICE.to_string(), 0u8)]));
+    let tally: Tally = set.iter().map(|ip| ((0u8, ip), 1)).collect();
+    state.write_sessions().load(&tally);
+    let now = inbound_audit::domain::unix_now();
+    {
+        let mut monitors = state.lock_monitors();
+        for ip in set.iter().step_by(RECEPTIONS_EVERY) {
+            monitors.record(Series::Receptions, ip, 3, now);
+        }
+    }
+    let mut dump = Dump::new(&state);
+    let mut out = String::new();
+    let mut times = Vec::new();
+    loop {
+        out.clear();
+        let started = Instant::now();
+        let more = dump.next_chunk(&state, now, CHUNK_IPS, &mut out)?;
+        times.push(started.elapsed().as_nanos() as f64);
+        if !more {
+            break;
+        }
+    }
+    Ok((times, dump.rows()))
+}
+
+pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
+    let plan = Plan::new(ctx.quick);
+    let port = env::free_port(&[])?;
+    let service = ServicePorts {
+        name: SERVICE.into(),
+        ports: vec![port],
+    };
+    let set = SyntheticSet::generate(plan.size);
+
+    println!(
+        "[show_all] in-process: chunk times over {} IPs",
+        fmt_size(plan.size)
+    );
+    let (chunks, inproc_rows) = chunk_times(&set)?;
+    if inproc_rows != plan.size as u64 {
+        bail!("in-process dump: {inproc_rows} rows for {} IPs", plan.size);
+    }
+
+    println!(
+        "[show_all] {}: pre-filling the kernel maps",
+        fmt_size(plan.size)
+    );
+    let mut agent = BenchAgent::new(
+        &ctx.agent_binary,
+        "show-all",
+        ctx.cgroup.path(),
+        &[format!("{SERVICE}={port}")],
+    )?;
+    agent.add_args(&["--monitor", MONITOR]);
+    kernel::prefill(&agent.pin_dir, ctx.cgroup.path(), &service, &set)?;
+    agent.start()?;
+    agent.wait_quiet(Duration::from_millis(2500))?;
+    let tracked = agent.stat_u64("tracked_ips")?;
+    if tracked != plan.size as u64 {
+        bail!("the agent tracks {tracked} IPs, expected {}", plan.size);
+    }
+    {
+        let mut client = agent.client()?;
+        for ip in set.iter().step_by(RECEPTIONS_EVERY) {
+            client.count(format!("add receptions {ip} 3\n").as_bytes())?;
+        }
+    }
+
+    // A mix of prefix lengths and both lock paths, pre-built.
+    let requests: Arc<Vec<(bool, Vec<u8>)>> = Arc::new(
+        QueryKind::ALL
+            .iter()
+            .flat_map(|&kind| set.queries(kind, 256, 11))
+            .enumerate()
+            .map(|(i, net): (usize, IpNet)| {
+                if i % 2 == 0 {
+                    (
+                        false,
+                        (session_count_request(&net, SERVICE) + "\n").into_bytes(),
+                    )
+                } else {
+                    (
+                        true,
+                        format!("msys.audit.receptions(\"{MONITOR}\", {{cidr=\"{net}\"}})\n")
+                            .into_bytes(),
+                    )
+                }
+            })
+            .collect(),
+    );
+
+    let mut idle = Latencies::default();
+    let mut during = Latencies::default();
+    let mut dumps = Vec::new();
+    let mut client = agent.client()?;
+    for round in 0..plan.rounds {
+        println!("[show_all] round {}/{}", round + 1, plan.rounds);
+        // Alternate which phase goes first, so a drift in machine load hits both.
+        for phase in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if phase == 0 {
+                let until = Instant::now() + plan.idle;
+                idle.extend(query_until(&mut client, &requests, || {
+                    Instant::now() >= until
+                })?);
+                continue;
+            }
+            let done = Arc::new(AtomicBool::new(false));
+            let socket = agent.socket.clone();
+            let flag = done.clone();
+            let reader = std::thread::spawn(move || {
+                let run = dump_once(&socket);
+                flag.store(true, Ordering::Relaxed);
+                run
+            });
+            during.extend(query_until(&mut client, &requests, || {
+                done.load(Ordering::Relaxed)
+            })?);
+            let run = reader.join().expect("dump thread")?;
+            if run.rows != plan.size as u64 {
+                bail!("show all gave {} rows for {} IPs", run.rows, plan.size);
+            }
+            dumps.push(run);
+        }
+    }
+    drop(client);
+    agent.stop()?;
+
+    report_results(report, &plan, &dumps, &idle, &during, &chunks);
+    Ok(())
+}
+
+fn max(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
+}
+
+fn report_results(
+    report: &mut Report,
+    plan: &Plan,
+    dumps: &[DumpRun],
+    idle: &Latencies,
+    during: &Latencies,
+    chunks: &[f64],
+) {
+    let secs: Vec<f64> = dumps.iter().map(|d| d.secs).collect();
+    let dump_secs = median(&secs);
+    let bytes = dumps.first().map_or(0, |d| d.bytes);
+    let mut rows = vec![vec![
+        format!("whole `show all`, {} rows", fmt_count(plan.size as f64)),
+        format!("{dump_secs:.2} s median"),
+        format!(
+            "{:.2}–{:.2} s over {} dumps",
+            secs.iter().copied().fold(f64::INFINITY, f64::min),
+            max(&secs),
+            secs.len()
+        ),
+        format!(
+            "{:.0} MB, {} rows/s",
+            bytes as f64 / 1e6,
+            fmt_count(plan.size as f64 / dump_secs)
+        ),
+    ]];
+    let chunk = Percentiles::of(chunks);
+    rows.push(vec![
+        format!("in-process chunk of {CHUNK_IPS} IPs (locks + formatting)"),
+        format!("p50 {}", fmt_ns(chunk.p50)),
+        format!("p99 {}", fmt_ns(chunk.p99)),
+        format!("max {} over {} chunks", fmt_ns(max(chunks)), chunks.len()),
+    ]);
+    let mut data = json!({
+        "ips": plan.size,
+        "chunk_ips": CHUNK_IPS,
+        "dump_secs": secs,
+        "dump_bytes": bytes,
+        "chunk_ns": {"p50": chunk.p50, "p99": chunk.p99, "max": max(chunks), "chunks": chunks.len()},
+    });
+    for (label, slug, a, b) in [
+        (
+            "inbound_session_count",
+            "sessions",
+            &idle.sessions,
+            &during.sessions,
+        ),
+        (
+            "msys.audit.receptions",
+            "windowed",
+            &idle.windowed,
+            &during.windowed,
+        ),
+    ] {
+        let (pa, pb) = (Percentiles::of(a), Percentiles::of(b));
+        for (when, p, values) in [("idle", pa, a), ("during the dump", pb, b)] {
+            rows.push(vec![
+                format!("{label}, {when}"),
+                format!("p50 {}", fmt_ns(p.p50)),
+                format!("p99 {} / p99.9 {}", fmt_ns(p.p99), fmt_ns(p.p999)),
+                format!("max {} over {} queries", fmt_ns(max(values)), p.samples),
+            ]);
+        }
+        data[slug] = json!({
+            "idle": {"p50": pa.p50, "p99": pa.p99, "p999": pa.p999, "max": max(a), "samples": pa.samples},
+            "during": {"p50": pb.p50, "p99": pb.p99, "p999": pb.p999, "max": max(b), "samples": pb.samples},
+        });
+    }
+    report.sections.push(Section {
+        title: format!("show all at {} tracked IPs", fmt_size(plan.size)),
+        method: format!(
+            "{} synthetic sessions (80 % IPv4, 20 % IPv6) pre-filled through the kernel as in \
+             the sizes measurement; monitor \"{MONITOR}\" with receptions for every \
+             {RECEPTIONS_EVERY}th IP (reported with `add`), so each row looks up {} windows \
+             and one service. A whole dump: `show all` on the socket read to its `END` line \
+             by the CLI's own client (`query_stream`). Blocking: one persistent client \
+             alternating `msys.audit.inbound_session_count` (the sessions' read lock) and \
+             `msys.audit.receptions` (the monitors' lock) over prefixes of tracked IPs, one \
+             at a time, while a dump runs and, in the same round, with the agent otherwise \
+             idle; {} rounds, the order of the two phases alternating; percentiles pool the \
+             rounds. In-process: `Dump::next_chunk` on the agent's `SharedState` with the same \
+             data, each chunk timed (its two lock holds plus formatting its rows, so an upper \
+             bound of any one hold).",
+            fmt_count(plan.size as f64),
+            3 * 7,
+            plan.rounds
+        ),
+        columns: vec![
+            "what".into(),
+            "typical".into(),
+            "tail".into(),
+            "worst / size".into(),
+        ],
+        rows,
+        data,
+    });
+    let during_p99 = Percentiles::of(&during.windowed)
+        .p99
+        .max(Percentiles::of(&during.sessions).p99);
+    report.note(format!(
+        "show all: whole dump {dump_secs:.2} s at {} IPs; concurrent query p99 {} during it \
+         (idle {}); slowest chunk {}",
+        fmt_count(plan.size as f64),
+        fmt_ns(during_p99),
+        fmt_ns(
+            Percentiles::of(&idle.windowed)
+                .p99
+                .max(Percentiles::of(&idle.sessions).p99)
+        ),
+        fmt_ns(max(chunks))
+    ));
+}
