@@ -12,7 +12,7 @@ use std::{
 };
 
 use integration_tests::{
-    agent_binary, connect_from, require_ebpf, sock_diag_count, Agent, SmtpFixture,
+    agent_binary, connect_from, eventually, require_ebpf, sock_diag_count, Agent, SmtpFixture,
 };
 
 /// The CSV `inbound-audit show all` prints: the header, then IP → row.
@@ -81,7 +81,7 @@ fn show_all_lists_every_held_connection_with_its_windows() {
     fx.agent.expect_count("127.0.0.0/8", "SMTP", 5);
     // A source with reports only, no session.
     assert_eq!(fx.agent.query("add receptions 127.0.0.54 5"), "OK 5");
-    assert_eq!(fx.server.held(), 5);
+    eventually("the server holds the 5 left", || fx.server.held() == 5);
 
     let (header, rows) = show_all_cli(&fx.agent);
     assert_eq!(
@@ -116,7 +116,9 @@ fn show_all_lists_every_held_connection_with_its_windows() {
         assert_eq!(row[sessions], live, "127.0.0.{source}: {row:?}");
         // The kernel's own sockets say the same.
         let net = ipnet::IpNet::from(ip(source));
-        assert_eq!(sock_diag_count(&[port], &fx.cgroup, &net), live);
+        eventually("sock_diag agrees", || {
+            sock_diag_count(&[port], &fx.cgroup, &net) == live
+        });
         let accepted: u64 = row[connections.clone()].iter().sum();
         assert_eq!(accepted, opened, "127.0.0.{source}: {row:?}");
         let received: u64 = row[receptions.clone()].iter().sum();
