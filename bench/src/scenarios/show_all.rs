@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use inbound_audit::{
     config::Config,
     counting::state::{SharedState, Tally},
@@ -131,8 +131,24 @@ fn dump_once(socket: &std::path::Path) -> Result<DumpRun> {
     }
 }
 
-/// In-process, on the agent's types: the time of every chunk of a whole dump.
-fn chunk_times(set: &SyntheticSet) -> Result<(Vec<f64>, u64)> {
+/// Chunk sizes compared in-process (the agent uses [`CHUNK_IPS`]).
+const CHUNK_SIZES: [usize; 4] = [512, 1024, 2048, 4096];
+
+/// One in-process dump at one chunk size.
+struct InprocRun {
+    chunk_ips: usize,
+    secs: f64,
+    rows: u64,
+    /// Per chunk, ns: the sessions' read lock held, the monitors' lock held,
+    /// the whole chunk (both plus formatting).
+    sessions_hold: Vec<f64>,
+    monitors_hold: Vec<f64>,
+    chunk: Vec<f64>,
+}
+
+/// In-process, on the agent's types: whole dumps at each chunk size, every
+/// chunk's lock holds timed by `Dump` itself.
+fn inproc_runs(set: &SyntheticSet, rounds: usize) -> Result<Vec<InprocRun>> {
     let config = Config {
         services: vec![ServicePorts {
             name: SERVICE.into(),
@@ -152,19 +168,44 @@ fn chunk_times(set: &SyntheticSet) -> Result<(Vec<f64>, u64)> {
             monitors.record(Series::Receptions, ip, 3, now);
         }
     }
-    let mut dump = Dump::new(&state);
-    let mut out = String::new();
-    let mut times = Vec::new();
-    loop {
-        out.clear();
-        let started = Instant::now();
-        let more = dump.next_chunk(&state, now, CHUNK_IPS, &mut out)?;
-        times.push(started.elapsed().as_nanos() as f64);
-        if !more {
-            break;
+    let mut runs: Vec<InprocRun> = CHUNK_SIZES
+        .iter()
+        .map(|&chunk_ips| InprocRun {
+            chunk_ips,
+            secs: 0.0,
+            rows: 0,
+            sessions_hold: Vec::new(),
+            monitors_hold: Vec::new(),
+            chunk: Vec::new(),
+        })
+        .collect();
+    let mut secs: Vec<Vec<f64>> = vec![Vec::new(); CHUNK_SIZES.len()];
+    // Sizes interleaved round by round, as everywhere in the bench.
+    for _ in 0..rounds {
+        for (run, secs) in runs.iter_mut().zip(&mut secs) {
+            let mut dump = Dump::new(&state);
+            let mut out = String::new();
+            let started = Instant::now();
+            loop {
+                out.clear();
+                let chunk = Instant::now();
+                let more = dump.next_chunk(&state, now, run.chunk_ips, &mut out)?;
+                run.chunk.push(chunk.elapsed().as_nanos() as f64);
+                let (sessions, monitors) = dump.last_holds();
+                run.sessions_hold.push(sessions.as_nanos() as f64);
+                run.monitors_hold.push(monitors.as_nanos() as f64);
+                if !more {
+                    break;
+                }
+            }
+            secs.push(started.elapsed().as_secs_f64());
+            run.rows = dump.rows();
         }
     }
-    Ok((times, dump.rows()))
+    for (run, secs) in runs.iter_mut().zip(&secs) {
+        run.secs = median(secs);
+    }
+    Ok(runs)
 }
 
 pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
@@ -177,12 +218,12 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let set = SyntheticSet::generate(plan.size);
 
     println!(
-        "[show_all] in-process: chunk times over {} IPs",
+        "[show_all] in-process: whole dumps of {} IPs at chunk sizes {CHUNK_SIZES:?}",
         fmt_size(plan.size)
     );
-    let (chunks, inproc_rows) = chunk_times(&set)?;
-    if inproc_rows != plan.size as u64 {
-        bail!("in-process dump: {inproc_rows} rows for {} IPs", plan.size);
+    let inproc = inproc_runs(&set, plan.rounds.min(3))?;
+    if let Some(run) = inproc.iter().find(|r| r.rows != plan.size as u64) {
+        bail!("in-process dump: {} rows for {} IPs", run.rows, plan.size);
     }
 
     println!(
@@ -269,7 +310,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     drop(client);
     agent.stop()?;
 
-    report_results(report, &plan, &dumps, &idle, &during, &chunks);
+    report_results(report, &plan, &dumps, &idle, &during, &inproc);
     Ok(())
 }
 
@@ -283,7 +324,7 @@ fn report_results(
     dumps: &[DumpRun],
     idle: &Latencies,
     during: &Latencies,
-    chunks: &[f64],
+    inproc: &[InprocRun],
 ) {
     let secs: Vec<f64> = dumps.iter().map(|d| d.secs).collect();
     let dump_secs = median(&secs);
@@ -303,19 +344,48 @@ fn report_results(
             fmt_count(plan.size as f64 / dump_secs)
         ),
     ]];
-    let chunk = Percentiles::of(chunks);
-    rows.push(vec![
-        format!("in-process chunk of {CHUNK_IPS} IPs (locks + formatting)"),
-        format!("p50 {}", fmt_ns(chunk.p50)),
-        format!("p99 {}", fmt_ns(chunk.p99)),
-        format!("max {} over {} chunks", fmt_ns(max(chunks)), chunks.len()),
-    ]);
+    for run in inproc {
+        let (sessions, monitors) = (
+            Percentiles::of(&run.sessions_hold),
+            Percentiles::of(&run.monitors_hold),
+        );
+        rows.push(vec![
+            format!(
+                "in-process, chunks of {} IPs{}: whole dump {:.2} s",
+                run.chunk_ips,
+                if run.chunk_ips == CHUNK_IPS {
+                    " (the agent's)"
+                } else {
+                    ""
+                },
+                run.secs
+            ),
+            format!(
+                "holds p50: sessions {} / monitors {}",
+                fmt_ns(sessions.p50),
+                fmt_ns(monitors.p50)
+            ),
+            format!("p99: {} / {}", fmt_ns(sessions.p99), fmt_ns(monitors.p99)),
+            format!(
+                "max {} / {}; chunk with formatting max {}",
+                fmt_ns(max(&run.sessions_hold)),
+                fmt_ns(max(&run.monitors_hold)),
+                fmt_ns(max(&run.chunk))
+            ),
+        ]);
+    }
     let mut data = json!({
         "ips": plan.size,
         "chunk_ips": CHUNK_IPS,
         "dump_secs": secs,
         "dump_bytes": bytes,
-        "chunk_ns": {"p50": chunk.p50, "p99": chunk.p99, "max": max(chunks), "chunks": chunks.len()},
+        "inproc": inproc.iter().map(|r| json!({
+            "chunk_ips": r.chunk_ips,
+            "dump_secs": r.secs,
+            "sessions_hold_ns": {"p50": Percentiles::of(&r.sessions_hold).p50, "p99": Percentiles::of(&r.sessions_hold).p99, "max": max(&r.sessions_hold)},
+            "monitors_hold_ns": {"p50": Percentiles::of(&r.monitors_hold).p50, "p99": Percentiles::of(&r.monitors_hold).p99, "max": max(&r.monitors_hold)},
+            "chunk_ns_max": max(&r.chunk),
+        })).collect::<Vec<_>>(),
     });
     for (label, slug, a, b) in [
         (
@@ -357,9 +427,10 @@ fn report_results(
              `msys.audit.receptions` (the monitors' lock) over prefixes of tracked IPs, one \
              at a time, while a dump runs and, in the same round, with the agent otherwise \
              idle; {} rounds, the order of the two phases alternating; percentiles pool the \
-             rounds. In-process: `Dump::next_chunk` on the agent's `SharedState` with the same \
-             data, each chunk timed (its two lock holds plus formatting its rows, so an upper \
-             bound of any one hold).",
+             rounds. In-process: whole dumps with `Dump::next_chunk` on the agent's \
+             `SharedState` holding the same data, at several chunk sizes, interleaved, each \
+             chunk's two lock holds timed by `Dump` itself (`last_holds`): the longest any \
+             other query waits behind one chunk.",
             fmt_count(plan.size as f64),
             3 * 7,
             plan.rounds
@@ -376,9 +447,11 @@ fn report_results(
     let during_p99 = Percentiles::of(&during.windowed)
         .p99
         .max(Percentiles::of(&during.sessions).p99);
+    let agent_run = inproc.iter().find(|r| r.chunk_ips == CHUNK_IPS);
+    let longest_hold = agent_run.map_or(0.0, |r| max(&r.sessions_hold).max(max(&r.monitors_hold)));
     report.note(format!(
         "show all: whole dump {dump_secs:.2} s at {} IPs; concurrent query p99 {} during it \
-         (idle {}); slowest chunk {}",
+         (idle {}); longest lock hold of a chunk of {CHUNK_IPS} IPs {}",
         fmt_count(plan.size as f64),
         fmt_ns(during_p99),
         fmt_ns(
@@ -386,6 +459,6 @@ fn report_results(
                 .p99
                 .max(Percentiles::of(&idle.sessions).p99)
         ),
-        fmt_ns(max(chunks))
+        fmt_ns(longest_hold)
     ));
 }

@@ -36,7 +36,11 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::{
     counting::state::{Setup, SharedState},
@@ -67,6 +71,8 @@ pub struct Dump {
     after: Option<IpAddr>,
     rows: u64,
     done: bool,
+    /// How long the last chunk held the sessions' and the monitors' locks.
+    holds: (Duration, Duration),
 }
 
 impl Dump {
@@ -93,6 +99,7 @@ impl Dump {
             after: None,
             rows: 0,
             done: false,
+            holds: (Duration::ZERO, Duration::ZERO),
         }
     }
 
@@ -128,6 +135,12 @@ impl Dump {
         self.done
     }
 
+    /// How long the last chunk held the sessions' read lock and the
+    /// monitors' lock: the longest any other client waited behind it.
+    pub fn last_holds(&self) -> (Duration, Duration) {
+        self.holds
+    }
+
     /// Appends the rows of the next at most `limit` IPs to `out`; `Ok(false)`
     /// once the last chunk was taken.
     pub fn next_chunk(
@@ -154,7 +167,9 @@ impl Dump {
         // Phase 1, under the sessions' read lock: each service's next IPs.
         let sessions: Vec<Vec<(IpAddr, u64)>> = {
             let live = state.read_sessions();
-            self.services
+            let held = Instant::now();
+            let lists = self
+                .services
                 .iter()
                 .map(|&(_, slot)| {
                     let list: Vec<(IpAddr, u64)> = live.slot(slot).map_or_else(Vec::new, |index| {
@@ -167,13 +182,16 @@ impl Dump {
                     bound.note(&list, limit, |&(ip, _)| ip);
                     list
                 })
-                .collect()
+                .collect();
+            self.holds.0 = held.elapsed();
+            lists
         };
 
         // Phase 2, under the monitors' lock: their next IPs, then the chunk's
         // windows. Only numbers are gathered here; text is made after.
         let (ips, windows) = {
             let monitors = state.lock_monitors();
+            let held = Instant::now();
             let specs: Vec<MonitorSpec> = monitors.iter().map(|m| m.spec()).collect();
             if specs != self.monitors {
                 return Err(reconfigured());
@@ -210,6 +228,7 @@ impl Dump {
                     }
                 }
             }
+            self.holds.1 = held.elapsed();
             (seen, windows)
         };
 
