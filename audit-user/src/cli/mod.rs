@@ -118,7 +118,12 @@ pub fn main() -> ExitCode {
             node,
         } if network == "all" => {
             if cluster || node.is_some() {
-                command()
+                let mut cli = command();
+                let show = cli
+                    .find_subcommand_mut("show")
+                    .expect("show is a subcommand");
+                show.clone()
+                    .bin_name("inbound-audit show")
                     .error(
                         clap::error::ErrorKind::ArgumentConflict,
                         "show all is this node's counts only: --cluster and --node do not apply",
