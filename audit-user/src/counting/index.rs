@@ -25,7 +25,7 @@
 //! 65,536 keys under one node hold counts near `u64::MAX`, and a query's
 //! answer saturates at `u64::MAX`.
 //!
-//! About 800 lines: the trie, its two hash maps and the CIDR index over both
+//! About 850 lines: the trie, its two hash maps and the CIDR index over both
 //! families keep one invariant (every cached sum equals its leaves) and are
 //! changed together; the tests are in `index/tests.rs`.
 
