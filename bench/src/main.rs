@@ -22,6 +22,7 @@ mod scenarios {
     pub mod mailhost;
     pub mod overhead;
     pub mod refusal;
+    pub mod show_all;
     pub mod sizes;
     pub mod windows;
 }
@@ -80,7 +81,7 @@ struct RunArgs {
     /// A smoke run in well under a minute: small sizes, few rounds. Writes quick.{md,json}.
     #[arg(long)]
     quick: bool,
-    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster, refusal, mailhost.
+    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster, refusal, mailhost, show_all.
     /// Writes partial.{md,json}.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -100,7 +101,7 @@ pub struct Ctx {
 
 type Scenario = fn(&Ctx, &mut Report) -> Result<()>;
 
-const SCENARIOS: [(&str, Scenario); 10] = [
+const SCENARIOS: [(&str, Scenario); 11] = [
     ("criterion", scenarios::criterion::run),
     ("sizes", scenarios::sizes::run),
     ("windows", scenarios::windows::run),
@@ -111,6 +112,7 @@ const SCENARIOS: [(&str, Scenario); 10] = [
     ("cluster", scenarios::cluster::run),
     ("refusal", scenarios::refusal::run),
     ("mailhost", scenarios::mailhost::run),
+    ("show_all", scenarios::show_all::run),
 ];
 
 fn main() -> ExitCode {

@@ -12,6 +12,7 @@ mod cleanup;
 mod generate;
 mod query;
 mod report;
+mod show_all;
 mod top;
 
 /// The version with the commit it was built from (build.rs).
@@ -24,6 +25,7 @@ Examples:
   inbound-audit query 'msys.audit.inbound_session_count(\"203.0.113.0/24\", \"SMTP\")'
   inbound-audit query --client 203.0.113.9 'ac:inbound_session_count(\"/24\")'
   inbound-audit show 203.0.113.0/24                 # every monitor and service for a network
+  inbound-audit show all > tracked.csv              # every tracked IP as CSV (Momentum's show all)
   inbound-audit stats                               # the agent's counters
   inbound-audit cleanup                             # detach the programs, remove pinned state
 
@@ -53,15 +55,17 @@ enum Command {
     Agent(Box<agent::AgentArgs>),
     /// Send one request to a running agent and print its answer (exit 0 OK, 1 ERR, 2 no agent)
     Query(query::QueryArgs),
-    /// Print every monitor's windows and the live sessions per service for a network
+    /// Print every monitor's windows and the live sessions per service for a network, or for every IP (all)
     #[command(
-        after_help = "Examples:\n  inbound-audit show 203.0.113.9\n  inbound-audit show 2001:db8::/64"
+        after_help = "Examples:\n  inbound-audit show 203.0.113.9\n  inbound-audit show 2001:db8::/64\n  \
+            inbound-audit show all > tracked.csv   # CSV: a header, then one row per tracked IP"
     )]
     Show {
         /// The agent's query socket
         #[arg(long, value_name = "PATH", default_value = config::DEFAULT_SOCKET_PATH)]
         socket: PathBuf,
-        /// An IP or network: 203.0.113.9, 203.0.113.0/24, 2001:db8::/64
+        /// An IP or network: 203.0.113.9, 203.0.113.0/24, 2001:db8::/64; or `all`: every
+        /// tracked IP, one CSV row each, streamed (this node only)
         network: String,
         /// The fleet's sums, then one row per node (needs clustering).
         #[arg(long, conflicts_with = "node")]
@@ -107,6 +111,27 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Agent(args) => agent::run(*args),
         Command::Query(args) => query::run(args),
+        Command::Show {
+            socket,
+            network,
+            cluster,
+            node,
+        } if network == "all" => {
+            if cluster || node.is_some() {
+                let mut cli = command();
+                let show = cli
+                    .find_subcommand_mut("show")
+                    .expect("show is a subcommand");
+                show.clone()
+                    .bin_name("inbound-audit show")
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "show all is this node's counts only: --cluster and --node do not apply",
+                    )
+                    .exit();
+            }
+            show_all::run(&socket)
+        }
         Command::Show {
             socket,
             network,

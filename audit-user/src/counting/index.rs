@@ -25,7 +25,7 @@
 //! 65,536 keys under one node hold counts near `u64::MAX`, and a query's
 //! answer saturates at `u64::MAX`.
 //!
-//! About 800 lines: the trie, its two hash maps and the CIDR index over both
+//! About 850 lines: the trie, its two hash maps and the CIDR index over both
 //! families keep one invariant (every cached sum equals its leaves) and are
 //! changed together; the tests are in `index/tests.rs`.
 
@@ -373,6 +373,41 @@ impl<K: TrieKey> PrefixTrie<K> {
                 vec![self.root]
             },
         }
+    }
+
+    /// The keys from `start` on (inclusive) with their counts, in ascending
+    /// order: a walk that resumes where an earlier one stopped, O(key width)
+    /// to begin, so a reader can take the index a slice at a time and let go
+    /// of its lock in between.
+    pub fn iter_from(&self, start: K) -> impl Iterator<Item = (K, u64)> + '_ {
+        let mut stack = Vec::new();
+        let mut r = self.root;
+        while r != NIL {
+            let (key, len) = self.node_prefix(r);
+            let shared = start.common_prefix_len(key);
+            if shared < len {
+                // `start` leaves this subtree's prefix at bit `shared`: the
+                // whole subtree is above it (its bit is 1) or below it.
+                if key.bit(shared) {
+                    stack.push(r);
+                }
+                break;
+            }
+            if is_leaf(r) {
+                stack.push(r);
+                break;
+            }
+            let node = &self.inners[slot(r)];
+            if start.bit(len) {
+                r = node.child[1];
+            } else {
+                // Everything on the 1 side is above `start`; it comes after
+                // whatever the 0 side still has.
+                stack.push(node.child[1]);
+                r = node.child[0];
+            }
+        }
+        Iter { trie: self, stack }
     }
 
     /// Removes every key and releases the arenas' memory.
@@ -772,6 +807,22 @@ impl CidrIndex {
             .v6
             .iter()
             .map(|(k, c)| (IpAddr::V6(Ipv6Addr::from(k)), c));
+        v4.chain(v6)
+    }
+
+    /// Every IP from `start` on (inclusive), in [`CidrIndex::iter`]'s order.
+    /// An IPv4-mapped `start` is its IPv4 address, as the index stores it.
+    pub fn iter_from(&self, start: IpAddr) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        let (v4, v6) = match key_of(start) {
+            Key::V4(k) => (Some(self.v4.iter_from(k)), self.v6.iter_from(0)),
+            // Every IPv4 key is before any IPv6 one.
+            Key::V6(k) => (None, self.v6.iter_from(k)),
+        };
+        let v4 = v4
+            .into_iter()
+            .flatten()
+            .map(|(k, c)| (IpAddr::V4(Ipv4Addr::from(k)), c));
+        let v6 = v6.map(|(k, c)| (IpAddr::V6(Ipv6Addr::from(k)), c));
         v4.chain(v6)
     }
 

@@ -187,6 +187,27 @@ impl Monitor {
             .map_or(0, |w| w.series[series.slot()].get(ip))
     }
 
+    /// The count of `series` from `ip` in each window, 0 (current) to N, at
+    /// `now`, appended to `out`: one lookup per kept window, not a sum per
+    /// window (what `show all` asks for every IP).
+    pub fn ip_windows(&self, series: Series, ip: IpAddr, now: Duration, out: &mut Vec<u64>) {
+        let epoch = self.epoch(now);
+        // Newest first with decreasing epochs: one pass pairs them with 0..=N.
+        let mut windows = self.windows.iter().filter(|w| w.epoch <= epoch).peekable();
+        for k in 0..=u64::from(self.spec.kept) {
+            let count = match epoch.checked_sub(k) {
+                None => 0,
+                Some(wanted) => {
+                    while windows.next_if(|w| w.epoch > wanted).is_some() {}
+                    windows
+                        .next_if(|w| w.epoch == wanted)
+                        .map_or(0, |w| w.series[series.slot()].get(ip))
+                }
+            };
+            out.push(count);
+        }
+    }
+
     /// Every (window epoch, series, IP, count) held in the history.
     pub fn entries(&self) -> impl Iterator<Item = (u64, Series, IpAddr, u64)> + '_ {
         self.windows.iter().flat_map(|w| {

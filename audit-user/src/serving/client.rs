@@ -58,3 +58,62 @@ pub fn with_client(client: Option<&str>, request: &str) -> String {
         None => request.to_string(),
     }
 }
+
+/// How a streamed answer (`show all`) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// `END <rows>`, and that many rows came.
+    Complete { rows: u64 },
+    /// Refused before it began: the `ERR ...` line.
+    Refused(String),
+    /// Stopped part way by the agent: the `ERR ...` line.
+    Failed(String),
+    /// Ended without `END`: the agent stopped or dropped us, or the count
+    /// after `END` did not match the rows.
+    Cut(String),
+}
+
+/// Sends a streamed request (`show all`) and hands each line between the
+/// `OK csv` line and the end (the header, then the rows) to `line`; an
+/// error from `line` stops reading and is returned.
+pub fn query_stream(
+    socket: &Path,
+    request: &str,
+    mut line: impl FnMut(&str) -> io::Result<()>,
+) -> io::Result<StreamEnd> {
+    use crate::serving::show_all::{END_PREFIX, START_LINE};
+    let mut stream = UnixStream::connect(socket)?;
+    // Between chunks the agent only looks counts up: seconds of silence mean trouble.
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut reader = BufReader::new(stream);
+    let mut text = String::new();
+    reader.read_line(&mut text)?;
+    if text.trim_end() != START_LINE {
+        return Ok(StreamEnd::Refused(text.trim_end().to_string()));
+    }
+    let mut lines: u64 = 0;
+    loop {
+        text.clear();
+        if reader.read_line(&mut text)? == 0 || !text.ends_with('\n') {
+            return Ok(StreamEnd::Cut(format!(
+                "the stream ended after {} rows without {END_PREFIX}<rows>",
+                lines.saturating_sub(1)
+            )));
+        }
+        let current = text.trim_end_matches('\n');
+        if let Some(count) = current.strip_prefix(END_PREFIX) {
+            let rows = lines.saturating_sub(1);
+            return Ok(match count.parse::<u64>() {
+                Ok(n) if n == rows => StreamEnd::Complete { rows },
+                _ => StreamEnd::Cut(format!("{current:?} after {rows} rows")),
+            });
+        }
+        if current.starts_with("ERR ") {
+            return Ok(StreamEnd::Failed(current.to_string()));
+        }
+        line(current)?;
+        lines += 1;
+    }
+}

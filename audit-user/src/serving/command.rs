@@ -108,6 +108,12 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
                 ShowScope::Node(node) => show_node(state, node, &net, now)?,
             }))
         }
+        // The socket server streams it (`show_all::stream`); a caller without
+        // a stream to write to gets no million-line reply in memory.
+        Query::ShowAll => Err(QueryError::new(
+            ErrorCode::Syntax,
+            "show all is streamed: send it on the query socket (inbound-audit show all)",
+        )),
         Query::Stats => Ok(Reply::Lines(stats(state))),
         Query::CidrShell(shell) => crate::serving::cidr_shell::answer(shell, state, now),
     }

@@ -139,7 +139,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Writes a reply; a client that does not read its answers for `limit`
     /// gets a TimedOut error (and is dropped by the caller).
     pub async fn write_reply(&mut self, reply: &Reply, limit: Duration) -> std::io::Result<()> {
-        match tokio::time::timeout(limit, self.stream.write_all(reply.to_line().as_bytes())).await {
+        self.write_bytes(reply.to_line().as_bytes(), limit).await
+    }
+
+    /// Writes `bytes` (a part of a streamed answer) with the same limit.
+    pub async fn write_bytes(&mut self, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+        match tokio::time::timeout(limit, self.stream.write_all(bytes)).await {
             Ok(written) => written,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

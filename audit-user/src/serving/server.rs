@@ -23,6 +23,7 @@ use crate::{
         command,
         connection::{Connection, Incoming},
         protocol::{parse_request, ErrorCode, Query, QueryError, Reply},
+        show_all,
         shutdown::Shutdown,
     },
     sys::socket::QuerySocket,
@@ -333,8 +334,12 @@ async fn handle_client(
                 return Ok(());
             }
         };
-        let reply = answer_as(&line, state, &peer, refusals);
-        connection.write_reply(&reply, WRITE_TIMEOUT).await?;
+        match answer_as(&line, state, &peer, refusals) {
+            Outcome::Reply(reply) => connection.write_reply(&reply, WRITE_TIMEOUT).await?,
+            Outcome::ShowAll => {
+                show_all::stream(&mut connection, state, &mut stop, WRITE_TIMEOUT).await?
+            }
+        }
         if last {
             return connection.close().await;
         }
@@ -376,13 +381,25 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// What one request line gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Reply(Reply),
+    /// `show all`, allowed: the caller streams it ([`show_all::stream`]).
+    ShowAll,
+}
+
 /// One request line from `peer` to one reply; reports (`add`) need the
 /// narrower write permission. (Queries were checked at accept; they are
 /// checked again because `[access]` may have changed since, on SIGHUP.)
-pub fn answer_as(line: &[u8], state: &SharedState, peer: &Peer, refusals: &RefusalLog) -> Reply {
+pub fn answer_as(line: &[u8], state: &SharedState, peer: &Peer, refusals: &RefusalLog) -> Outcome {
     let started = std::time::Instant::now();
     let mut function = "unparsed";
-    let reply = answer_unobserved(line, state, peer, refusals, &mut function);
+    let reply = match answer_unobserved(line, state, peer, refusals, &mut function) {
+        // Counted by the stream, when it ends.
+        Outcome::ShowAll => return Outcome::ShowAll,
+        Outcome::Reply(reply) => reply,
+    };
     let code = match &reply {
         Reply::Error(error) => error.code.as_str(),
         _ => "ok",
@@ -391,7 +408,7 @@ pub fn answer_as(line: &[u8], state: &SharedState, peer: &Peer, refusals: &Refus
         .stats
         .observed
         .query(function, code, started.elapsed());
-    reply
+    Outcome::Reply(reply)
 }
 
 /// [`answer_as`] before its latency and result are counted; sets `function`
@@ -402,11 +419,11 @@ fn answer_unobserved(
     peer: &Peer,
     refusals: &RefusalLog,
     function: &mut &'static str,
-) -> Reply {
+) -> Outcome {
     AgentStats::add(&state.stats.queries, 1);
     let request = match parse_request(line) {
         Ok(request) => request,
-        Err(error) => return Reply::Error(error),
+        Err(error) => return Outcome::Reply(Reply::Error(error)),
     };
     *function = function_of(&request.query);
     let writes = matches!(request.query, Query::Add { .. });
@@ -424,7 +441,7 @@ fn answer_unobserved(
                 Refused::Connection
             },
         );
-        return Reply::Error(QueryError::new(
+        return Outcome::Reply(Reply::Error(QueryError::new(
             ErrorCode::Forbidden,
             format!(
                 "uid {} may not {}",
@@ -435,9 +452,12 @@ fn answer_unobserved(
                     "query"
                 }
             ),
-        ));
+        )));
     }
-    command::execute(&request, state, crate::domain::unix_now())
+    if request.query == Query::ShowAll {
+        return Outcome::ShowAll;
+    }
+    Outcome::Reply(command::execute(&request, state, crate::domain::unix_now()))
 }
 
 /// The `function` label of the query metrics: one word per kind of request.
@@ -448,6 +468,7 @@ fn function_of(query: &Query) -> &'static str {
         Query::Sliding { .. } => "sliding",
         Query::Add { .. } => "add",
         Query::Show { .. } => "show",
+        Query::ShowAll => "show_all",
         Query::Stats => "stats",
         Query::CidrShell(CidrShell::Available) => "show_available",
         Query::CidrShell(CidrShell::Count(_)) => "show_count",

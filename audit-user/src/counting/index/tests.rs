@@ -648,3 +648,90 @@ proptest! {
         run_model(&pool, &ops, &probes)?;
     }
 }
+
+/// `iter_from(start)` is the model's keys from `start` on, in order.
+fn check_iter_from<K: ModelKey>(keys: &[K], starts: &[K]) -> Result<(), TestCaseError> {
+    let mut t = PrefixTrie::<K>::new();
+    let mut model = BTreeMap::new();
+    for (i, &k) in keys.iter().enumerate() {
+        let count = i as u64 % 5 + 1;
+        t.set(k, count);
+        model.insert(k, count);
+    }
+    for &start in starts.iter().chain(keys) {
+        let got: Vec<(K, u64)> = t.iter_from(start).collect();
+        let want: Vec<(K, u64)> = model.range(start..).map(|(&k, &c)| (k, c)).collect();
+        prop_assert_eq!(got, want, "from {:?}", start);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn prop_v4_iter_from_resumes_in_order(
+        keys in v4_pool(),
+        starts in prop::collection::vec(any::<u32>(), 0..16),
+    ) {
+        // Starts next to the keys too: one below, one above.
+        let near: Vec<u32> = keys.iter().flat_map(|&k| [k.wrapping_sub(1), k.wrapping_add(1)]).collect();
+        check_iter_from(&keys, &[starts, near].concat())?;
+    }
+
+    #[test]
+    fn prop_v6_iter_from_resumes_in_order(
+        keys in v6_pool(),
+        starts in prop::collection::vec(any::<u128>(), 0..16),
+    ) {
+        let near: Vec<u128> = keys.iter().flat_map(|&k| [k.wrapping_sub(1), k.wrapping_add(1)]).collect();
+        check_iter_from(&keys, &[starts, near].concat())?;
+    }
+}
+
+#[test]
+fn iter_from_on_an_empty_trie_and_past_the_last_key() {
+    let mut t = PrefixTrie::<u32>::new();
+    assert_eq!(t.iter_from(0).count(), 0);
+    t.set(7, 1);
+    t.set(9, 2);
+    assert_eq!(t.iter_from(0).collect::<Vec<_>>(), [(7, 1), (9, 2)]);
+    assert_eq!(t.iter_from(8).collect::<Vec<_>>(), [(9, 2)]);
+    assert_eq!(t.iter_from(10).count(), 0);
+    assert_eq!(t.iter_from(u32::MAX).count(), 0);
+}
+
+#[test]
+fn cidr_index_iter_from_crosses_families_in_ip_order() {
+    let mut index = CidrIndex::new();
+    for (ip, n) in [
+        ("10.0.0.1", 1),
+        ("10.0.0.9", 2),
+        ("2001:db8::1", 3),
+        ("::ffff:10.0.0.5", 4),
+    ] {
+        index.set(ip.parse().unwrap(), n);
+    }
+    let from = |ip: &str| -> Vec<(String, u64)> {
+        index
+            .iter_from(ip.parse().unwrap())
+            .map(|(ip, n)| (ip.to_string(), n))
+            .collect()
+    };
+    let all = from("0.0.0.0");
+    assert_eq!(
+        all,
+        [
+            ("10.0.0.1".to_string(), 1),
+            ("10.0.0.5".to_string(), 4),
+            ("10.0.0.9".to_string(), 2),
+            ("2001:db8::1".to_string(), 3)
+        ]
+    );
+    assert_eq!(from("10.0.0.2"), all[1..]);
+    // A mapped start is its IPv4 address.
+    assert_eq!(from("::ffff:10.0.0.6"), all[2..]);
+    assert_eq!(from("255.255.255.255"), all[3..]);
+    assert_eq!(from("::"), all[3..]);
+    assert_eq!(from("2001:db8::2"), []);
+}

@@ -353,3 +353,39 @@ fn sliding_average_weights_the_previous_window() {
         4
     );
 }
+
+#[test]
+fn ip_windows_equal_one_window_sums() {
+    let mut monitors = Monitors::new(&[spec("60,3")], 1000);
+    // Windows 0, 1 and 3 hold counts, 2 is empty, one is older than the history.
+    for (secs, n) in [(10, 7), (130, 2), (250, 5), (310, 1), (315, 4)] {
+        monitors.record(Series::Receptions, ip("10.0.0.1"), n, at(secs));
+    }
+    monitors.record(Series::Receptions, ip("10.0.0.2"), 9, at(315));
+    let monitor = monitors.by_position(0).unwrap();
+    for now in [315, 359, 360, 430, 600, 10_000] {
+        for who in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            let mut got = Vec::new();
+            monitor.ip_windows(Series::Receptions, ip(who), at(now), &mut got);
+            let want: Vec<u64> = (0..=3)
+                .map(|k| {
+                    monitor.sum(
+                        Series::Receptions,
+                        &net(&format!("{who}/32")),
+                        k,
+                        k,
+                        at(now),
+                    )
+                })
+                .collect();
+            assert_eq!(got, want, "{who} at {now}");
+        }
+    }
+    let mut got = Vec::new();
+    monitor.ip_windows(Series::Receptions, ip("10.0.0.1"), at(315), &mut got);
+    assert_eq!(got, [5, 5, 0, 2]);
+    // Early in the epoch (fewer windows than N since 0): the rest are 0.
+    let mut got = Vec::new();
+    monitor.ip_windows(Series::Connections, ip("10.0.0.1"), at(30), &mut got);
+    assert_eq!(got, [0, 0, 0, 0]);
+}

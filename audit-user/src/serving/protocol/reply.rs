@@ -27,6 +27,7 @@ pub enum ErrorCode {
     Forbidden,
     UnknownSeries,
     NoHistory,
+    Reconfigured,
 }
 
 impl ErrorCode {
@@ -48,6 +49,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::UnknownSeries => "unknown_series",
             ErrorCode::NoHistory => "no_history",
+            ErrorCode::Reconfigured => "reconfigured",
         }
     }
 }

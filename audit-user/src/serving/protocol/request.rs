@@ -75,6 +75,9 @@ pub enum Query {
     /// Console `show <ip[/mask]> [cluster | node NAME]`: every monitor's
     /// windows and live sessions, on this node, over the fleet, or on one node.
     Show { cidr: CidrArg, scope: ShowScope },
+    /// Console `show all`: every tracked IP with its series, as CSV, streamed
+    /// (see [`crate::serving::show_all`]).
+    ShowAll,
     /// Console `stats`: the agent's own counters.
     Stats,
     /// `show count for ...` / `show available`, Momentum's cidr_cli grammar.
@@ -184,6 +187,12 @@ fn read_console_command(reader: &mut Reader<'_>) -> Result<Option<Query>, QueryE
             Query::Add { series, ip, n }
         }
         ("add", _) => return Err(syntax_error("usage: add receptions|rejections <ip> [n]")),
+        ("show", ["all"]) => Query::ShowAll,
+        ("show", ["all", ..]) => {
+            return Err(syntax_error(
+                "usage: show all (this node's counts; it takes no arguments)",
+            ))
+        }
         ("show", [cidr]) => Query::Show {
             cidr: parse_cidr(cidr)?,
             scope: ShowScope::Local,
@@ -198,7 +207,7 @@ fn read_console_command(reader: &mut Reader<'_>) -> Result<Option<Query>, QueryE
         },
         ("show", _) => {
             return Err(syntax_error(
-                "usage: show <ip[/mask]> [cluster | node NAME]",
+                "usage: show <ip[/mask]> [cluster | node NAME] | show all",
             ))
         }
         ("stats", []) => Query::Stats,
