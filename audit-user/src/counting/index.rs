@@ -61,6 +61,10 @@ pub trait TrieKey: Copy + Eq + Ord + fmt::Debug {
 
     /// Number of leading bits `self` and `other` share (`BITS` if equal).
     fn common_prefix_len(self, other: Self) -> u8;
+
+    /// The key with all but its top `len` bits set: the largest key under
+    /// the prefix `self`/`len`.
+    fn filled(self, len: u8) -> Self;
 }
 
 macro_rules! trie_key_bit_ops {
@@ -87,6 +91,11 @@ macro_rules! trie_key_bit_ops {
         #[inline]
         fn common_prefix_len(self, other: Self) -> u8 {
             (self ^ other).leading_zeros() as u8
+        }
+
+        #[inline]
+        fn filled(self, len: u8) -> Self {
+            self | !<$t as TrieKey>::masked(<$t>::MAX, len)
         }
     };
 }
@@ -170,6 +179,19 @@ struct Inner<P> {
     len: u8,
     /// The high 16 bits of the sum.
     sum_hi: u16,
+    /// The largest count of a key below, saturated at [`TOP_SATURATED`]: an
+    /// upper bound that lets [`PrefixTrie::top_keys`] skip every subtree
+    /// whose best key cannot make the list. It sits in what was padding.
+    top: u8,
+}
+
+/// [`Inner::top`] for a subtree holding a count of at least this much.
+const TOP_SATURATED: u8 = u8::MAX;
+
+/// A count as an [`Inner::top`] bound.
+#[inline]
+fn top_of(count: u64) -> u8 {
+    u8::try_from(count).unwrap_or(TOP_SATURATED)
 }
 
 impl<P> Inner<P> {
@@ -415,6 +437,31 @@ impl<K: TrieKey> PrefixTrie<K> {
         }
     }
 
+    /// A node's [`Inner::top`] bound (a leaf's own count, saturated).
+    fn node_top(&self, r: NodeRef) -> u8 {
+        if is_leaf(r) {
+            top_of(self.leaves[slot(r)].count)
+        } else {
+            self.inners[slot(r)].top
+        }
+    }
+
+    /// Recomputes the `top` bounds of `path` (inner slots, root first) from
+    /// the deepest up, after a count below went down; stops at the first that
+    /// does not change, since those above depend on it alone.
+    fn lower_tops(&mut self, path: &[u32]) {
+        for &s in path.iter().rev() {
+            let node = &self.inners[s as usize];
+            let top = self
+                .node_top(node.child[0])
+                .max(self.node_top(node.child[1]));
+            if top == node.top {
+                return;
+            }
+            self.inners[s as usize].top = top;
+        }
+    }
+
     fn set_link(&mut self, link: Link, target: NodeRef) {
         match link {
             Link::Root => self.root = target,
@@ -444,15 +491,22 @@ impl<K: TrieKey> PrefixTrie<K> {
     /// two's complement difference, so one path handles increases and decreases).
     fn adjust(&mut self, key: K, before: u64, after: u64) {
         let diff = Wide::diff(before, after);
+        let raise = top_of(after);
+        let mut path = Path::new();
         let mut r = self.root;
         while !is_leaf(r) {
+            path.push(slot(r) as u32);
             let node = &mut self.inners[slot(r)];
             node.add_to_sum(diff);
+            node.top = node.top.max(raise);
             r = node.child[usize::from(key.bit(node.len))];
         }
         let leaf = &mut self.leaves[slot(r)];
         debug_assert_eq!(K::unpack(leaf.key), key);
         leaf.count = after;
+        if after < before {
+            self.lower_tops(path.as_slice());
+        }
     }
 
     /// Inserts a key that is not present, with a non-zero count.
@@ -475,12 +529,14 @@ impl<K: TrieKey> PrefixTrie<K> {
                 let mut child = [r; 2];
                 child[side] = new_leaf;
                 let sum = Wide::from(self.node_sum(r) + u128::from(count));
+                let top = self.node_top(r).max(top_of(count));
                 let inner = self.alloc_inner(Inner {
                     key: key.masked(common).pack(),
                     sum: sum.lo,
                     child,
                     len: common,
                     sum_hi: sum.hi,
+                    top,
                 });
                 self.set_link(link, inner);
                 return;
@@ -488,6 +544,7 @@ impl<K: TrieKey> PrefixTrie<K> {
             let s = slot(r);
             let node = &mut self.inners[s];
             node.add_to_sum(u128::from(count));
+            node.top = node.top.max(top_of(count));
             let side = usize::from(key.bit(node.len));
             link = Link::Child { inner: s, side };
             r = node.child[side];
@@ -499,9 +556,11 @@ impl<K: TrieKey> PrefixTrie<K> {
     fn remove(&mut self, key: K, count: u64) {
         let mut link_to_node = Link::Root;
         let mut link_to_parent = Link::Root;
+        let mut path = Path::new();
         let mut r = self.root;
         while !is_leaf(r) {
             let s = slot(r);
+            path.push(s as u32);
             let node = &mut self.inners[s];
             node.add_to_sum(Wide::diff(count, 0));
             let side = usize::from(key.bit(node.len));
@@ -515,6 +574,10 @@ impl<K: TrieKey> PrefixTrie<K> {
             Link::Child { inner, side } => {
                 let sibling = self.inners[inner].child[1 - side];
                 self.set_link(link_to_parent, sibling);
+                // The parent (last on the path) is gone; its ancestors'
+                // bounds may fall, before any slot moves.
+                let above = path.as_slice();
+                self.lower_tops(&above[..above.len() - 1]);
                 self.free_inner(inner);
             }
         }
@@ -618,6 +681,31 @@ fn release_map_slack<P: Eq + Hash, V>(map: &mut HashMap<P, V>) {
     }
     if map.capacity() > MIN_SHRINK_CAPACITY && map.len() * 4 <= map.capacity() {
         map.shrink_to(map.capacity() / 2);
+    }
+}
+
+/// The inner slots from the root down to a leaf: at most one per key bit, on
+/// the stack, so an update allocates nothing.
+struct Path {
+    slots: [u32; 128],
+    len: usize,
+}
+
+impl Path {
+    fn new() -> Self {
+        Self {
+            slots: [0; 128],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: u32) {
+        self.slots[self.len] = s;
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        &self.slots[..self.len]
     }
 }
 
@@ -799,6 +887,8 @@ impl CidrIndex {
         self.v4.heap_bytes() + self.v6.heap_bytes()
     }
 }
+
+mod walk;
 
 #[cfg(test)]
 mod tests;

@@ -11,6 +11,8 @@ trait ModelKey: TrieKey + Hash {
     fn top(self, len: u8) -> u128;
     /// The top `keep` bits of `self` followed by the rest of `tail`.
     fn splice(self, tail: Self, keep: u8) -> Self;
+    /// The next key, None after the last.
+    fn next_key(self) -> Option<Self>;
 }
 impl ModelKey for u32 {
     fn top(self, len: u8) -> u128 {
@@ -20,6 +22,9 @@ impl ModelKey for u32 {
         let low = u32::MAX.checked_shr(u32::from(keep)).unwrap_or(0);
         (self & !low) | (tail & low)
     }
+    fn next_key(self) -> Option<Self> {
+        self.checked_add(1)
+    }
 }
 impl ModelKey for u128 {
     fn top(self, len: u8) -> u128 {
@@ -28,6 +33,9 @@ impl ModelKey for u128 {
     fn splice(self, tail: Self, keep: u8) -> Self {
         let low = u128::MAX.checked_shr(u32::from(keep)).unwrap_or(0);
         (self & !low) | (tail & low)
+    }
+    fn next_key(self) -> Option<Self> {
+        self.checked_add(1)
     }
 }
 
@@ -82,6 +90,8 @@ fn check_invariants<K: TrieKey>(t: &PrefixTrie<K>) {
             assert_eq!(key, key.masked(len));
             let children = node.child.map(|c| t.node_sum(c));
             assert_eq!(node.sum(), children[0] + children[1]);
+            let tops = node.child.map(|c| t.node_top(c));
+            assert_eq!(node.top, tops[0].max(tops[1]), "top bound of {key:?}/{len}");
             stack.push((node.child[0], Some((key, len, false))));
             stack.push((node.child[1], Some((key, len, true))));
         }
@@ -103,6 +113,53 @@ fn check_against_model<K: ModelKey>(t: &PrefixTrie<K>, model: &HashMap<K, u64>) 
     assert_eq!(t.iter().collect::<Vec<_>>(), sorted);
     for (&k, &c) in model {
         assert_eq!(t.get(k), c);
+    }
+    let probes: Vec<K> = model.keys().copied().take(3).collect();
+    for prefix in probes {
+        for plen in [0, K::HOT_LEN / 2, K::HOT_LEN, K::BITS - 2] {
+            check_walks(t, model, prefix, plen);
+        }
+    }
+}
+
+/// `top_keys` and `prefix_sums` inside `prefix`/`plen` against the model.
+fn check_walks<K: ModelKey>(t: &PrefixTrie<K>, model: &HashMap<K, u64>, prefix: K, plen: u8) {
+    let inside: Vec<(K, u64)> = model
+        .iter()
+        .filter(|(k, _)| k.top(plen) == prefix.top(plen))
+        .map(|(&k, &c)| (k, c))
+        .collect();
+    for (limit, threshold) in [(1, 0), (3, 0), (5, 2), (1000, 0), (1000, 255)] {
+        let mut want = inside.clone();
+        want.retain(|&(_, c)| c >= threshold.max(1));
+        want.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        want.truncate(limit);
+        assert_eq!(
+            t.top_keys(prefix, plen, limit, threshold),
+            want,
+            "{prefix:?}/{plen} limit {limit}"
+        );
+    }
+    for len in [plen, (plen + 3).min(K::BITS), K::HOT_LEN.max(plen), K::BITS] {
+        let mut sums: BTreeMap<K, u64> = BTreeMap::new();
+        for &(k, c) in &inside {
+            *sums.entry(k.masked(len)).or_default() += c;
+        }
+        let want: Vec<(K, u64)> = sums.into_iter().collect();
+        let from = prefix.masked(plen);
+        assert_eq!(t.prefix_sums(prefix, plen, len, from, usize::MAX), want);
+        // In chunks of two, each resuming after the last network listed.
+        let mut got = Vec::new();
+        let mut next = Some(from);
+        while let Some(at) = next {
+            let chunk = t.prefix_sums(prefix, plen, len, at, 2);
+            next = match chunk.last() {
+                Some(&(k, _)) if chunk.len() == 2 => k.filled(len).next_key(),
+                _ => None,
+            };
+            got.extend(chunk);
+        }
+        assert_eq!(got, want, "{prefix:?}/{plen} at {len} in chunks");
     }
 }
 
@@ -483,6 +540,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (-4i64..=6).prop_map(Op::Add),
         2 => (0u64..4).prop_map(Op::Set),
+        // Past the `top` bound's saturation.
+        1 => (250u64..260).prop_map(Op::Set),
         1 => Just(Op::Add(i64::MIN)),
     ]
 }
