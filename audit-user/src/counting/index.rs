@@ -20,12 +20,19 @@
 //! one from each key to its leaf (a /32 or /128 query, and the read before every
 //! update), one from each /24 (IPv4) or /64 (IPv6) that holds keys to its sum.
 //!
+//! Every inner node also keeps the largest count below it (saturated at 255,
+//! in what was padding), so `top` finds the IPs with the most sessions
+//! best-first without visiting the others (`index/walk.rs`, with the walks
+//! that list networks of one prefix length). Raising a count raises the
+//! bounds on its path; lowering one recomputes them upwards from the leaf
+//! and stops at the first that does not change (usually the leaf's parent).
+//!
 //! Sums never wrap where a query can see it: they are kept in 80 bits (the
 //! high 16 in what was padding, so nodes did not grow), exact unless more than
 //! 65,536 keys under one node hold counts near `u64::MAX`, and a query's
 //! answer saturates at `u64::MAX`.
 //!
-//! About 800 lines: the trie, its two hash maps and the CIDR index over both
+//! About 900 lines: the trie, its two hash maps and the CIDR index over both
 //! families keep one invariant (every cached sum equals its leaves) and are
 //! changed together; the tests are in `index/tests.rs`.
 
