@@ -1,13 +1,12 @@
 //! `show count` against a brute-force model: every order, size, series mix,
 //! limit and threshold answered from a few thousand IPs equals what the model
 //! computes from the raw entries, whichever path (the direct listings or the
-//! chunked walk, with a tiny [`CHUNK`] in tests) the agent took.
+//! chunked walk, with a tiny [`super::CHUNK`] in tests) the agent took.
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
 
-use super::*;
 use crate::{
     config::Config,
     counting::state::{SharedState, Tally},
@@ -57,7 +56,7 @@ fn build() -> (SharedState, Model) {
     for _ in 0..2500 {
         let r = next(&mut seed);
         // Dense v4 in a few /16s, and v6 over a few /48s and /64s.
-        ips.push(if r % 5 == 0 {
+        ips.push(if r.is_multiple_of(5) {
             let a = 0x2001_0db8_0000_0000_0000_0000_0000_0000u128
                 | (u128::from((r >> 8) % 3) << 80)
                 | (u128::from((r >> 12) % 7) << 64)
@@ -65,7 +64,7 @@ fn build() -> (SharedState, Model) {
             IpAddr::from(a.to_be_bytes())
         } else {
             IpAddr::from(
-                (0x0a00_0000u32 | ((r >> 8) as u32 % 3) << 16 | (r >> 20) as u32 % 4096)
+                (0x0a00_0000u32 | (((r >> 8) as u32 % 3) << 16) | ((r >> 20) as u32 % 4096))
                     .to_be_bytes(),
             )
         });
@@ -76,7 +75,7 @@ fn build() -> (SharedState, Model) {
         if i % 3 != 2 {
             *tally.entry(((r % 2) as u8, ip)).or_default() += r % 7 + 1;
         }
-        if r % 4 == 0 {
+        if r.is_multiple_of(4) {
             // A few counts past the trie's saturated bound.
             *tally.entry((0, ip)).or_default() += 300 + r % 5;
         }
@@ -85,7 +84,7 @@ fn build() -> (SharedState, Model) {
     let mut events = Vec::new();
     for &ip in &ips {
         let r = next(&mut seed);
-        if r % 3 == 0 {
+        if r.is_multiple_of(3) {
             continue;
         }
         let series = Series::ALL[(r % 3) as usize];
