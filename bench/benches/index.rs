@@ -1,5 +1,6 @@
 //! In-process query cost of the CIDR index (`inbound_audit::counting::index::CidrIndex`)
-//! at 1k, 100k and 1M tracked IPs, for /32, /24, /16 and IPv6 /64 queries.
+//! at 1k, 100k and 1M tracked IPs, for /32, /24, /16 and IPv6 /64 queries,
+//! and its update cost (a session opened and closed) at the same sizes.
 //!
 //! Each iteration answers the next query of a fixed, pre-generated list (each
 //! the prefix of a tracked IP), so the measured figure is one query, with the
@@ -55,5 +56,44 @@ fn index_count(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, index_count);
+/// The event path's cost: one session opened and closed from an IP already
+/// tracked (a count up and down), and from a new IP (a key inserted and
+/// removed), at each size. Each iteration takes the next IP of a fixed list.
+fn index_update(c: &mut Criterion) {
+    let quick = std::env::var_os("INBOUND_BENCH_QUICK").is_some();
+    let mut group = c.benchmark_group("index_update");
+    group
+        .warm_up_time(Duration::from_millis(if quick { 100 } else { 500 }))
+        .measurement_time(Duration::from_millis(if quick { 300 } else { 2000 }))
+        .sample_size(if quick { 10 } else { 100 })
+        .throughput(Throughput::Elements(1));
+    for size in sizes() {
+        let set = SyntheticSet::generate(size);
+        let mut index = CidrIndex::new();
+        for ip in set.iter() {
+            index.add(ip, 1).expect("a fresh index cannot underflow");
+        }
+        let tracked: Vec<_> = set.iter().step_by((size / QUERIES).max(1)).collect();
+        // Hosts of the same networks that are not tracked.
+        let fresh: Vec<_> = SyntheticSet::generate(size + 1)
+            .iter()
+            .filter(|ip| index.get(*ip) == 0)
+            .take(QUERIES)
+            .collect();
+        for (name, ips) in [("tracked_ip", &tracked), ("new_ip", &fresh)] {
+            let mut next = 0usize;
+            group.bench_function(BenchmarkId::new(name, size), |b| {
+                b.iter(|| {
+                    let ip = ips[next % ips.len()];
+                    next = next.wrapping_add(1);
+                    let _ = black_box(index.add(black_box(ip), 1));
+                    let _ = black_box(index.add(black_box(ip), -1));
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, index_count, index_update);
 criterion_main!(benches);

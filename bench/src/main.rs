@@ -20,6 +20,7 @@ mod scenarios {
     pub mod criterion;
     pub mod hostile;
     pub mod mailhost;
+    pub mod metrics;
     pub mod overhead;
     pub mod refusal;
     pub mod show_all;
@@ -81,7 +82,7 @@ struct RunArgs {
     /// A smoke run in well under a minute: small sizes, few rounds. Writes quick.{md,json}.
     #[arg(long)]
     quick: bool,
-    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster, refusal, mailhost, show_all.
+    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster, refusal, mailhost, show_all, metrics.
     /// Writes partial.{md,json}.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -101,7 +102,7 @@ pub struct Ctx {
 
 type Scenario = fn(&Ctx, &mut Report) -> Result<()>;
 
-const SCENARIOS: [(&str, Scenario); 11] = [
+const SCENARIOS: [(&str, Scenario); 12] = [
     ("criterion", scenarios::criterion::run),
     ("sizes", scenarios::sizes::run),
     ("windows", scenarios::windows::run),
@@ -113,6 +114,7 @@ const SCENARIOS: [(&str, Scenario); 11] = [
     ("refusal", scenarios::refusal::run),
     ("mailhost", scenarios::mailhost::run),
     ("show_all", scenarios::show_all::run),
+    ("metrics", scenarios::metrics::run),
 ];
 
 fn main() -> ExitCode {

@@ -326,10 +326,29 @@ fn dashboard_picture() {
     require_prometheus!();
     const PICTURE_METRICS: u16 = 19466;
     let listen = format!("127.0.0.1:{PICTURE_METRICS}");
+    // A Postfix policy socket with one limit, asked for every new client, so
+    // the policy panel shows `dunno` and, while the burst lasts, `450`.
+    let dir = TempDir::new("metrics-picture-policy");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[[policy_limits]]\ncount = \"sessions\"\nipv4_prefix = 24\nmax = 8\naction = \"450 4.7.1\"\n",
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.sock");
     let fixture = SmtpFixture::start(
         env!("CARGO_BIN_EXE_test-server"),
         "metrics-picture",
-        &["--metrics-listen", &listen, "--monitor", "60,5"],
+        &[
+            "--metrics-listen",
+            &listen,
+            "--monitor",
+            "60,5",
+            "--config",
+            config.to_str().unwrap(),
+            "--policy-socket",
+            policy.to_str().unwrap(),
+        ],
     );
     let prometheus = Prometheus::start(PICTURE_METRICS);
     let mut held: Vec<TcpStream> = Vec::new();
@@ -352,6 +371,17 @@ fn dashboard_picture() {
         let _ = fixture
             .agent
             .query(&format!("audit_service \"SMTP\" \"{from}/24\""));
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&policy) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let request = format!(
+                "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n\
+                 client_address={from}\nserver_port={}\ninstance={step}\n\n",
+                fixture.smtp.port()
+            );
+            let _ = stream.write_all(request.as_bytes());
+            let mut answer = [0u8; 256];
+            let _ = stream.read(&mut answer);
+        }
         if held.len() > 60 || (step % 40 == 39) {
             let keep = held.len() / 2;
             held.truncate(keep);

@@ -20,12 +20,19 @@
 //! one from each key to its leaf (a /32 or /128 query, and the read before every
 //! update), one from each /24 (IPv4) or /64 (IPv6) that holds keys to its sum.
 //!
+//! Every inner node also keeps the largest count below it (saturated at 255,
+//! in what was padding), so `top` finds the IPs with the most sessions
+//! best-first without visiting the others (`index/walk.rs`, with the walks
+//! that list networks of one prefix length). Raising a count raises the
+//! bounds on its path; lowering one recomputes them upwards from the leaf
+//! and stops at the first that does not change (usually the leaf's parent).
+//!
 //! Sums never wrap where a query can see it: they are kept in 80 bits (the
 //! high 16 in what was padding, so nodes did not grow), exact unless more than
 //! 65,536 keys under one node hold counts near `u64::MAX`, and a query's
 //! answer saturates at `u64::MAX`.
 //!
-//! About 850 lines: the trie, its two hash maps and the CIDR index over both
+//! About 900 lines: the trie, its two hash maps and the CIDR index over both
 //! families keep one invariant (every cached sum equals its leaves) and are
 //! changed together; the tests are in `index/tests.rs`.
 
@@ -61,6 +68,10 @@ pub trait TrieKey: Copy + Eq + Ord + fmt::Debug {
 
     /// Number of leading bits `self` and `other` share (`BITS` if equal).
     fn common_prefix_len(self, other: Self) -> u8;
+
+    /// The key with all but its top `len` bits set: the largest key under
+    /// the prefix `self`/`len`.
+    fn filled(self, len: u8) -> Self;
 }
 
 macro_rules! trie_key_bit_ops {
@@ -87,6 +98,11 @@ macro_rules! trie_key_bit_ops {
         #[inline]
         fn common_prefix_len(self, other: Self) -> u8 {
             (self ^ other).leading_zeros() as u8
+        }
+
+        #[inline]
+        fn filled(self, len: u8) -> Self {
+            self | !<$t as TrieKey>::masked(<$t>::MAX, len)
         }
     };
 }
@@ -170,6 +186,19 @@ struct Inner<P> {
     len: u8,
     /// The high 16 bits of the sum.
     sum_hi: u16,
+    /// The largest count of a key below, saturated at [`TOP_SATURATED`]: an
+    /// upper bound that lets [`PrefixTrie::top_keys`] skip every subtree
+    /// whose best key cannot make the list. It sits in what was padding.
+    top: u8,
+}
+
+/// [`Inner::top`] for a subtree holding a count of at least this much.
+const TOP_SATURATED: u8 = u8::MAX;
+
+/// A count as an [`Inner::top`] bound.
+#[inline]
+fn top_of(count: u64) -> u8 {
+    u8::try_from(count).unwrap_or(TOP_SATURATED)
 }
 
 impl<P> Inner<P> {
@@ -450,6 +479,31 @@ impl<K: TrieKey> PrefixTrie<K> {
         }
     }
 
+    /// A node's [`Inner::top`] bound (a leaf's own count, saturated).
+    fn node_top(&self, r: NodeRef) -> u8 {
+        if is_leaf(r) {
+            top_of(self.leaves[slot(r)].count)
+        } else {
+            self.inners[slot(r)].top
+        }
+    }
+
+    /// Recomputes the `top` bounds of `path` (inner slots, root first) from
+    /// the deepest up, after a count below went down; stops at the first that
+    /// does not change, since those above depend on it alone.
+    fn lower_tops(&mut self, path: &[u32]) {
+        for &s in path.iter().rev() {
+            let node = &self.inners[s as usize];
+            let top = self
+                .node_top(node.child[0])
+                .max(self.node_top(node.child[1]));
+            if top == node.top {
+                return;
+            }
+            self.inners[s as usize].top = top;
+        }
+    }
+
     fn set_link(&mut self, link: Link, target: NodeRef) {
         match link {
             Link::Root => self.root = target,
@@ -479,15 +533,22 @@ impl<K: TrieKey> PrefixTrie<K> {
     /// two's complement difference, so one path handles increases and decreases).
     fn adjust(&mut self, key: K, before: u64, after: u64) {
         let diff = Wide::diff(before, after);
+        let raise = top_of(after);
+        let mut path = Path::new();
         let mut r = self.root;
         while !is_leaf(r) {
+            path.push(slot(r) as u32);
             let node = &mut self.inners[slot(r)];
             node.add_to_sum(diff);
+            node.top = node.top.max(raise);
             r = node.child[usize::from(key.bit(node.len))];
         }
         let leaf = &mut self.leaves[slot(r)];
         debug_assert_eq!(K::unpack(leaf.key), key);
         leaf.count = after;
+        if after < before {
+            self.lower_tops(path.as_slice());
+        }
     }
 
     /// Inserts a key that is not present, with a non-zero count.
@@ -510,12 +571,14 @@ impl<K: TrieKey> PrefixTrie<K> {
                 let mut child = [r; 2];
                 child[side] = new_leaf;
                 let sum = Wide::from(self.node_sum(r) + u128::from(count));
+                let top = self.node_top(r).max(top_of(count));
                 let inner = self.alloc_inner(Inner {
                     key: key.masked(common).pack(),
                     sum: sum.lo,
                     child,
                     len: common,
                     sum_hi: sum.hi,
+                    top,
                 });
                 self.set_link(link, inner);
                 return;
@@ -523,6 +586,7 @@ impl<K: TrieKey> PrefixTrie<K> {
             let s = slot(r);
             let node = &mut self.inners[s];
             node.add_to_sum(u128::from(count));
+            node.top = node.top.max(top_of(count));
             let side = usize::from(key.bit(node.len));
             link = Link::Child { inner: s, side };
             r = node.child[side];
@@ -534,9 +598,11 @@ impl<K: TrieKey> PrefixTrie<K> {
     fn remove(&mut self, key: K, count: u64) {
         let mut link_to_node = Link::Root;
         let mut link_to_parent = Link::Root;
+        let mut path = Path::new();
         let mut r = self.root;
         while !is_leaf(r) {
             let s = slot(r);
+            path.push(s as u32);
             let node = &mut self.inners[s];
             node.add_to_sum(Wide::diff(count, 0));
             let side = usize::from(key.bit(node.len));
@@ -550,6 +616,10 @@ impl<K: TrieKey> PrefixTrie<K> {
             Link::Child { inner, side } => {
                 let sibling = self.inners[inner].child[1 - side];
                 self.set_link(link_to_parent, sibling);
+                // The parent (last on the path) is gone; its ancestors'
+                // bounds may fall, before any slot moves.
+                let above = path.as_slice();
+                self.lower_tops(&above[..above.len() - 1]);
                 self.free_inner(inner);
             }
         }
@@ -653,6 +723,31 @@ fn release_map_slack<P: Eq + Hash, V>(map: &mut HashMap<P, V>) {
     }
     if map.capacity() > MIN_SHRINK_CAPACITY && map.len() * 4 <= map.capacity() {
         map.shrink_to(map.capacity() / 2);
+    }
+}
+
+/// The inner slots from the root down to a leaf: at most one per key bit, on
+/// the stack, so an update allocates nothing.
+struct Path {
+    slots: [u32; 128],
+    len: usize,
+}
+
+impl Path {
+    fn new() -> Self {
+        Self {
+            slots: [0; 128],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: u32) {
+        self.slots[self.len] = s;
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        &self.slots[..self.len]
     }
 }
 
@@ -850,6 +945,8 @@ impl CidrIndex {
         self.v4.heap_bytes() + self.v6.heap_bytes()
     }
 }
+
+mod walk;
 
 #[cfg(test)]
 mod tests;

@@ -116,6 +116,16 @@ impl Monitor {
         &self.totals[series.slot()]
     }
 
+    /// `series` in window `w` alone (0 = current), for readers that list
+    /// that window's networks; None when that window holds nothing.
+    pub fn window(&self, series: Series, w: u32, now: Duration) -> Option<&CidrIndex> {
+        let epoch = self.epoch(now);
+        self.windows
+            .iter()
+            .find(|win| win.epoch <= epoch && epoch - win.epoch == u64::from(w))
+            .map(|win| &win.series[series.slot()])
+    }
+
     /// Newest first, for the state file.
     pub(super) fn windows(&self) -> &VecDeque<Window> {
         &self.windows

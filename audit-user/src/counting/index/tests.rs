@@ -6,11 +6,15 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
+mod walks;
+
 /// Top `len` bits computed independently of `TrieKey`, for the model.
 trait ModelKey: TrieKey + Hash {
     fn top(self, len: u8) -> u128;
     /// The top `keep` bits of `self` followed by the rest of `tail`.
     fn splice(self, tail: Self, keep: u8) -> Self;
+    /// The next key, None after the last.
+    fn next_key(self) -> Option<Self>;
 }
 impl ModelKey for u32 {
     fn top(self, len: u8) -> u128 {
@@ -20,6 +24,9 @@ impl ModelKey for u32 {
         let low = u32::MAX.checked_shr(u32::from(keep)).unwrap_or(0);
         (self & !low) | (tail & low)
     }
+    fn next_key(self) -> Option<Self> {
+        self.checked_add(1)
+    }
 }
 impl ModelKey for u128 {
     fn top(self, len: u8) -> u128 {
@@ -28,6 +35,9 @@ impl ModelKey for u128 {
     fn splice(self, tail: Self, keep: u8) -> Self {
         let low = u128::MAX.checked_shr(u32::from(keep)).unwrap_or(0);
         (self & !low) | (tail & low)
+    }
+    fn next_key(self) -> Option<Self> {
+        self.checked_add(1)
     }
 }
 
@@ -82,6 +92,8 @@ fn check_invariants<K: TrieKey>(t: &PrefixTrie<K>) {
             assert_eq!(key, key.masked(len));
             let children = node.child.map(|c| t.node_sum(c));
             assert_eq!(node.sum(), children[0] + children[1]);
+            let tops = node.child.map(|c| t.node_top(c));
+            assert_eq!(node.top, tops[0].max(tops[1]), "top bound of {key:?}/{len}");
             stack.push((node.child[0], Some((key, len, false))));
             stack.push((node.child[1], Some((key, len, true))));
         }
@@ -103,6 +115,12 @@ fn check_against_model<K: ModelKey>(t: &PrefixTrie<K>, model: &HashMap<K, u64>) 
     assert_eq!(t.iter().collect::<Vec<_>>(), sorted);
     for (&k, &c) in model {
         assert_eq!(t.get(k), c);
+    }
+    let probes: Vec<K> = model.keys().copied().take(3).collect();
+    for prefix in probes {
+        for plen in [0, K::HOT_LEN / 2, K::HOT_LEN, K::BITS - 2] {
+            walks::check_walks(t, model, prefix, plen);
+        }
     }
 }
 
@@ -483,6 +501,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (-4i64..=6).prop_map(Op::Add),
         2 => (0u64..4).prop_map(Op::Set),
+        // Past the `top` bound's saturation.
+        1 => (250u64..260).prop_map(Op::Set),
         1 => Just(Op::Add(i64::MIN)),
     ]
 }

@@ -33,20 +33,27 @@
 //! `unknown_service`, `unknown_monitor`, `not_configured` (a monitored series
 //! without monitors), `no_history`.
 //!
-//! Cost: at `cidrsize 24` (IPv4) or `64` (IPv6) a `sessions` series reads
-//! the index's per-prefix sums, one entry per network, not every IP; other
-//! sizes walk the index's IPs (keeping those inside `cidr`). A monitored
-//! series walks the monitor's totals for its networks, then each network's
-//! count in the asked windows is a prefix query, O(prefix length).
+//! Cost: rows are listed without visiting every tracked IP where the order
+//! allows. `order by count` on one size takes the first series' best rows
+//! from its index (whole addresses: a best-first walk of the trie, pruned by
+//! each subtree's largest count; /24 and /64: the per-prefix sums; other
+//! sizes: a walk that stops at that length, one step per network), then
+//! every other count is a prefix query per row. `order by cidr` takes each
+//! series' first `limit` networks in address order. The rest (`union`, a
+//! range of sizes by count, a first series over several windows) reads every
+//! network of each series in chunks of [`CHUNK`], releasing the lock between
+//! them.
 
 mod answer;
+#[cfg(test)]
+mod model_tests;
 mod parse;
 #[cfg(test)]
 mod tests;
 
 use ipnet::IpNet;
 
-pub use answer::{answer, gather, Gathered};
+pub use answer::{answer, CHUNK};
 pub use parse::parse;
 
 use crate::domain::Series;
