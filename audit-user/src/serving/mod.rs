@@ -8,6 +8,7 @@ pub mod cidr_shell;
 pub mod client;
 pub mod command;
 pub mod connection;
+pub mod policy_host;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;

@@ -18,8 +18,9 @@ mod limits;
 mod reader;
 mod serve;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
-pub use decision::{decide, Decision, PolicyMemory};
+pub use decision::{conclude, decide, judge, scripted, Decision, PolicyMemory};
 pub use reader::{PolicyError, PolicyReader, PolicyRequest};
+pub use serve::policy_call;
 pub use serve::serve;
