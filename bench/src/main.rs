@@ -19,6 +19,7 @@ mod scenarios {
     pub mod criterion;
     pub mod hostile;
     pub mod overhead;
+    pub mod policy;
     pub mod sizes;
     pub mod windows;
 }
@@ -77,7 +78,7 @@ struct RunArgs {
     /// A smoke run in well under a minute: small sizes, few rounds. Writes quick.{md,json}.
     #[arg(long)]
     quick: bool,
-    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster.
+    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster, policy.
     /// Writes partial.{md,json}.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -97,7 +98,7 @@ pub struct Ctx {
 
 type Scenario = fn(&Ctx, &mut Report) -> Result<()>;
 
-const SCENARIOS: [(&str, Scenario); 8] = [
+const SCENARIOS: [(&str, Scenario); 9] = [
     ("criterion", scenarios::criterion::run),
     ("sizes", scenarios::sizes::run),
     ("windows", scenarios::windows::run),
@@ -106,6 +107,7 @@ const SCENARIOS: [(&str, Scenario); 8] = [
     ("overhead", scenarios::overhead::run),
     ("churn", scenarios::churn::run),
     ("cluster", scenarios::cluster::run),
+    ("policy", scenarios::policy::run),
 ];
 
 fn main() -> ExitCode {

@@ -15,6 +15,7 @@ use std::{
 
 use inbound_audit::kernel::{cgroup::cgroup2_root, seed, sock_diag};
 
+pub mod postfix;
 pub mod redis;
 
 /// Why the eBPF tests cannot run on this machine, if they cannot.

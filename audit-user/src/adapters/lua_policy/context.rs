@@ -54,6 +54,8 @@ struct Session {
     conn: HashMap<String, ContextValue>,
     mess: HashMap<String, ContextValue>,
     instance: Option<String>,
+    /// This transaction has been refused (counted as a rejection) already.
+    refused: bool,
     last: Instant,
 }
 
@@ -98,6 +100,7 @@ impl Contexts {
                 conn: HashMap::new(),
                 mess: HashMap::new(),
                 instance: None,
+                refused: false,
                 last: now,
             });
         if now.saturating_duration_since(session.last) >= IDLE {
@@ -106,14 +109,17 @@ impl Contexts {
         }
         session.last = now;
         let instance = call.get("instance").map(str::to_string);
-        match call.phase {
+        let new_transaction = match call.phase {
             Phase::Connect => {
                 session.conn.clear();
-                session.mess.clear();
+                true
             }
-            Phase::Ehlo | Phase::Mail => session.mess.clear(),
-            _ if instance.is_some() && instance != session.instance => session.mess.clear(),
-            _ => {}
+            Phase::Ehlo | Phase::Mail => true,
+            _ => instance.is_some() && instance != session.instance,
+        };
+        if new_transaction {
+            session.mess.clear();
+            session.refused = false;
         }
         if instance.is_some() {
             session.instance = instance;
@@ -161,6 +167,15 @@ impl Contexts {
             }
         }
         Ok(())
+    }
+
+    /// Notes a refusal in the session's transaction; true for its first,
+    /// which is the one counted as a rejection.
+    pub fn first_refusal(&mut self, key: &str) -> bool {
+        match self.sessions.get_mut(key) {
+            Some(session) => !std::mem::replace(&mut session.refused, true),
+            None => true,
+        }
     }
 
     pub fn len(&self) -> usize {

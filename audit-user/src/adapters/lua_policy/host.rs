@@ -23,11 +23,13 @@ use super::{
     Shared,
 };
 use crate::{
+    adapters::postfix::{record, refuses},
     config::LuaPolicyConfig,
     counting::state::SharedState,
+    domain::{unix_now, Series},
     serving::{
         policy_host::{PolicyAnswer, PolicyHost},
-        protocol::PolicyCall,
+        protocol::{Phase, PolicyCall},
     },
 };
 
@@ -241,6 +243,9 @@ impl LuaPolicy {
     }
 }
 
+/// Exim's `policy` requests on the query socket. As the Postfix policy
+/// server does, an answer that refuses is a rejection (once per
+/// transaction) and an accepted END-OF-MESSAGE a reception.
 impl PolicyHost for LuaPolicy {
     fn answer(&self, call: PolicyCall) -> PolicyAnswer {
         // The future owns what it needs: a cheap clone of the handles.
@@ -249,7 +254,27 @@ impl PolicyHost for LuaPolicy {
             scripts: self.scripts.clone(),
             queue: self.queue.clone(),
         };
-        Box::pin(async move { this.evaluate(call).await.action })
+        Box::pin(async move {
+            let (client, phase, session) = (call.client, call.phase, session_key(&call));
+            let verdict = this.evaluate(call).await;
+            let state = &this.shared.state;
+            let now = unix_now();
+            if refuses(&verdict.action) {
+                let first = this
+                    .shared
+                    .contexts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .first_refusal(&session);
+                if first {
+                    record(state, Series::Rejections, client, now);
+                }
+            } else if phase == Phase::EndOfMessage {
+                record(state, Series::Receptions, client, now);
+            }
+            state.stats.observed.policy_answer(&verdict.action);
+            verdict.action
+        })
     }
 }
 

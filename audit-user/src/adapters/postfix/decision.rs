@@ -113,7 +113,7 @@ pub struct PolicyMemory {
 /// defer_if_permit). Not `defer_if_reject`: it defers only a message that a
 /// later restriction rejects, and that refusal is Postfix's own, which never
 /// reaches the agent; counting it here would count mail Postfix accepts.
-fn refuses(action: &str) -> bool {
+pub fn refuses(action: &str) -> bool {
     let word = action
         .split_whitespace()
         .next()
@@ -127,7 +127,7 @@ fn refuses(action: &str) -> bool {
         )
 }
 
-fn record(state: &SharedState, series: Series, client: IpAddr, now: Duration) {
+pub fn record(state: &SharedState, series: Series, client: IpAddr, now: Duration) {
     state.stats.observed.recorded(series, 1);
     let mut monitors = state.lock_monitors();
     if !monitors.is_empty() {

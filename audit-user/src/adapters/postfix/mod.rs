@@ -20,7 +20,7 @@ mod serve;
 #[cfg(test)]
 pub(crate) mod test_support;
 
-pub use decision::{conclude, decide, judge, scripted, Decision, PolicyMemory};
+pub use decision::{conclude, decide, judge, record, refuses, scripted, Decision, PolicyMemory};
 pub use reader::{PolicyError, PolicyReader, PolicyRequest};
 pub use serve::policy_call;
 pub use serve::serve;

@@ -158,10 +158,12 @@ pub fn read_policy(
         }
         attributes.insert(name, value);
     }
+    // Exim names its listener's port as Postfix does (server_port=$received_port).
+    let local_port = port.or_else(|| attributes.get("server_port").and_then(|p| p.parse().ok()));
     Ok(PolicyCall {
         phase,
         client: ip,
-        local_port: port,
+        local_port,
         attributes,
     })
 }
