@@ -114,7 +114,7 @@ fn momentum_scripts_run_unchanged_for_postfix() {
     }
     require_ebpf!();
     let began = Instant::now();
-    let dir = TempDir::new("lua-postfix");
+    let dir = TempDir::new("lua-postfix-mta");
     let cgroup = TestCgroup::new("lua-postfix");
     let port = free_port();
     let restrictions = readme_block("smtpd_delay_reject = no")
@@ -283,7 +283,7 @@ fn momentum_scripts_run_unchanged_for_exim() {
         eprintln!("SKIPPED (no Exim): set INBOUND_AUDIT_EXIM or run `cargo xtask test`, which unpacks Debian's exim4-daemon-light");
         return;
     };
-    let dir = TempDir::new("lua-exim");
+    let dir = TempDir::new("lua-exim-mta");
     let config = agent_config(dir.path());
     let fixture = SmtpFixture::start(
         env!("CARGO_BIN_EXE_test-server"),
@@ -304,6 +304,15 @@ fn momentum_scripts_run_unchanged_for_exim() {
     );
     let exim_config = dir.path().join("exim.conf");
     std::fs::create_dir_all(dir.path().join("spool")).unwrap();
+    // Exim receives the messages (-bh runs DATA) as its own user.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let chown = Command::new("chown")
+        .arg("Debian-exim")
+        .arg(dir.path().join("spool"))
+        .status()
+        .unwrap();
+    assert!(chown.success());
     std::fs::write(
         &exim_config,
         format!(
@@ -363,7 +372,10 @@ fn momentum_scripts_run_unchanged_for_exim() {
         "OK 21",
     );
     let replies = dialogue(&exim, &exim_config, "127.0.6.1", 4003, port, MESSAGE);
-    assert!(replies.contains("delay"), "{replies}");
+    assert!(
+        replies.contains("delay modifier requests 3-second delay"),
+        "{replies}"
+    );
     assert!(
         replies.contains("250 OK id="),
         "tarpitted, not refused: {replies}"
