@@ -171,6 +171,16 @@ impl BenchAgent {
         self.args.extend(args.iter().map(ToString::to_string));
     }
 
+    /// More lines for the agent's config file, for the next start.
+    pub fn append_config(&self, text: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("bench.toml"))?;
+        file.write_all(text.as_bytes())?;
+        Ok(())
+    }
+
     /// The agent's --state-dir (where it saves and loads the monitor windows).
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")

@@ -22,6 +22,7 @@ mod scenarios {
     pub mod mailhost;
     pub mod metrics;
     pub mod overhead;
+    pub mod policy;
     pub mod refusal;
     pub mod show_all;
     pub mod sizes;
@@ -82,7 +83,7 @@ struct RunArgs {
     /// A smoke run in well under a minute: small sizes, few rounds. Writes quick.{md,json}.
     #[arg(long)]
     quick: bool,
-    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster, refusal, mailhost, show_all, metrics.
+    /// Only these measurements (comma-separated): criterion, sizes, windows, hostile, alternatives, overhead, churn, cluster, refusal, mailhost, show_all, metrics, policy.
     /// Writes partial.{md,json}.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -102,7 +103,7 @@ pub struct Ctx {
 
 type Scenario = fn(&Ctx, &mut Report) -> Result<()>;
 
-const SCENARIOS: [(&str, Scenario); 12] = [
+const SCENARIOS: [(&str, Scenario); 13] = [
     ("criterion", scenarios::criterion::run),
     ("sizes", scenarios::sizes::run),
     ("windows", scenarios::windows::run),
@@ -115,6 +116,7 @@ const SCENARIOS: [(&str, Scenario); 12] = [
     ("mailhost", scenarios::mailhost::run),
     ("show_all", scenarios::show_all::run),
     ("metrics", scenarios::metrics::run),
+    ("policy", scenarios::policy::run),
 ];
 
 fn main() -> ExitCode {

@@ -40,6 +40,9 @@ local settings = { socket_path = nil, timeout = DEFAULT_TIMEOUT }
 local connection = nil -- a connected LuaSocket unix stream, or nil
 local counters = { connects = 0, reconnects = 0, requests = 0 }
 local client = nil -- { ip = "...", port = n or nil } set by set_client
+-- An embedding host that holds the counts itself (the agent's own policy
+-- host) answers request lines in-process instead of over the socket.
+local in_process = nil
 
 ---------------------------------------------------------------------------
 -- Errors. Internal code raises a tagged table; each public function turns it
@@ -333,7 +336,12 @@ local function query(fname, request, replayable)
       fname, #request, MAX_REQUEST_LEN))
   end
   counters.requests = counters.requests + 1
-  local answer, err = transact(request, replayable ~= false)
+  local answer, err
+  if in_process then
+    answer = in_process(request)
+  else
+    answer, err = transact(request, replayable ~= false)
+  end
   if not answer then
     raise(string.format("%s: transport error with the inbound-audit agent at %s: %s",
       fname, socket_path(), err))
@@ -564,6 +572,12 @@ function audit.stats()
     connected = connection ~= nil,
     socket = socket_path(),
   }
+end
+
+-- For an embedding host: a function answering one request line as the agent
+-- would (nil: back to the socket).
+function audit._set_transport(answer)
+  in_process = answer
 end
 
 -- For tests: the raw LuaSocket object of the current connection (or nil).

@@ -49,6 +49,9 @@ pub struct Postfix {
     cgroup_dir: PathBuf,
     /// The namespace master runs in (entered by nsenter); None: ours.
     netns: Option<String>,
+    /// main.cf's restrictions in place of the README's two checks, with
+    /// `@POLICY@` for the policy target (see `with_restrictions`).
+    restrictions: Option<String>,
     /// `postfix start-fg` (postfix-script, the parent of master).
     child: Option<Child>,
 }
@@ -100,6 +103,7 @@ impl Postfix {
             listen,
             cgroup_dir: cgroup_dir.to_path_buf(),
             netns: netns.map(|ns| ns.path()),
+            restrictions: None,
             child: None,
         };
         // Postfix's daemons run as user postfix: the path must be searchable
@@ -128,17 +132,33 @@ impl Postfix {
         Ok(postfix)
     }
 
+    /// Rewrites main.cf with `restrictions` (e.g. a README block checking
+    /// every phase, `@POLICY@` standing for the socket) instead of the
+    /// README's checks at RCPT and END-OF-MESSAGE.
+    pub fn with_restrictions(mut self, restrictions: &str) -> io::Result<Self> {
+        self.restrictions = Some(restrictions.to_string());
+        self.write_main_cf(Some(&format!("unix:{POLICY_IN_QUEUE}")), "")?;
+        Ok(self)
+    }
+
     /// main.cf with `policy` as the check_policy_service target at RCPT and
-    /// END-OF-MESSAGE (None: no policy check), plus `extra` lines.
+    /// END-OF-MESSAGE, or in the restrictions `with_restrictions` set (None:
+    /// no policy check), plus `extra` lines.
     pub fn write_main_cf(&self, policy: Option<&str>, extra: &str) -> io::Result<()> {
         let dir = self.dir.display();
         let host = self.listen.ip();
-        let checks = match policy {
-            Some(policy) => format!(
+        let checks = match (policy, &self.restrictions) {
+            (Some(policy), Some(restrictions)) => {
+                format!("{}\n", restrictions.replace("@POLICY@", policy))
+            }
+            (Some(policy), None) => format!(
                 "smtpd_recipient_restrictions =\n    check_policy_service {policy}\n\
-                 smtpd_end_of_data_restrictions =\n    check_policy_service {policy}\n"
+                 smtpd_end_of_data_restrictions =\n    check_policy_service {policy}\n\
+                 smtpd_policy_service_default_action = DUNNO\n\
+                 smtpd_policy_service_timeout = 10s\n\
+                 smtpd_policy_service_max_idle = 300s\n"
             ),
-            None => String::new(),
+            (None, _) => String::new(),
         };
         let text = format!(
             "# A private instance for the tests and the bench (Postfix does not allow\n\
@@ -163,9 +183,6 @@ impl Postfix {
              smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
              # From here on as in README.md (## Postfix).\n\
              {checks}\
-             smtpd_policy_service_default_action = DUNNO\n\
-             smtpd_policy_service_timeout = 10s\n\
-             smtpd_policy_service_max_idle = 300s\n\
              {extra}"
         );
         std::fs::write(self.conf().join("main.cf"), text)

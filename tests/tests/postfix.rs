@@ -11,7 +11,7 @@
 //! Postfix's own log is printed when the test fails.
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt,
     time::{Duration, Instant},
 };
@@ -51,11 +51,9 @@ fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 
+/// Below the ephemeral range, where other tests' client sockets cannot take it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    integration_tests::redis::free_port()
 }
 
 /// A monitor series over both windows of "60,1", so a minute boundary during

@@ -2,4 +2,5 @@
 //! over the query socket and Exim uses ${readsocket} on it directly; Postfix
 //! needs its own policy-delegation server.
 
+pub mod lua_policy;
 pub mod postfix;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
-    adapters::postfix,
+    adapters::{lua_policy, postfix},
     cluster::{self, ClusterView, LocalShare, TargetError},
     config::Config,
     counting::state::SharedState,
@@ -62,6 +62,8 @@ pub enum AgentError {
     Cluster(#[from] TargetError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    LuaPolicy(#[from] lua_policy::LoadError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -80,6 +82,23 @@ pub struct AgentOptions {
     pub reload: Option<ConfigSource>,
 }
 
+/// SIGHUP for the Lua policy host: the scripts read and checked again; any
+/// failure keeps the running ones.
+fn reload_scripts(host: Option<&lua_policy::LuaPolicy>, state: &SharedState) {
+    let config = state.setup().config.lua_policy.clone();
+    match host {
+        Some(host) => {
+            if let Err(e) = host.reload(&config) {
+                log::error!("SIGHUP: {e}; the running scripts stay");
+            }
+        }
+        None if config.enabled() => log::warn!(
+            "SIGHUP: lua_policy_scripts set, but the policy host starts only with the agent; restart to run them"
+        ),
+        None => {}
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT. Start-up (sockets, loading, attaching,
 /// seeding) runs on this thread alone, so that dropping capabilities afterwards
 /// covers every thread the runtime then creates: capabilities are per thread.
@@ -96,11 +115,20 @@ pub fn run(options: AgentOptions) -> Result<(), AgentError> {
         .as_ref()
         .map(cluster::settings)
         .transpose()?;
-    let prepared = prepare(options)?;
+    let mut prepared = prepare(options)?;
     release_freed_memory();
     match privileges::keep_only(&[privileges::Capability::CAP_BPF]) {
         Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
         Err(e) => log::warn!("could not drop capabilities: {e}"),
+    }
+    // After the capabilities are dropped: the interpreter threads run the
+    // operator's code with none.
+    let lua_config = prepared.state.setup().config.lua_policy.clone();
+    if lua_config.enabled() {
+        prepared.lua_policy = Some(lua_policy::LuaPolicy::start(
+            prepared.state.clone(),
+            &lua_config,
+        )?);
     }
     // Start-up is complete: the programs are attached, open sessions seeded
     // and the sockets listening (clients wait in the backlog until the runtime
@@ -128,6 +156,7 @@ struct Prepared {
     state: Arc<SharedState>,
     detach_on_exit: bool,
     reload: Option<ConfigSource>,
+    lua_policy: Option<Arc<lua_policy::LuaPolicy>>,
 }
 
 async fn serve(
@@ -143,6 +172,7 @@ async fn serve(
         state,
         detach_on_exit,
         reload,
+        lua_policy,
     } = prepared;
     let mut signals = Signals::install()?;
     held.release();
@@ -167,7 +197,10 @@ async fn serve(
     ));
 
     log::info!("serving queries on {}", socket.path().display());
-    let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone()));
+    let hook: crate::serving::policy_host::PolicyHook = lua_policy
+        .clone()
+        .map(|host| host as Arc<dyn crate::serving::policy_host::PolicyHost>);
+    let server_task = tokio::spawn(server::serve(socket, state.clone(), shutdown.clone(), hook));
     let cluster_task = cluster.map(|settings| {
         log::info!(
             "cluster: node {} on {:?} under prefix {}, node_ttl {} s",
@@ -187,7 +220,7 @@ async fn serve(
             socket.path().display(),
             state.setup().config.policy_limits.len()
         );
-        postfix::serve_on_own_thread(socket, state.clone(), shutdown.clone())
+        postfix::serve_on_own_thread(socket, state.clone(), shutdown.clone(), lua_policy.clone())
     });
     let policy_task = policy_task.transpose().map_err(|source| AgentError::Io {
         what: "starting the Postfix policy server's thread",
@@ -198,7 +231,10 @@ async fn serve(
 
     while signals.next().await == Signal::Reload {
         match &reload {
-            Some(source) => apply_reload(source, &program, &state),
+            Some(source) => {
+                apply_reload(source, &program, &state);
+                reload_scripts(lua_policy.as_deref(), &state);
+            }
             None => log::info!("SIGHUP ignored: no configuration source to read again"),
         }
     }
@@ -221,6 +257,7 @@ async fn serve(
     let _ = refusals_task.await;
 
     save_monitor_state(&state);
+    drop(lua_policy);
     let pin_dir = state.setup().config.pin_dir.clone();
     drop(program);
     if detach_on_exit {

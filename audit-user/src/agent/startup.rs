@@ -7,6 +7,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc};
 use audit_common::{record_origin, SocketRecord};
 
 use crate::{
+    adapters::lua_policy::LuaPolicy,
     config::Config,
     counting::{
         persistence::{self, Restored},
@@ -37,6 +38,9 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
     // Before anything is made, on disk or in the kernel: a refused start
     // leaves the system as it found it.
     check_directories(&config)?;
+    if config.lua_policy.enabled() {
+        LuaPolicy::check(&config)?;
+    }
     fit_clients_to_open_files(&mut config);
     let cgroup_path: PathBuf = match &config.cgroup {
         Some(path) => path.clone(),
@@ -149,6 +153,7 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
         state,
         detach_on_exit,
         reload,
+        lua_policy: None,
     })
 }
 

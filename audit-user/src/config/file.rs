@@ -10,6 +10,7 @@ use super::{
     cluster::ClusterConfig,
     kernel_limits::KernelLimitEntry,
     limits::PolicyLimit,
+    lua_policy::LuaPolicyConfig,
     values::{
         FileMode, Gid, Monitor, Port, PositiveCount, PositiveSecs, RingBytes, TableSize, Uid,
     },
@@ -44,6 +45,13 @@ pub(super) struct ConfigFile {
     cluster: Option<ClusterConfig>,
     kernel_limits: Vec<KernelLimitEntry>,
     metrics_listen: Option<std::net::SocketAddr>,
+    lua_policy_scripts: Vec<PathBuf>,
+    lua_policy_fail_action: String,
+    lua_policy_timeout_ms: PositiveCount,
+    lua_policy_max_instructions: PositiveCount,
+    lua_policy_max_memory_mb: PositiveCount,
+    lua_policy_workers: PositiveCount,
+    lua_policy_queue: PositiveCount,
 }
 
 impl Default for ConfigFile {
@@ -76,6 +84,13 @@ impl Default for ConfigFile {
             cluster: None,
             kernel_limits: Vec::new(),
             metrics_listen: None,
+            lua_policy_scripts: Vec::new(),
+            lua_policy_fail_action: "dunno".into(),
+            lua_policy_timeout_ms: PositiveCount(1000),
+            lua_policy_max_instructions: PositiveCount(10_000_000),
+            lua_policy_max_memory_mb: PositiveCount(64),
+            lua_policy_workers: PositiveCount(2),
+            lua_policy_queue: PositiveCount(1024),
         }
     }
 }
@@ -142,6 +157,15 @@ impl From<ConfigFile> for Config {
             cluster: file.cluster,
             kernel_limits: file.kernel_limits.into_iter().map(|l| l.0).collect(),
             metrics_listen: file.metrics_listen,
+            lua_policy: LuaPolicyConfig {
+                scripts: file.lua_policy_scripts,
+                fail_action: file.lua_policy_fail_action,
+                timeout: Duration::from_millis(file.lua_policy_timeout_ms.0 as u64),
+                max_instructions: file.lua_policy_max_instructions.0 as u64,
+                max_memory: file.lua_policy_max_memory_mb.0.saturating_mul(1 << 20),
+                workers: file.lua_policy_workers.0,
+                queue: file.lua_policy_queue.0,
+            },
         }
     }
 }

@@ -19,11 +19,13 @@ mod error;
 mod file;
 pub mod kernel_limits;
 mod limits;
+mod lua_policy;
 mod values;
 
 pub use cluster::{ClusterConfig, NodeName, RedisUrl};
 pub use error::{ConfigError, Position};
 pub use limits::{check_action, ActionError, LimitConfig, LimitCount, LimitError};
+pub use lua_policy::LuaPolicyConfig;
 pub use values::{PositiveCount, PositiveSecs, ValueError};
 
 use crate::domain::{Limit, MonitorSpec, ServicePorts, CLUSTER_SERVICE};
@@ -79,6 +81,8 @@ pub struct Config {
     pub kernel_limits: Vec<kernel_limits::KernelLimitConfig>,
     /// Where `/metrics` is served over HTTP (Prometheus text format); None: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Momentum-style Lua policy scripts and their bounds.
+    pub lua_policy: LuaPolicyConfig,
 }
 
 /// Which local users may use the query socket, from its peer credentials.
@@ -229,6 +233,16 @@ impl Config {
             cluster,
             metrics_listen
         );
+        // The interpreters and their queue are made once, at start.
+        let (workers, queue) = (running.lua_policy.workers, running.lua_policy.queue);
+        if self.lua_policy.workers != workers {
+            kept.push("lua_policy_workers");
+            self.lua_policy.workers = workers;
+        }
+        if self.lua_policy.queue != queue {
+            kept.push("lua_policy_queue");
+            self.lua_policy.queue = queue;
+        }
         kept
     }
 
@@ -296,6 +310,9 @@ impl Config {
         if self.socket.as_os_str().is_empty() {
             return Err(invalid("socket", "empty path"));
         }
+        check_action(&self.lua_policy.fail_action)
+            .map_err(|e| invalid("lua_policy_fail_action", e.to_string()))?;
+
         Ok(())
     }
 

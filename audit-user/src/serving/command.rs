@@ -116,6 +116,11 @@ fn run(request: &Request, state: &SharedState, now: Duration) -> Result<Reply, Q
         )),
         Query::Stats => Ok(Reply::Lines(stats(state))),
         Query::CidrShell(shell) => crate::serving::cidr_shell::answer(shell, state, now),
+        // The server hands these to the policy host when there is one.
+        Query::Policy(_) => Err(QueryError::new(
+            ErrorCode::NoPolicy,
+            "policy requests need lua_policy_scripts in the agent's config",
+        )),
     }
 }
 

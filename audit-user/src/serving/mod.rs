@@ -9,6 +9,7 @@ pub mod cidr_shell;
 pub mod client;
 pub mod command;
 pub mod connection;
+pub mod policy_host;
 pub mod protocol;
 pub mod server;
 pub mod show_all;

@@ -22,7 +22,8 @@ use crate::{
         cidr_shell::CidrShell,
         command,
         connection::{Connection, Incoming},
-        protocol::{parse_request, ErrorCode, Query, QueryError, Reply},
+        policy_host::{PolicyHook, PolicyHost},
+        protocol::{parse_request, ErrorCode, PolicyCall, Query, QueryError, Reply, Request},
         show_all,
         shutdown::Shutdown,
     },
@@ -30,7 +31,12 @@ use crate::{
 };
 
 /// Serves queries until `shutdown` fires.
-pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutdown) {
+pub async fn serve(
+    socket: QuerySocket,
+    state: Arc<SharedState>,
+    shutdown: Shutdown,
+    policy: PolicyHook,
+) {
     let max = state.setup().config.max_clients;
     let stop = shutdown.clone();
     let refusals = Arc::new(RefusalLog::new(REFUSAL_LOG_INTERVAL));
@@ -47,8 +53,9 @@ pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutd
         move |stream| refuse_busy(stream, max),
         move |stream| {
             let (state, stop, refusals) = (state.clone(), stop.clone(), refusals.clone());
+            let policy = policy.clone();
             async move {
-                if let Err(e) = handle_client(stream, &state, &refusals, stop).await {
+                if let Err(e) = handle_client(stream, &state, &refusals, stop, &policy).await {
                     log::debug!("client connection ended: {e}");
                 }
             }
@@ -295,6 +302,7 @@ async fn handle_client(
     state: &SharedState,
     refusals: &RefusalLog,
     mut stop: Shutdown,
+    policy: &PolicyHook,
 ) -> io::Result<()> {
     let peer = Peer::of(&stream);
     let (idle, partial) = (
@@ -334,16 +342,46 @@ async fn handle_client(
                 return Ok(());
             }
         };
-        match answer_as(&line, state, &peer, refusals) {
-            Outcome::Reply(reply) => connection.write_reply(&reply, WRITE_TIMEOUT).await?,
-            Outcome::ShowAll => {
-                show_all::stream(&mut connection, state, &mut stop, WRITE_TIMEOUT).await?
+        match (policy, policy_call(&line)) {
+            (Some(host), Some(call)) => {
+                let reply = answer_policy(host.as_ref(), call, state).await;
+                connection.write_reply(&reply, WRITE_TIMEOUT).await?
             }
+            _ => match answer_as(&line, state, &peer, refusals) {
+                Outcome::Reply(reply) => connection.write_reply(&reply, WRITE_TIMEOUT).await?,
+                Outcome::ShowAll => {
+                    show_all::stream(&mut connection, state, &mut stop, WRITE_TIMEOUT).await?
+                }
+            },
         }
         if last {
             return connection.close().await;
         }
     }
+}
+
+/// The call of a well-formed `policy` request; anything else (malformed
+/// ones included) goes the usual way, which answers its error.
+fn policy_call(line: &[u8]) -> Option<PolicyCall> {
+    match parse_request(line) {
+        Ok(Request {
+            query: Query::Policy(call),
+            ..
+        }) => Some(call),
+        _ => None,
+    }
+}
+
+/// A policy request, run by the scripts; observed like other requests.
+async fn answer_policy(host: &dyn PolicyHost, call: PolicyCall, state: &SharedState) -> Reply {
+    let started = std::time::Instant::now();
+    AgentStats::add(&state.stats.queries, 1);
+    let action = host.answer(call).await;
+    state
+        .stats
+        .observed
+        .query("policy", "ok", started.elapsed());
+    Reply::Action(action)
 }
 
 /// Who is on the other end, from SO_PEERCRED (None if the kernel would not say).
@@ -472,6 +510,7 @@ fn function_of(query: &Query) -> &'static str {
         Query::Stats => "stats",
         Query::CidrShell(CidrShell::Available) => "show_available",
         Query::CidrShell(CidrShell::Count(_)) => "show_count",
+        Query::Policy(_) => "policy",
     }
 }
 

@@ -30,33 +30,64 @@ pub fn decide(
     now: Duration,
     memory: &mut PolicyMemory,
 ) -> Result<Decision, PolicyError> {
-    let last_refused = &mut memory.last_refused;
+    let judged = judge(request, limits, state, now)?;
+    Ok(conclude(request, judged, state, now, memory))
+}
+
+/// The first limit the client is over, as a refusing decision; None when
+/// none fires (or at END-OF-MESSAGE, where limits are not checked).
+pub fn judge(
+    request: &PolicyRequest,
+    limits: &[Limit],
+    state: &SharedState,
+    now: Duration,
+) -> Result<Option<Decision>, PolicyError> {
     // The session asking is counted before it is judged.
     state.drain_events(now);
     let client = request.client()?;
-    let end_of_message = request.get("protocol_state") == Some("END-OF-MESSAGE");
-    let mut decision = Decision {
-        action: "dunno".into(),
-        refuses: false,
-    };
-    if end_of_message {
-        record(state, Series::Receptions, client, now);
-        state.stats.observed.policy_answer(&decision.action);
-        return Ok(decision);
+    if request.get("protocol_state") == Some("END-OF-MESSAGE") {
+        return Ok(None);
     }
     for limit in limits {
         if let Some(over) = exceeded(limit, client, request, state, now) {
             let rule = limit.rule();
-            decision = Decision {
+            return Ok(Some(Decision {
                 action: format!(
                     "{} Too many {} from {}: {} (limit {}) [inbound-audit]",
                     rule.action, over.what, over.net, over.count, rule.max
                 ),
                 refuses: refuses(&rule.action),
-            };
-            break;
+            }));
         }
     }
+    Ok(None)
+}
+
+/// A decision of the Lua policy scripts, as an answer.
+pub fn scripted(action: String) -> Decision {
+    Decision {
+        refuses: refuses(&action),
+        action,
+    }
+}
+
+/// Records what `decision` (None: `dunno`) means for the counts: a refusal
+/// is a rejection (once per transaction), an accepted END-OF-MESSAGE a reception.
+pub fn conclude(
+    request: &PolicyRequest,
+    decision: Option<Decision>,
+    state: &SharedState,
+    now: Duration,
+    memory: &mut PolicyMemory,
+) -> Decision {
+    let last_refused = &mut memory.last_refused;
+    let decision = decision.unwrap_or_else(|| Decision {
+        action: "dunno".into(),
+        refuses: false,
+    });
+    let Ok(client) = request.client() else {
+        return decision;
+    };
     if decision.refuses {
         // One message refused at several recipients is one rejection: Postfix
         // names the transaction in `instance`.
@@ -65,9 +96,11 @@ pub fn decide(
             record(state, Series::Rejections, client, now);
         }
         *last_refused = instance;
+    } else if request.get("protocol_state") == Some("END-OF-MESSAGE") {
+        record(state, Series::Receptions, client, now);
     }
     state.stats.observed.policy_answer(&decision.action);
-    Ok(decision)
+    decision
 }
 
 /// What one policy connection remembers between requests.
@@ -80,7 +113,7 @@ pub struct PolicyMemory {
 /// defer_if_permit). Not `defer_if_reject`: it defers only a message that a
 /// later restriction rejects, and that refusal is Postfix's own, which never
 /// reaches the agent; counting it here would count mail Postfix accepts.
-fn refuses(action: &str) -> bool {
+pub fn refuses(action: &str) -> bool {
     let word = action
         .split_whitespace()
         .next()
@@ -94,7 +127,7 @@ fn refuses(action: &str) -> bool {
         )
 }
 
-fn record(state: &SharedState, series: Series, client: IpAddr, now: Duration) {
+pub fn record(state: &SharedState, series: Series, client: IpAddr, now: Duration) {
     state.stats.observed.recorded(series, 1);
     let mut monitors = state.lock_monitors();
     if !monitors.is_empty() {

@@ -18,8 +18,8 @@ mod limits;
 mod reader;
 mod serve;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
-pub use decision::{decide, Decision, PolicyMemory};
+pub use decision::{conclude, decide, judge, record, refuses, scripted, Decision, PolicyMemory};
 pub use reader::{PolicyError, PolicyReader, PolicyRequest};
-pub use serve::{serve, serve_on_own_thread};
+pub use serve::{policy_call, serve, serve_on_own_thread};

@@ -14,13 +14,17 @@ use tokio::{
 };
 
 use crate::{
-    adapters::postfix::{
-        decision::{decide, PolicyMemory},
-        reader::{PolicyError, PolicyReader},
+    adapters::{
+        lua_policy::LuaPolicy,
+        postfix::{
+            decision::{conclude, judge, scripted, PolicyMemory},
+            reader::{PolicyError, PolicyReader, PolicyRequest},
+        },
     },
     counting::state::SharedState,
     domain::unix_now,
     serving::{
+        protocol::{Phase, PolicyCall},
         server::{accept_loop, WRITE_TIMEOUT},
         shutdown::Shutdown,
     },
@@ -75,17 +79,23 @@ pub fn serve_on_own_thread(
     socket: QuerySocket,
     state: Arc<SharedState>,
     shutdown: Shutdown,
+    scripts: Option<Arc<LuaPolicy>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     std::thread::Builder::new()
         .name("postfix-policy".into())
-        .spawn(move || runtime.block_on(serve(socket, state, shutdown)))
+        .spawn(move || runtime.block_on(serve(socket, state, shutdown, scripts)))
 }
 
 /// Serves policy requests until `shutdown` fires.
-pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutdown) {
+pub async fn serve(
+    socket: QuerySocket,
+    state: Arc<SharedState>,
+    shutdown: Shutdown,
+    scripts: Option<Arc<LuaPolicy>>,
+) {
     let max = state.setup().config.max_clients;
     let stop = shutdown.clone();
     let refuse = move |_stream| async move {
@@ -93,12 +103,12 @@ pub async fn serve(socket: QuerySocket, state: Arc<SharedState>, shutdown: Shutd
         log::warn!("policy socket: too many clients (max_clients = {max}); dropping one");
     };
     accept_loop(&socket, max, shutdown, refuse, move |stream| {
-        let (state, stop) = (state.clone(), stop.clone());
+        let (state, stop, scripts) = (state.clone(), stop.clone(), scripts.clone());
         async move {
             // Read at connect time, like the query socket: a reload applies
             // to the connections that follow.
             let timeouts = Timeouts::of(&state);
-            match handle(stream, &state, stop, timeouts).await {
+            match handle(stream, &state, stop, timeouts, scripts.as_deref()).await {
                 Ok(()) => {}
                 Err(e @ Ended::Idle(_)) => log::debug!("postfix policy client dropped: {e}"),
                 Err(e @ (Ended::SlowRequest(_) | Ended::SlowReader(_))) => {
@@ -116,6 +126,7 @@ async fn handle<S: AsyncRead + AsyncWrite>(
     state: &SharedState,
     mut stop: Shutdown,
     timeouts: Timeouts,
+    scripts: Option<&LuaPolicy>,
 ) -> Result<(), Ended> {
     let (read, mut write) = tokio::io::split(stream);
     let mut requests = PolicyReader::new(BufReader::new(read));
@@ -142,13 +153,15 @@ async fn handle<S: AsyncRead + AsyncWrite>(
         };
         // Limits are read per request, so a SIGHUP reload applies at once.
         let setup = state.setup();
-        let decision = decide(
-            &request,
-            &setup.config.policy_limits,
-            state,
-            unix_now(),
-            &mut memory,
-        )?;
+        let mut judged = judge(&request, &setup.config.policy_limits, state, unix_now())?;
+        // The scripts run when no limit has refused already.
+        if let (None, Some(scripts), Some(call)) = (&judged, scripts, policy_call(&request)) {
+            let verdict = scripts.evaluate(call).await;
+            if verdict.action != "dunno" {
+                judged = Some(scripted(verdict.action));
+            }
+        }
+        let decision = conclude(&request, judged, state, unix_now(), &mut memory);
         if decision.refuses {
             log::info!(
                 "postfix policy: {} {} -> {}",
@@ -163,6 +176,18 @@ async fn handle<S: AsyncRead + AsyncWrite>(
             .map_err(|_| Ended::SlowReader(timeouts.write))?
             .map_err(Ended::Write)?;
     }
+}
+
+/// The Lua scripts' view of a request: its phase, client and attributes;
+/// None for a phase no callout runs at (VRFY, ETRN) or without a client.
+pub fn policy_call(request: &PolicyRequest) -> Option<PolicyCall> {
+    let phase = Phase::parse(request.get("protocol_state")?)?;
+    Some(PolicyCall {
+        phase,
+        client: request.client().ok()?,
+        local_port: request.get("server_port").and_then(|p| p.parse().ok()),
+        attributes: request.attributes.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -200,7 +225,7 @@ mod tests {
         let (trigger, stop) = shutdown::channel();
         let task = tokio::spawn(async move {
             let _trigger = trigger;
-            let result = handle(server, &state, stop, TIMEOUTS).await;
+            let result = handle(server, &state, stop, TIMEOUTS, None).await;
             (result, Instant::now())
         });
         (client, task)
@@ -313,7 +338,7 @@ mod tests {
             HashMap::from([("SMTP".to_string(), 0u8)]),
         ));
         let (trigger, stop) = shutdown::channel();
-        let server = tokio::spawn(serve(socket, state, stop));
+        let server = tokio::spawn(serve(socket, state, stop, None));
 
         let began = Instant::now();
         let mut holders = Vec::new();

@@ -49,10 +49,12 @@
 
 pub mod cidr;
 pub mod lua;
+pub mod policy;
 pub mod reply;
 pub mod request;
 
 pub use cidr::CidrArg;
+pub use policy::{Phase, PolicyCall};
 pub use reply::{ErrorCode, QueryError, Reply};
 pub use request::{
     parse_request, ClientContext, MonitorRef, Query, Request, ServiceArg, ShowScope,

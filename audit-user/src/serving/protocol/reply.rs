@@ -28,6 +28,8 @@ pub enum ErrorCode {
     UnknownSeries,
     NoHistory,
     Reconfigured,
+    UnknownPhase,
+    NoPolicy,
 }
 
 impl ErrorCode {
@@ -50,6 +52,8 @@ impl ErrorCode {
             ErrorCode::UnknownSeries => "unknown_series",
             ErrorCode::NoHistory => "no_history",
             ErrorCode::Reconfigured => "reconfigured",
+            ErrorCode::UnknownPhase => "unknown_phase",
+            ErrorCode::NoPolicy => "no_policy",
         }
     }
 }
@@ -85,6 +89,8 @@ pub enum Reply {
     Error(QueryError),
     /// A report (`show`): `OK <n>` then n lines; only console commands answer so.
     Lines(Vec<String>),
+    /// A policy answer: `OK <action>` (`OK dunno`, `OK 421 text`).
+    Action(String),
 }
 
 impl From<QueryError> for Reply {
@@ -99,6 +105,7 @@ impl Reply {
     pub fn to_line(&self) -> String {
         match self {
             Reply::Count(count) => format!("OK {count}\n"),
+            Reply::Action(action) => format!("OK {}\n", single_line_message(action)),
             Reply::Lines(lines) => {
                 let mut out = format!("OK {}\n", lines.len());
                 for line in lines {

@@ -82,6 +82,8 @@ pub enum Query {
     Stats,
     /// `show count for ...` / `show available`, Momentum's cidr_cli grammar.
     CidrShell(crate::serving::cidr_shell::CidrShell),
+    /// `policy PHASE name=value ...`: one SMTP phase for the Lua policy host.
+    Policy(super::policy::PolicyCall),
 }
 
 /// Whose counts `show` prints.
@@ -127,6 +129,13 @@ pub fn parse_request(line: &[u8]) -> Result<Request, QueryError> {
     } else {
         None
     };
+    if super::policy::is_policy(&reader) {
+        let call = super::policy::read_policy(&mut reader, client.map(|c| (c.ip, c.port)))?;
+        return Ok(Request {
+            client,
+            query: Query::Policy(call),
+        });
+    }
     if let Some(query) = read_console_command(&mut reader)? {
         return Ok(Request { client, query });
     }
