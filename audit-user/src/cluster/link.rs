@@ -23,6 +23,11 @@ pub enum TargetError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cluster.ca_file {path} is set, but only a rediss:// URL uses TLS \
+         (redis://, unix:// and redis+sentinel:// connect in the clear)"
+    )]
+    CaFileWithoutTls { path: std::path::PathBuf },
     #[error("cannot read the Redis password file {path}: {source}")]
     PasswordFile {
         path: std::path::PathBuf,
