@@ -171,6 +171,77 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// One redis-cli command as the default user (over TLS, trusting the
+    /// test's CA, when the server speaks TLS); its standard output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if self.tls {
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(self.dir.join("ca.pem"));
+        }
+        let out = command.args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// A redis-sentinel watching `primary` under the name `name`, with quorum 1
+/// and a short `down-after-milliseconds`, so a test's failover takes seconds.
+pub struct Sentinel {
+    child: Child,
+    pub port: u16,
+    pub name: String,
+    conf: PathBuf,
+}
+
+impl Sentinel {
+    /// None (saying why) where redis-sentinel is not installed.
+    pub fn start(primary: &Redis, name: &str, down_after_ms: u32) -> Option<Self> {
+        if Command::new("redis-sentinel")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: redis-sentinel is not installed (apt-get install redis-sentinel)");
+            return None;
+        }
+        let port = free_port();
+        // The sentinel rewrites its configuration file: one of its own.
+        let conf = primary.dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {name} {down_after_ms}\n\
+                 sentinel failover-timeout {name} 5000\n",
+                primary.dir.display(),
+                primary.port
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-sentinel");
+        let sentinel = Self {
+            child,
+            port,
+            name: name.to_string(),
+            conf,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-sentinel did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(sentinel)
+    }
+
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
@@ -178,6 +249,31 @@ impl Redis {
             .output()
             .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The port of the primary the sentinel names now.
+    pub fn primary_port(&self) -> Option<u16> {
+        let answer = self.cli(&["SENTINEL", "get-master-addr-by-name", &self.name]);
+        answer.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// Replicas the sentinel knows and holds up (neither down nor disconnected).
+    pub fn healthy_replicas(&self) -> usize {
+        // `--no-raw`-free output: one field per line, `flags` then its value.
+        let answer = self.cli(&["SENTINEL", "replicas", &self.name]);
+        let lines: Vec<&str> = answer.lines().map(str::trim).collect();
+        lines
+            .windows(2)
+            .filter(|w| w[0] == "flags" && w[1] == "slave")
+            .count()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.conf);
     }
 }
 

@@ -267,7 +267,7 @@ async fn nodes_sum_exactly_and_survive_restarts_deaths_and_a_lost_redis() {
 /// The README's ACL line, for key prefix `t2`: the nodes work with exactly
 /// these commands, and the user can touch nothing outside the prefix.
 const ACL: &str = "ACL SETUSER ia on >s3cret resetkeys ~t2:* resetchannels -@all \
-    +get +set +del +exists +strlen +mget +sadd +smembers +xadd +xrange +multi +exec +ping";
+    +get +set +del +exists +strlen +mget +sadd +smembers +xadd +xrange +multi +exec +ping +role";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_work_as_a_least_privilege_acl_user() {
@@ -453,6 +453,130 @@ async fn nodes_talk_tls_verified_against_a_ca_file() {
             || untrusting.view.sync_age().is_none()
     );
     for n in [a, b, untrusting] {
+        n.task.abort();
+    }
+}
+
+/// The heartbeat's `(epoch, seq)` of `node` under `prefix`, as another
+/// client reads it.
+fn heartbeat(redis: &Redis, prefix: &str, node: &str) -> Option<(String, u64)> {
+    let text = redis.cli(&["GET", &format!("{prefix}:node:{node}:hb")]);
+    let mut fields = text.split_whitespace().skip(1);
+    Some((fields.next()?.to_string(), fields.next()?.parse().ok()?))
+}
+
+/// A Redis that lost a node's last batches (a replica promoted before they
+/// reached it): snapshot and stream both end short of the heartbeat, and the
+/// node has nothing new to publish. A reader asks for a snapshot instead of
+/// waiting for the next scheduled one. Then a well-formed entry another
+/// client adds to the node's stream, past anything the node wrote, is
+/// refused once, not reloaded for every round, and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_batches_are_asked_for_and_a_forged_gap_is_refused_once() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let prefix = "t5";
+    let quiet = |name: &str, local: Arc<FakeLocal>| {
+        let mut settings = Settings::new(
+            Target::parse(&redis.url(), None).unwrap(),
+            name,
+            prefix,
+            TTL,
+        );
+        // No scheduled snapshot during the test: only a reader's request
+        // can bring one.
+        settings.snapshot_every = Duration::from_secs(600);
+        let view = Arc::new(ClusterView::new(name, TTL));
+        let task = tokio::spawn(cluster::run(settings, view.clone(), local.clone()));
+        Node { view, local, task }
+    };
+    let a = quiet("mx1", Arc::new(FakeLocal::default()));
+    a.local.set("SMTP", "192.0.2.1", 1);
+    eventually("mx1's first snapshot", Duration::from_secs(3), || {
+        redis.cli(&["EXISTS", "t5:node:mx1:snap"]).trim() == "1"
+    })
+    .await;
+    let (epoch, before) = heartbeat(&redis, prefix, "mx1").unwrap();
+    assert_eq!(
+        redis.cli(&["COPY", "t5:node:mx1:snap", "t5:saved"]).trim(),
+        "1"
+    );
+    a.local.set("SMTP", "192.0.2.1", 5);
+    eventually("mx1's batch", Duration::from_secs(3), || {
+        heartbeat(&redis, prefix, "mx1").is_some_and(|(_, seq)| seq > before)
+    })
+    .await;
+    // What a replica that missed the batch holds: the older snapshot, no stream.
+    redis.cli(&["COPY", "t5:saved", "t5:node:mx1:snap", "REPLACE"]);
+    redis.cli(&["DEL", "t5:node:mx1:log"]);
+    let b = quiet("mx2", Arc::new(FakeLocal::default()));
+    let healed = eventually(
+        "the lost batch, through a snapshot asked for",
+        Duration::from_secs(3),
+        || fleet_sessions(&b, "192.0.2.0/24") == Some(5),
+    )
+    .await;
+    eprintln!("lost batch recovered after {healed:?}");
+
+    // A forged entry far past the node's sequence, with one of its IPs.
+    let (_, seq) = heartbeat(&redis, prefix, "mx1").unwrap();
+    let refused = ClusterStats::get(&b.view.stats.refused);
+    redis.cli(&[
+        "XADD",
+        "t5:node:mx1:log",
+        "*",
+        "epoch",
+        &epoch,
+        "seq",
+        &(seq + 1000).to_string(),
+        "data",
+        "s SMTP 192.0.2.99 7\n",
+    ]);
+    // Readers meet it with the node's next batch, which still counts.
+    a.local.set("SMTP", "192.0.2.2", 2);
+    eventually(
+        "the forged entry refused, the next batch applied",
+        Duration::from_secs(3),
+        || {
+            ClusterStats::get(&b.view.stats.refused) > refused
+                && fleet_sessions(&b, "192.0.2.0/24") == Some(7)
+        },
+    )
+    .await;
+    let loaded = ClusterStats::get(&b.view.stats.snapshots_loaded);
+    a.local.set("SMTP", "192.0.2.3", 1);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        ClusterStats::get(&b.view.stats.snapshots_loaded) <= loaded + 1,
+        "the snapshot is reloaded round after round"
+    );
+    assert_eq!(fleet_sessions(&b, "192.0.2.99/32"), Some(0));
+    assert_eq!(fleet_sessions(&b, "192.0.2.0/24"), Some(8));
+
+    // Keys of the wrong type where the node's stream and the set of nodes
+    // belong: refused, removed by the publisher, and the view is exact again.
+    redis.cli(&["DEL", "t5:node:mx1:log", "t5:nodes"]);
+    redis.cli(&["SET", "t5:node:mx1:log", "not a stream"]);
+    redis.cli(&["SET", "t5:nodes", "not a set"]);
+    let refused =
+        ClusterStats::get(&b.view.stats.refused) + ClusterStats::get(&a.view.stats.refused);
+    a.local.set("SMTP", "192.0.2.2", 3);
+    eventually(
+        "past keys of the wrong type",
+        Duration::from_secs(5),
+        || {
+            fleet_sessions(&b, "192.0.2.0/24") == Some(9)
+                && fleet_sessions(&a, "0.0.0.0/0") == Some(0)
+        },
+    )
+    .await;
+    assert!(
+        ClusterStats::get(&b.view.stats.refused) + ClusterStats::get(&a.view.stats.refused)
+            > refused
+    );
+    assert_eq!(redis.cli(&["TYPE", "t5:nodes"]).trim(), "set");
+    for n in [a, b] {
         n.task.abort();
     }
 }

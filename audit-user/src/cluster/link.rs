@@ -23,6 +23,11 @@ pub enum TargetError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cluster.ca_file {path} is set, but only a rediss:// URL uses TLS \
+         (redis://, unix:// and redis+sentinel:// connect in the clear)"
+    )]
+    CaFileWithoutTls { path: std::path::PathBuf },
     #[error("cannot read the Redis password file {path}: {source}")]
     PasswordFile {
         path: std::path::PathBuf,
@@ -99,13 +104,19 @@ impl Target {
                         .map_err(|_| invalid("a sentinel is not host:port"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut redis = RedisConnectionInfo::default().set_db(db);
-            if let Some((user, pass)) = auth.and_then(|a| a.split_once(':')) {
-                if !user.is_empty() {
-                    redis = redis.set_username(user);
-                }
-                redis = redis.set_password(pass);
+            // `user`, `user:password` or `:password`, percent-decoded as in
+            // redis:// URLs: the redis crate reads it from one of those. A
+            // user named without a password (the password in password_file)
+            // is still that user.
+            let mut redis = match auth {
+                Some(auth) => format!("redis://{auth}@localhost/")
+                    .into_connection_info()
+                    .map_err(|_| invalid("the user or password is not valid in a URL"))?
+                    .redis_settings()
+                    .clone(),
+                None => RedisConnectionInfo::default(),
             }
+            .set_db(db);
             if let Some(password) = password {
                 redis = redis.set_password(password);
             }
@@ -247,5 +258,68 @@ impl Link {
     /// Forgets the connection after an error; the next use makes a new one.
     pub fn broken(&mut self) {
         self.connection = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sentinel(url: &str, password: Option<&str>) -> (Vec<String>, String, RedisConnectionInfo) {
+        match Target::parse(url, password).unwrap() {
+            Target::Sentinel {
+                sentinels,
+                primary,
+                redis,
+            } => (
+                sentinels.iter().map(|s| s.addr().to_string()).collect(),
+                primary,
+                redis,
+            ),
+            Target::Direct { .. } => panic!("{url} is not a sentinel URL"),
+        }
+    }
+
+    #[test]
+    fn sentinel_urls() {
+        let (hosts, primary, redis) =
+            sentinel("redis+sentinel://h1:26379,h2:26380/mymaster/2", None);
+        assert_eq!(hosts, ["h1:26379", "h2:26380"]);
+        assert_eq!(primary, "mymaster");
+        assert_eq!(
+            (redis.db(), redis.username(), redis.password()),
+            (2, None, None)
+        );
+        // A user without a password in the URL keeps its name: the
+        // password comes from password_file.
+        let (_, _, redis) = sentinel("redis+sentinel://inbound-audit@h1:26379/ia", Some("s3cret"));
+        assert_eq!(
+            (redis.username(), redis.password()),
+            (Some("inbound-audit"), Some("s3cret"))
+        );
+        let (_, _, redis) = sentinel("redis+sentinel://u:p%40ss@h1:26379/ia", None);
+        assert_eq!(
+            (redis.username(), redis.password()),
+            (Some("u"), Some("p@ss"))
+        );
+        let (_, _, redis) = sentinel("redis+sentinel://:pw@h1:26379/ia", Some("file"));
+        assert_eq!((redis.username(), redis.password()), (None, Some("file")));
+        for bad in [
+            "redis+sentinel://h1:26379",
+            "redis+sentinel://h1:26379//0",
+            "redis+sentinel://h1:26379/ia/x",
+        ] {
+            assert!(Target::parse(bad, None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_and_debug_never_show_the_password() {
+        let target = Target::parse("redis+sentinel://u:hunter2@h1:26379/ia", None).unwrap();
+        assert!(!format!("{target:?}").contains("hunter2"));
+        let target = Target::parse("redis://u:hunter2@h1:6379/0", None).unwrap();
+        assert!(!format!("{target:?}").contains("hunter2"));
+        let err = Target::parse("redis+sentinel://u:hunter2@h1:26379", None).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

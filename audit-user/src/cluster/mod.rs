@@ -48,6 +48,11 @@ pub fn settings(config: &crate::config::ClusterConfig) -> Result<Settings, Targe
         .transpose()?;
     let mut target = Target::parse(&config.redis.0, password.as_deref())?;
     if let Some(path) = &config.ca_file {
+        // A CA file next to a URL in the clear is a mistake, not a wish for
+        // no TLS: refused, so the start does not quietly go unencrypted.
+        if !config.redis.0.starts_with("rediss://") {
+            return Err(TargetError::CaFileWithoutTls { path: path.clone() });
+        }
         target = target.with_root_cert(read_root_cert(path)?);
     }
     Ok(Settings::new(
@@ -177,5 +182,42 @@ impl ClusterView {
 
     fn synced(&self) {
         *self.synced_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn settings(table: &str) -> Result<super::Settings, super::TargetError> {
+        let config = Config::from_toml(&format!("[cluster]\nnode = \"mx1\"\n{table}")).unwrap();
+        super::settings(config.cluster.as_ref().unwrap())
+    }
+
+    #[test]
+    fn a_ca_file_needs_a_tls_url() {
+        for url in [
+            "redis://127.0.0.1:6379/0",
+            "redis+sentinel://127.0.0.1:26379/ia",
+        ] {
+            let err = settings(&format!(
+                "redis = \"{url}\"\nca_file = \"/nonexistent/ca.pem\""
+            ))
+            .err()
+            .unwrap_or_else(|| panic!("{url} with a ca_file was accepted"))
+            .to_string();
+            assert!(
+                err.contains("cluster.ca_file") && err.contains("rediss://"),
+                "{err}"
+            );
+        }
+        // With rediss:// the file is read at once: a missing one is named.
+        let err =
+            settings("redis = \"rediss://127.0.0.1:6379/0\"\nca_file = \"/nonexistent/ca.pem\"")
+                .err()
+                .unwrap()
+                .to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        assert!(settings("redis = \"redis://127.0.0.1:6379/0\"").is_ok());
     }
 }

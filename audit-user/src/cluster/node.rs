@@ -122,7 +122,11 @@ pub async fn run(settings: Settings, view: Arc<ClusterView>, local: Arc<dyn Loca
                 ClusterStats::add(&view.stats.publish_errors, 1);
                 return Err(e);
             }
-            follower.round(connection, &keys, &settings, &view).await
+            let followed = follower.round(connection, &keys, &settings, &view).await;
+            if followed.is_err() {
+                ClusterStats::add(&view.stats.follow_errors, 1);
+            }
+            followed
         };
         match tokio::time::timeout(settings.timeout * 2, round).await {
             Ok(Ok(())) => {
@@ -284,7 +288,10 @@ impl Publisher {
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
+        // Where the two commands that fail on a key of the wrong type sit.
+        let mut log_at = None;
         if !changes.is_empty() {
+            log_at = Some(pipe.len());
             self.header.seq += 1;
             pipe.cmd("XADD")
                 .arg(keys.node(node, "log"))
@@ -322,12 +329,43 @@ impl Publisher {
             .arg("PX")
             .arg(self.ttl_ms)
             .ignore();
+        let nodes_at = pipe.len();
         pipe.cmd("SADD").arg(keys.nodes()).arg(node).ignore();
         // Redis restarted empty, or a follower found a gap: a snapshot is owed.
         pipe.cmd("EXISTS").arg(keys.node(node, "snap"));
         pipe.cmd("DEL").arg(keys.node(node, "want"));
         self.in_flight = true;
-        let (snapshot_exists, wanted): (bool, bool) = pipe.query_async(connection).await?;
+        let (snapshot_exists, wanted): (bool, bool) = match pipe.query_async(connection).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                // Another client put a key of another type where this node's
+                // stream or the set of nodes belongs: the commands before and
+                // after it took effect (a transaction does not roll back), so
+                // the round counts as failed (a snapshot is owed under a
+                // skipped sequence number) and the key is removed for the
+                // next round to make it again.
+                let wrong: Vec<String> = wrong_typed(&e)
+                    .filter_map(|at| {
+                        if Some(at) == log_at {
+                            Some(keys.node(node, "log"))
+                        } else if at == nodes_at {
+                            Some(keys.nodes())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                if !wrong.is_empty() {
+                    ClusterStats::add(&stats.refused, wrong.len() as u64);
+                    log::warn!("cluster: {} held another type than ours (written by another client): removed", wrong.join(", "));
+                    let _ = redis::cmd("DEL")
+                        .arg(&wrong)
+                        .query_async::<()>(connection)
+                        .await;
+                }
+                return Err(e);
+            }
+        };
         self.in_flight = false;
         if !changes.is_empty() {
             ClusterStats::add(&stats.batches_published, 1);
@@ -344,6 +382,23 @@ impl Publisher {
         }
         Ok(())
     }
+}
+
+/// Positions in a failed pipeline of the commands refused with WRONGTYPE.
+fn wrong_typed(error: &redis::RedisError) -> impl Iterator<Item = usize> {
+    error
+        .clone()
+        .into_server_errors()
+        .into_iter()
+        .flat_map(|errors| errors.to_vec())
+        .filter(|(_, e)| e.code() == "WRONGTYPE")
+        .map(|(at, _)| at)
+}
+
+/// A single command refused because the key holds another type: another
+/// client wrote it, and it is refused like any malformed entry.
+fn is_wrong_type(error: &redis::RedisError) -> bool {
+    error.code() == Some("WRONGTYPE")
 }
 
 /// A random number per agent run: a restarted node is told apart from its
@@ -381,10 +436,18 @@ impl Follower {
         view: &ClusterView,
     ) -> RedisResult<()> {
         let stats = &view.stats;
-        let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+        let members: Vec<Vec<u8>> = match redis::cmd("SMEMBERS")
             .arg(keys.nodes())
             .query_async(connection)
-            .await?;
+            .await
+        {
+            // Not a set: refused; this node's publisher removes it.
+            Err(e) if is_wrong_type(&e) => {
+                ClusterStats::add(&stats.refused, 1);
+                Vec::new()
+            }
+            answer => answer?,
+        };
         let mut names = Vec::new();
         for member in members.into_iter().take(MAX_NODES) {
             match String::from_utf8(member) {
@@ -447,7 +510,7 @@ impl Follower {
         }
         let applied = |view: &ClusterView| view.read().node(name).map_or(0, |s| s.seq);
         if beat.header.seq > applied(view) {
-            self.read_log(connection, keys, view, name).await?;
+            self.read_log(connection, keys, view, name, false).await?;
             // The heartbeat is written with the batch it names, atomically:
             // a stream that ends short of it lost batches (a publish that
             // failed half-way, a Redis restarted empty), and the snapshot
@@ -456,7 +519,17 @@ impl Follower {
             if stale || beat.header.seq > applied(view) {
                 self.load_snapshot(connection, keys, settings, view, name, beat)
                     .await?;
-                self.read_log(connection, keys, view, name).await?;
+                self.read_log(connection, keys, view, name, true).await?;
+                if beat.header.seq > applied(view) {
+                    // Snapshot and stream together still end short of the
+                    // heartbeat: batches the node had written are gone (a
+                    // failover to a replica they had not reached yet). Only
+                    // a snapshot written from now on carries them.
+                    if let Some(followed) = self.followed.get_mut(name) {
+                        followed.stale = true;
+                        ask_for_snapshot(connection, keys, settings, name, followed).await?;
+                    }
+                }
             }
         }
         Ok(())
@@ -473,16 +546,19 @@ impl Follower {
     ) -> RedisResult<()> {
         let stats = &view.stats;
         let key = keys.node(name, "snap");
-        let length: i64 = redis::cmd("STRLEN")
-            .arg(&key)
-            .query_async(connection)
-            .await?;
+        // Not a string (another client's): refused, and asked for again
+        // below, which the node's publisher answers by overwriting it.
+        let length: i64 = match redis::cmd("STRLEN").arg(&key).query_async(connection).await {
+            Err(e) if is_wrong_type(&e) => i64::MAX,
+            answer => answer?,
+        };
         let snapshot: Option<Vec<u8>> = if length > MAX_SNAPSHOT_BYTES {
             ClusterStats::add(&stats.refused, 1);
             None
         } else {
             redis::cmd("GET").arg(&key).query_async(connection).await?
         };
+        let asked_at = self.followed.get(name).and_then(|f| f.asked_at);
         let parsed = snapshot.and_then(|bytes| {
             let parsed = std::str::from_utf8(&bytes)
                 .ok()
@@ -509,7 +585,8 @@ impl Follower {
                         beat: beat.beat,
                         last_id: "-".into(),
                         stale: false,
-                        asked_at: None,
+                        // Still rate-limited while the snapshot is behind.
+                        asked_at,
                     },
                 );
             }
@@ -539,12 +616,16 @@ impl Follower {
         Ok(())
     }
 
+    /// Reads the node's stream past the last entry read. `after_snapshot`:
+    /// the snapshot was loaded just now, so a gap it does not cover is not
+    /// the node's (see [`apply_log`]).
     async fn read_log(
         &mut self,
         connection: &mut MultiplexedConnection,
         keys: &Keys,
         view: &ClusterView,
         name: &str,
+        after_snapshot: bool,
     ) -> RedisResult<()> {
         let Some(followed) = self.followed.get_mut(name) else {
             return Ok(());
@@ -555,16 +636,26 @@ impl Follower {
             } else {
                 format!("({}", followed.last_id)
             };
-            let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+            let entries: Vec<StreamEntry> = match redis::cmd("XRANGE")
                 .arg(keys.node(name, "log"))
                 .arg(start)
                 .arg("+")
                 .arg("COUNT")
                 .arg(LOG_READ_COUNT)
                 .query_async(connection)
-                .await?;
+                .await
+            {
+                // Not a stream: refused. A share left behind by it asks for
+                // a snapshot (in `follow`); the publisher removes the key
+                // when it next writes the stream.
+                Err(e) if is_wrong_type(&e) => {
+                    ClusterStats::add(&view.stats.refused, 1);
+                    return Ok(());
+                }
+                answer => answer?,
+            };
             let read = entries.len();
-            if !apply_log(view, name, followed, entries) {
+            if !apply_log(view, name, followed, entries, after_snapshot) {
                 return Ok(());
             }
             if read < LOG_READ_COUNT {
@@ -577,11 +668,21 @@ impl Follower {
 /// Applies stream entries in order; false when the share fell out of step
 /// (a gap: a batch never reached Redis, in a failed round or a failover) and
 /// only a newer snapshot can make it exact again.
+///
+/// A publisher skips sequence numbers only after a failed round, and then
+/// writes the batch after the gap in one transaction with a snapshot that
+/// covers it. So right after a snapshot load (`after_snapshot`), a gap past
+/// that snapshot is not the node's: another client wrote it, and it is
+/// refused like a malformed entry (otherwise every round would reload the
+/// snapshot and meet it again). Were it the node's after all (its round
+/// failed between our two reads), the heartbeat, which names the node's last
+/// batch, makes the next round reload the snapshot that carries it.
 fn apply_log(
     view: &ClusterView,
     name: &str,
     followed: &mut Followed,
     entries: Vec<StreamEntry>,
+    after_snapshot: bool,
 ) -> bool {
     let stats = &view.stats;
     let mut fleet = view.write();
@@ -598,6 +699,10 @@ fn apply_log(
             continue;
         }
         if batch.seq != share.seq + 1 {
+            if after_snapshot {
+                ClusterStats::add(&stats.refused, 1);
+                continue;
+            }
             followed.stale = true;
             followed.asked_at = None;
             return false;

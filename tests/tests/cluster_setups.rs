@@ -1,0 +1,468 @@
+//! End to end, as root: real agents (each its own cgroup, pin directory,
+//! socket and test server) on Redis set up the ways the README documents:
+//! behind Sentinel through a failover, over TLS as the README's
+//! least-privilege ACL user, and with another client writing hostile data
+//! under the prefix. Every cluster answer is checked against the sum of the
+//! nodes' local answers, which are checked against the kernel's truth
+//! (sock_diag).
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, TcpStream},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    redis::{free_port, Redis, Sentinel},
+    require_ebpf, sock_diag_count, SmtpFixture, TempDir,
+};
+
+/// The README's Redis ACL line, verbatim but for its password placeholder.
+fn readme_acl(password: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split_once("**Least privilege.**")
+        .expect("the README's least-privilege paragraph")
+        .1;
+    let line = section
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER "))
+        .expect("the README's ACL line");
+    assert!(line.contains(" >PASSWORD "), "{line}");
+    line.split_whitespace()
+        .map(|word| {
+            if word == ">PASSWORD" {
+                format!(">{password}")
+            } else {
+                word.to_string()
+            }
+        })
+        .collect()
+}
+
+/// The user the README's ACL line makes.
+const ACL_USER: &str = "inbound-audit";
+
+/// An agent in the fleet: `cluster` holds the `[cluster]` keys besides the
+/// node name, `top` top-level keys.
+fn node(name: &str, dir: &TempDir, top: &str, cluster: &str) -> SmtpFixture {
+    let config = dir.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!("{top}\n[cluster]\nnode = \"{name}\"\n{cluster}\n"),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    SmtpFixture::start(
+        env!("CARGO_BIN_EXE_test-server"),
+        &format!("setups-{name}"),
+        &["--config", &config],
+    )
+}
+
+fn connect(node: &SmtpFixture, from: &str) -> TcpStream {
+    integration_tests::connect_from(from.parse::<IpAddr>().unwrap(), node.smtp)
+}
+
+fn count(answer: &str) -> Option<u64> {
+    answer.strip_prefix("OK ")?.parse().ok()
+}
+
+fn local(node: &SmtpFixture, cidr: &str) -> Option<u64> {
+    count(&node.agent.query(&format!(
+        "msys.audit.inbound_session_count(\"{cidr}\", \"SMTP\")"
+    )))
+}
+
+fn cluster(node: &SmtpFixture, cidr: &str) -> String {
+    node.agent.query(&format!(
+        "msys.audit.inbound_session_count(\"{cidr}\", \"inbound_cidr\")"
+    ))
+}
+
+/// Exact: the nodes' local answers sum to `want`, and every node's cluster
+/// answer is that sum.
+fn exact(nodes: &[&SmtpFixture], cidr: &str, want: u64) -> bool {
+    nodes
+        .iter()
+        .map(|n| local(n, cidr).unwrap_or(u64::MAX))
+        .sum::<u64>()
+        == want
+        && nodes.iter().all(|n| count(&cluster(n, cidr)) == Some(want))
+}
+
+/// The kernel's truth over every node.
+fn truth(nodes: &[&SmtpFixture], cidr: &str) -> u64 {
+    let net = cidr.parse().unwrap();
+    nodes
+        .iter()
+        .map(|n| sock_diag_count(&n.server.ports, &n.cgroup, &net))
+        .sum()
+}
+
+fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    start.elapsed()
+}
+
+fn stats(node: &SmtpFixture) -> Vec<String> {
+    inbound_audit::serving::client::query_report(&node.agent.socket, "stats")
+        .expect("agent reachable")
+        .expect("stats report")
+}
+
+/// The Prometheus exposition from the agent's `metrics_listen` port.
+fn metrics(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read /metrics");
+    text
+}
+
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn write_secret(path: &Path, secret: &str) {
+    std::fs::write(path, format!("{secret}\n")).unwrap();
+}
+
+/// A primary, its replica and a sentinel; the agents reach Redis only
+/// through the sentinel, as the README's ACL user. The primary is
+/// SIGKILLed while sessions open and close; the sentinel promotes the
+/// replica, and every agent's cluster answer is the exact sum again.
+#[test]
+fn agents_follow_a_sentinel_failover_back_to_exact_sums() {
+    require_ebpf!();
+    let Some(mut primary) = Redis::start() else {
+        return;
+    };
+    let Some(replica) = Redis::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()])
+    else {
+        return;
+    };
+    // ACLs are not replicated: each server gets the line.
+    let password = format!("sentinel-pw-{}-Qx7", std::process::id());
+    let acl = readme_acl(&password);
+    let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(primary.cli(&acl).trim(), "OK");
+    assert_eq!(replica.cli(&acl).trim(), "OK");
+    wait_for("the replica in sync", Duration::from_secs(10), || {
+        replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+    });
+    // A sentinel finds replicas through the primary's INFO: started after
+    // the replica is attached, it knows it at once.
+    let Some(sentinel) = Sentinel::start(&primary, "ia", 1000) else {
+        return;
+    };
+    wait_for(
+        "the sentinel knows the replica",
+        Duration::from_secs(15),
+        || sentinel.healthy_replicas() == 1,
+    );
+    let dir = TempDir::new("setups-sentinel");
+    let pass = dir.path().join("redis.pass");
+    write_secret(&pass, &password);
+    let table = format!(
+        "redis = \"redis+sentinel://{ACL_USER}@127.0.0.1:{}/ia\"\npassword_file = \"{}\"\nnode_ttl_secs = 5",
+        sentinel.port,
+        pass.display()
+    );
+    let a = node("sa", &dir, "", &table);
+    let b = node("sb", &dir, "", &table);
+
+    let mut held_a: Vec<TcpStream> = ["127.0.7.1", "127.0.7.2", "127.0.7.3"]
+        .iter()
+        .map(|ip| connect(&a, ip))
+        .collect();
+    let mut held_b: Vec<TcpStream> = ["127.0.7.9", "127.0.8.1"]
+        .iter()
+        .map(|ip| connect(&b, ip))
+        .collect();
+    wait_for("sums through the sentinel", Duration::from_secs(10), || {
+        exact(&[&a, &b], "127.0.7.0/24", 4) && exact(&[&a, &b], "127.0.0.0/8", 5)
+    });
+
+    primary.kill();
+    let killed = Instant::now();
+    // Sessions come and go while there is no primary; nothing is lost
+    // locally: local answers are the kernel's at once.
+    drop(held_a.pop());
+    held_b.push(connect(&b, "127.0.7.10"));
+    held_b.push(connect(&b, "127.0.7.11"));
+    a.agent.expect_count("127.0.0.0/8", "SMTP", 2);
+    b.agent.expect_count("127.0.0.0/8", "SMTP", 4);
+    wait_for(
+        "exact again after the failover",
+        Duration::from_secs(20),
+        || exact(&[&a, &b], "127.0.7.0/24", 5) && exact(&[&a, &b], "127.0.0.0/8", 6),
+    );
+    eprintln!(
+        "exact again {:?} after the primary was killed",
+        killed.elapsed()
+    );
+    assert_eq!(sentinel.primary_port(), Some(replica.port));
+    assert!(
+        replica.cli(&["ROLE"]).starts_with("master"),
+        "{}",
+        replica.cli(&["ROLE"])
+    );
+    assert_eq!(truth(&[&a, &b], "127.0.0.0/8"), 6);
+    // And it stays exact, both nodes counted once.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(exact(&[&a, &b], "127.0.0.0/8", 6));
+    assert_eq!(a.agent.stat("cluster_nodes_live"), 2);
+    // The README's ACL is all the agents needed from the new primary.
+    assert_eq!(replica.cli(&["ACL", "LOG"]).trim(), "", "commands refused");
+    drop((held_a, held_b));
+}
+
+/// `rediss://` to a redis-server that speaks only TLS, with a certificate
+/// the test made, verified against `ca_file`; the agents log in as the
+/// README's ACL user with `password_file`. Answers are exact, the ACL
+/// refused nothing, and the password shows in no log, `stats` or metrics,
+/// not even those of an agent whose password is wrong.
+#[test]
+fn agents_as_the_readme_acl_user_over_tls_are_exact_and_never_show_the_password() {
+    require_ebpf!();
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: openssl is not installed");
+        return;
+    }
+    let Some((redis, ca)) = Redis::start_tls() else {
+        return;
+    };
+    let password = format!("tls-pw-{}-Zk4", std::process::id());
+    let acl = readme_acl(&password);
+    let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&acl).trim(), "OK");
+    let dir = TempDir::new("setups-tls");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let pass = dir.path().join("redis.pass");
+    write_secret(&pass, &password);
+    let table = |pass: &Path| {
+        format!(
+            "redis = \"rediss://{ACL_USER}@127.0.0.1:{}/0\"\npassword_file = \"{}\"\nca_file = \"{}\"\nnode_ttl_secs = 3",
+            redis.port,
+            pass.display(),
+            ca_file.display()
+        )
+    };
+    let metrics_port = free_port();
+    let a = node(
+        "ta",
+        &dir,
+        &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""),
+        &table(&pass),
+    );
+    let b = node("tb", &dir, "", &table(&pass));
+
+    let _held: Vec<TcpStream> = [
+        connect(&a, "127.0.9.1"),
+        connect(&a, "127.0.9.2"),
+        connect(&b, "127.0.9.3"),
+        connect(&b, "127.1.0.1"),
+    ]
+    .into();
+    wait_for(
+        "sums over TLS as the ACL user",
+        Duration::from_secs(10),
+        || exact(&[&a, &b], "127.0.9.0/24", 3) && exact(&[&a, &b], "127.0.0.0/8", 4),
+    );
+    assert_eq!(truth(&[&a, &b], "127.0.0.0/8"), 4);
+    // Both agents are connected as that user, and it was refused nothing.
+    let clients = redis.cli(&["CLIENT", "LIST"]);
+    assert!(
+        clients
+            .lines()
+            .filter(|l| l.contains(&format!(" user={ACL_USER} ")))
+            .count()
+            >= 2,
+        "{clients}"
+    );
+    assert_eq!(redis.cli(&["ACL", "LOG"]).trim(), "", "commands refused");
+    for n in [&a, &b] {
+        assert_eq!(n.agent.stat("cluster_publish_errors"), 0);
+        assert_eq!(n.agent.stat("cluster_follow_errors"), 0);
+    }
+
+    // An agent with the wrong password: refused by Redis, says so, counts
+    // locally, and shows that password nowhere either.
+    let wrong = format!("wrong-pw-{}-Jm2", std::process::id());
+    let wrong_pass = dir.path().join("wrong.pass");
+    write_secret(&wrong_pass, &wrong);
+    let c = node("tc", &dir, "", &table(&wrong_pass));
+    let _held_c = connect(&c, "127.0.9.4");
+    c.agent.expect_count("127.0.9.0/24", "SMTP", 1);
+    wait_for("the refused login logged", Duration::from_secs(10), || {
+        c.agent.log_text().contains("cluster: Redis at")
+    });
+    assert!(cluster(&c, "127.0.9.0/24").starts_with("ERR cluster_unavailable"));
+    // The others never see it, and stay exact.
+    assert!(exact(&[&a, &b], "127.0.9.0/24", 3));
+
+    let body = metrics(metrics_port);
+    assert!(
+        sample(&body, "inbound_audit_cluster_nodes_live") == Some(2.0),
+        "{body}"
+    );
+    for (what, text) in [
+        ("ta's log", a.agent.log_text()),
+        ("tb's log", b.agent.log_text()),
+        ("tc's log", c.agent.log_text()),
+        ("ta's stats", stats(&a).join("\n")),
+        ("tc's stats", stats(&c).join("\n")),
+        ("ta's metrics", body),
+    ] {
+        assert!(
+            !text.contains(&password) && !text.contains(&wrong),
+            "a password in {what}:\n{text}"
+        );
+        assert!(!text.is_empty(), "{what} is empty");
+    }
+}
+
+/// Another Redis client writes junk under the prefix while the agents run:
+/// names, heartbeats, snapshots and stream entries that do not parse, a
+/// forged entry in a real node's stream, keys of the wrong type (a node
+/// whose snapshot is a list, a stream and the set of nodes replaced by
+/// strings). The agents keep serving, their cluster answers are exact, and
+/// `stats` and the metrics count what was refused.
+#[test]
+fn hostile_entries_under_the_prefix_are_refused_and_the_sums_stay_exact() {
+    require_ebpf!();
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let dir = TempDir::new("setups-hostile");
+    let metrics_port = free_port();
+    let table = format!(
+        "redis = \"{}\"\nkey_prefix = \"hx\"\nnode_ttl_secs = 3",
+        redis.url()
+    );
+    let a = node(
+        "ha",
+        &dir,
+        &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""),
+        &table,
+    );
+    let b = node("hb", &dir, "", &table);
+    let mut held: Vec<TcpStream> = vec![
+        connect(&a, "127.0.10.1"),
+        connect(&a, "127.0.10.2"),
+        connect(&b, "127.0.10.3"),
+    ];
+    wait_for("sums", Duration::from_secs(10), || {
+        exact(&[&a, &b], "127.0.10.0/24", 3)
+    });
+    assert_eq!(a.agent.stat("cluster_entries_refused"), 0);
+
+    // Junk that does not parse, and a node whose data is all junk.
+    redis.cli(&["SADD", "hx:nodes", "bad name", "../up", "ghost", "phantom"]);
+    redis.cli(&["SET", "hx:node:ghost:hb", "not a heartbeat", "PX", "60000"]);
+    redis.cli(&[
+        "SET",
+        "hx:node:phantom:hb",
+        "v1 00000000000000aa 1 1",
+        "PX",
+        "60000",
+    ]);
+    redis.cli(&["RPUSH", "hx:node:phantom:snap", "s SMTP 127.0.10.50 9"]);
+    redis.cli(&[
+        "HSET",
+        "hx:node:phantom:log",
+        "data",
+        "s SMTP 127.0.10.51 9",
+    ]);
+    redis.cli(&[
+        "XADD",
+        "hx:node:ha:log",
+        "*",
+        "epoch",
+        "zz",
+        "seq",
+        "x",
+        "data",
+        "s SMTP 127.0.10.52 9",
+    ]);
+    // A well-formed entry in ha's own stream far past its sequence.
+    let hb = redis.cli(&["GET", "hx:node:ha:hb"]);
+    let fields: Vec<&str> = hb.split_whitespace().collect();
+    assert_eq!(fields.len(), 4, "{hb}");
+    let forged_seq = (fields[2].parse::<u64>().unwrap() + 1000).to_string();
+    redis.cli(&[
+        "XADD",
+        "hx:node:ha:log",
+        "*",
+        "epoch",
+        fields[1],
+        "seq",
+        &forged_seq,
+        "data",
+        "s SMTP 127.0.10.53 9\n",
+    ]);
+    // Meanwhile sessions change, and the agents go on serving.
+    held.push(connect(&a, "127.0.10.4"));
+    wait_for("exact through the junk", Duration::from_secs(10), || {
+        exact(&[&a, &b], "127.0.10.0/24", 4)
+            && a.agent.stat("cluster_entries_refused") > 0
+            && b.agent.stat("cluster_entries_refused") > 0
+    });
+
+    // Keys of the wrong type where a real node's stream and the set of
+    // nodes belong: refused, replaced by the agents, exact again.
+    redis.cli(&["DEL", "hx:node:hb:log", "hx:nodes"]);
+    redis.cli(&["SET", "hx:node:hb:log", "not a stream"]);
+    redis.cli(&["SET", "hx:nodes", "not a set"]);
+    drop(held.remove(0));
+    held.push(connect(&b, "127.0.10.5"));
+    let healed = wait_for(
+        "exact past keys of the wrong type",
+        Duration::from_secs(10),
+        || exact(&[&a, &b], "127.0.10.0/24", 4),
+    );
+    eprintln!("exact {healed:?} after keys of the wrong type");
+    assert_eq!(redis.cli(&["TYPE", "hx:nodes"]).trim(), "set");
+    // It stays exact, with the two real nodes alone live.
+    for _ in 0..10 {
+        assert!(exact(&[&a, &b], "127.0.10.0/24", 4));
+        assert!(count(&cluster(&a, "127.0.10.50/31")) == Some(0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(truth(&[&a, &b], "127.0.10.0/24"), 4);
+    assert_eq!(a.agent.stat("cluster_nodes_live"), 2);
+    assert_eq!(b.agent.stat("cluster_nodes_live"), 2);
+    let refused = a.agent.stat("cluster_entries_refused");
+    let body = metrics(metrics_port);
+    let exposed = sample(&body, "inbound_audit_cluster_entries_refused_total").unwrap_or(-1.0);
+    assert!(
+        exposed >= refused as f64,
+        "metrics {exposed}, stats {refused}"
+    );
+    assert!(
+        !stats(&b).is_empty() && count(&cluster(&b, "127.0.10.53/32")) == Some(0),
+        "the forged entry counted"
+    );
+}
