@@ -128,6 +128,7 @@ mod tests {
             max: 3,
             exempt: Vec::new(),
             dry_run: false,
+            cut_existing: false,
         }
     }
 

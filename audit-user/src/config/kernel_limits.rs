@@ -20,6 +20,9 @@ pub struct KernelLimitConfig {
     pub exempt: Vec<IpNet>,
     /// Count and log what would be refused, refuse nothing.
     pub dry_run: bool,
+    /// At start-up and on each reload, close (RST) the newest sessions of a
+    /// prefix already over `max` (see kernel::cut).
+    pub cut_existing: bool,
 }
 
 /// Why a `[[kernel_limits]]` entry was refused.
@@ -46,6 +49,8 @@ struct KernelLimitFile {
     exempt: Vec<String>,
     #[serde(default)]
     dry_run: bool,
+    #[serde(default)]
+    cut_existing: bool,
 }
 
 /// A `[[kernel_limits]]` entry as the file holds it, checked as it is read.
@@ -81,6 +86,7 @@ impl TryFrom<KernelLimitFile> for KernelLimitEntry {
             max: file.max as u32,
             exempt,
             dry_run: file.dry_run,
+            cut_existing: file.cut_existing,
         }))
     }
 }
@@ -114,8 +120,11 @@ mod tests {
                 max: 50,
                 exempt: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
                 dry_run: false,
+                cut_existing: false,
             }]
         );
+        let cut = Config::from_toml("[[kernel_limits]]\nmax = 5\ncut_existing = true\n").unwrap();
+        assert!(cut.kernel_limits[0].cut_existing);
         assert!(Config::default().kernel_limits.is_empty());
     }
 
@@ -144,6 +153,11 @@ mod tests {
                 "not configured",
             ),
             ("max = 3\nbogus = 1", "kernel_limits[0]", "unknown field"),
+            (
+                "max = 3\ncut_existing = \"yes\"",
+                "kernel_limits[0]",
+                "invalid type",
+            ),
         ] {
             let err = Config::from_toml(&format!("[[kernel_limits]]\n{text}\n"))
                 .and_then(|c| c.check_references().map(|()| c))

@@ -244,6 +244,19 @@ impl Refusal {
         Ok(())
     }
 
+    /// Whether some prefix of a limit in `indexes` counts more than its max.
+    pub fn any_over_limit(&self, entries: &[KernelLimit], indexes: &[u8]) -> bool {
+        self.counts
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(key, count)| {
+                indexes.contains(&key.limit)
+                    && entries.get(usize::from(key.limit)).is_some_and(|e| {
+                        e.flags & limit_flags::ACTIVE != 0 && count as i32 > e.max as i32
+                    })
+            })
+    }
+
     /// Deletes the per-prefix counts at zero (or below: a racing close), at
     /// most once per `COLLECT_INTERVAL`: the kernel leaves them, and the map
     /// would otherwise fill with every prefix that ever connected, after
@@ -447,6 +460,7 @@ mod tests {
             max: 3,
             exempt: exempt.iter().map(|e| e.parse().unwrap()).collect(),
             dry_run: false,
+            cut_existing: false,
         }
     }
 

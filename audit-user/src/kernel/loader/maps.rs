@@ -11,6 +11,7 @@ use crate::{
     domain::ServicePorts,
     kernel::{
         api::{LiveSnapshot, TrackedSessions, Uncounted},
+        cut::Counted,
         sock_diag,
     },
 };
@@ -59,6 +60,42 @@ impl KernelProgram {
             }
         }
         Ok(tracked)
+    }
+
+    /// Every open session the kernel counts, with its socket: a socket whose
+    /// storage says COUNTED, or whose cookie has a SOCKETS record (seeded,
+    /// accepted while seeding, adopted).
+    pub fn counted_sockets(&self) -> Result<Vec<(sock_diag::TcpSocket, Counted)>, LoadError> {
+        let mut recorded = StdHashMap::new();
+        for entry in self.sockets.iter() {
+            let (cookie, record) = entry.map_err(|source| LoadError::Map {
+                name: map_names::SOCKETS,
+                source,
+            })?;
+            recorded.insert(cookie, record);
+        }
+        let live = sock_diag::state_mask(&sock_diag::LIVE_STATES);
+        let sockets = sock_diag::dump_tcp_with_sessions(live, self.sessions_fd())?;
+        Ok(sockets
+            .into_iter()
+            .filter_map(|socket| {
+                let record = recorded.get(&socket.cookie).copied().or_else(|| {
+                    socket
+                        .session
+                        .filter(|s| s.state == session_state::COUNTED)
+                        .map(|s| s.record)
+                })?;
+                let ip = socket.remote.ip().to_canonical();
+                Some((
+                    socket,
+                    Counted {
+                        cookie: socket.cookie,
+                        ip,
+                        service: record.service,
+                    },
+                ))
+            })
+            .collect())
     }
 
     /// Deletes the per-IP entries that `snapshot` saw at zero. The kernel leaves
