@@ -478,6 +478,11 @@ fn count_open(event: u8, cookie: u64, record: &SocketRecord) -> bool {
     };
     add_to_slot(counts, record.service as usize, 1);
     refusal::count_prefixes(record.family, &record.addr, record.service, 1);
+    // A handshake that sk_lookup admitted has completed (seeded and adopted
+    // sessions were never pending, or no longer are).
+    if event == EVENT_OPEN {
+        refusal::settle_pending(record.family, &record.addr, record.service);
+    }
     emit(event, cookie, record);
     true
 }

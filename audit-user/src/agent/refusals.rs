@@ -129,6 +129,7 @@ mod tests {
             exempt: Vec::new(),
             dry_run: false,
             cut_existing: false,
+            count_pending: true,
         }
     }
 

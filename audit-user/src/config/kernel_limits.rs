@@ -23,6 +23,10 @@ pub struct KernelLimitConfig {
     /// At start-up and on each reload, close (RST) the newest sessions of a
     /// prefix already over `max` (see kernel::cut).
     pub cut_existing: bool,
+    /// SYNs admitted whose handshake has not completed count against the
+    /// limit for up to the pending window (about a second): the bound on a
+    /// burst's overshoot. Default on.
+    pub count_pending: bool,
 }
 
 /// Why a `[[kernel_limits]]` entry was refused.
@@ -51,6 +55,7 @@ struct KernelLimitFile {
     dry_run: bool,
     #[serde(default)]
     cut_existing: bool,
+    count_pending: Option<bool>,
 }
 
 /// A `[[kernel_limits]]` entry as the file holds it, checked as it is read.
@@ -87,6 +92,7 @@ impl TryFrom<KernelLimitFile> for KernelLimitEntry {
             exempt,
             dry_run: file.dry_run,
             cut_existing: file.cut_existing,
+            count_pending: file.count_pending.unwrap_or(true),
         }))
     }
 }
@@ -121,10 +127,13 @@ mod tests {
                 exempt: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
                 dry_run: false,
                 cut_existing: false,
+                count_pending: true,
             }]
         );
         let cut = Config::from_toml("[[kernel_limits]]\nmax = 5\ncut_existing = true\n").unwrap();
         assert!(cut.kernel_limits[0].cut_existing);
+        let off = Config::from_toml("[[kernel_limits]]\nmax = 5\ncount_pending = false\n").unwrap();
+        assert!(!off.kernel_limits[0].count_pending);
         assert!(Config::default().kernel_limits.is_empty());
     }
 

@@ -238,6 +238,7 @@ mod tests {
             exempt: exempt.iter().map(|e| e.parse().unwrap()).collect(),
             dry_run,
             cut_existing: true,
+            count_pending: true,
         }
     }
 

@@ -340,6 +340,11 @@ pub fn kernel_entries(
                     limit_flags::DRY_RUN
                 } else {
                     0
+                }
+                | if limit.count_pending {
+                    limit_flags::COUNT_PENDING
+                } else {
+                    0
                 },
         };
     }
@@ -461,6 +466,7 @@ mod tests {
             exempt: exempt.iter().map(|e| e.parse().unwrap()).collect(),
             dry_run: false,
             cut_existing: false,
+            count_pending: true,
         }
     }
 
@@ -480,11 +486,14 @@ mod tests {
                 service: 0,
                 ipv4_prefix: 24,
                 ipv6_prefix: 64,
-                flags: limit_flags::ACTIVE
+                flags: limit_flags::ACTIVE | limit_flags::COUNT_PENDING
             }
         );
         assert_eq!(entries[1].service, 2);
-        assert_eq!(entries[1].flags, limit_flags::ACTIVE | limit_flags::DRY_RUN);
+        assert_eq!(
+            entries[1].flags,
+            limit_flags::ACTIVE | limit_flags::DRY_RUN | limit_flags::COUNT_PENDING
+        );
         assert_eq!(entries[2], KernelLimit::default());
         assert_eq!(kernel_entries(&[], &slots()), [KernelLimit::default(); 4]);
     }
