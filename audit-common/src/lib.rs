@@ -113,7 +113,11 @@ pub struct SessionStorage {
     /// A `session_state`; the close swaps it to `DONE`, so that however many
     /// times the kernel reports the close, one report uncounts the session.
     pub state: u32,
-    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` in ms (CLOCK_MONOTONIC, wrapping every 49 days)
+    /// when sock_ops counted the session: its age, for `cut_existing` to cut
+    /// the newest (socket cookies come from per-CPU batches, so their order
+    /// is not the order of accepts). 0 in storage an older program made.
+    pub opened_ms: u32,
 }
 const _: () = assert!(size_of::<SessionStorage>() == 32);
 

@@ -494,12 +494,16 @@ fn assert_open(stream: &mut TcpStream, what: &str) {
     }
 }
 
-/// Connects from each source in turn, each counted before the next (so the
-/// kernel numbers them in this order).
+/// Connects from each source in turn, a few ms apart: the kernel keeps
+/// each session's open time in ms, so their ages are in this order.
 fn connect_in_order(setup: &Setup, sources: &[&str], server: SocketAddr) -> Vec<TcpStream> {
     sources
         .iter()
-        .map(|source| connect(&setup.ns, source, server))
+        .map(|source| {
+            let stream = connect(&setup.ns, source, server);
+            std::thread::sleep(Duration::from_millis(5));
+            stream
+        })
         .collect()
 }
 
@@ -586,7 +590,7 @@ fn a_lowered_limit_with_cut_existing_cuts_the_newest_sessions() {
     // The same configuration again: nothing is over, nothing is cut.
     setup.reload(&with_host_limit);
     assert_eq!(setup.agent.stat("kernel_limit_cuts"), 4);
-    for stream in [&mut full[0], &mut full[1], &mut other[0]] {
+    for stream in full.iter_mut().take(2).chain(other.iter_mut().take(1)) {
         assert_open(stream, "a session under every limit");
     }
     drop((full, other, exempt));

@@ -12,11 +12,12 @@
 //! BPF socket iterator with `bpf_sock_destroy`: that is a kfunc, and aya
 //! 0.14's loader does not resolve kfunc calls.
 //!
-//! "Newest" is the highest socket cookie: the kernel numbers a socket when
-//! first asked for its cookie, and the sock_ops program asks at
-//! PASSIVE_ESTABLISHED, so cookies follow the order sessions were
-//! established in. Sessions that predate the programs got theirs when the
-//! agent first dumped them, all lower than any accepted since.
+//! "Newest" is by the time the sock_ops program counted the session, which
+//! it keeps in the socket's storage (`opened_ms`); not by socket cookie,
+//! which the kernel hands out from per-CPU batches, out of accept order.
+//! Sessions with no such time (seeded because they predate the programs,
+//! or accepted while the agent seeded) are the oldest, by cookie among
+//! themselves.
 //!
 //! Exempt sessions count toward their prefix (as for refusals) but are never
 //! cut. A dry-run limit plans its cuts and counts them, and cuts nothing.
@@ -44,6 +45,9 @@ pub struct Counted {
     pub ip: IpAddr,
     /// Service slot.
     pub service: u8,
+    /// Milliseconds since sock_ops counted it; `u32::MAX` when unknown
+    /// (the session predates the programs, or was counted by a record).
+    pub age_ms: u32,
 }
 
 /// One session to cut (or, for a dry-run limit, that would be).
@@ -115,7 +119,8 @@ pub fn plan_cuts(
             if excess == 0 {
                 continue;
             }
-            group.sort_by_key(|s| s.cookie);
+            // Oldest first, so the newest are at the end.
+            group.sort_by_key(|s| (std::cmp::Reverse(s.age_ms), s.cookie));
             let prefix = prefix_net(entry, group[0].ip);
             planned.extend(
                 group
@@ -246,11 +251,18 @@ mod tests {
         kernel_entries(limits, &HashMap::from([("SMTP".to_string(), 0)]))
     }
 
+    /// A session `cookie` ms old: in these tests the higher cookie is the
+    /// newer one, except where `aged` says otherwise.
     fn counted(cookie: u64, ip: &str) -> Counted {
+        aged(cookie, ip, 1_000_000 - cookie as u32)
+    }
+
+    fn aged(cookie: u64, ip: &str, age_ms: u32) -> Counted {
         Counted {
             cookie,
             ip: ip.parse().unwrap(),
             service: 0,
+            age_ms,
         }
     }
 
@@ -276,6 +288,22 @@ mod tests {
         assert_eq!(cuts[0].prefix, "192.0.2.0/24".parse::<IpNet>().unwrap());
         assert_eq!(cuts[2].prefix, "2001:db8::/64".parse::<IpNet>().unwrap());
         assert!(cuts.iter().all(|c| c.max == 2 && !c.dry_run));
+    }
+
+    #[test]
+    fn newest_is_by_age_not_cookie_and_unknown_ages_are_oldest() {
+        let limits = [limit(2, 24, &[], false)];
+        let sessions = [
+            aged(900, "192.0.2.1", u32::MAX),
+            aged(5, "192.0.2.1", 10),
+            aged(7, "192.0.2.2", 5_000),
+            aged(1, "192.0.2.3", u32::MAX),
+        ];
+        // Kept: the two with no age (oldest); cut: 10 ms old, then 5 s old.
+        assert_eq!(
+            cookies(&plan_cuts(&limits, &entries(&limits), &sessions)),
+            vec![5, 7]
+        );
     }
 
     #[test]

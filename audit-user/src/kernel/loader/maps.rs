@@ -76,15 +76,23 @@ impl KernelProgram {
         }
         let live = sock_diag::state_mask(&sock_diag::LIVE_STATES);
         let sockets = sock_diag::dump_tcp_with_sessions(live, self.sessions_fd())?;
+        let now_ms = monotonic_ms();
         Ok(sockets
             .into_iter()
             .filter_map(|socket| {
-                let record = recorded.get(&socket.cookie).copied().or_else(|| {
-                    socket
-                        .session
-                        .filter(|s| s.state == session_state::COUNTED)
-                        .map(|s| s.record)
-                })?;
+                let (record, age_ms) = match recorded.get(&socket.cookie) {
+                    Some(record) => (*record, u32::MAX),
+                    None => {
+                        let s = socket
+                            .session
+                            .filter(|s| s.state == session_state::COUNTED)?;
+                        let age = match (now_ms, s.opened_ms) {
+                            (Some(now), opened) if opened != 0 => now.wrapping_sub(opened),
+                            _ => u32::MAX,
+                        };
+                        (s.record, age)
+                    }
+                };
                 let ip = socket.remote.ip().to_canonical();
                 Some((
                     socket,
@@ -92,6 +100,7 @@ impl KernelProgram {
                         cookie: socket.cookie,
                         ip,
                         service: record.service,
+                        age_ms,
                     },
                 ))
             })
@@ -221,4 +230,12 @@ impl KernelProgram {
             .map(|info| u64::from(info.max_entries()))
             .unwrap_or(u64::MAX)
     }
+}
+
+/// CLOCK_MONOTONIC in ms, wrapping as the kernel program's `opened_ms`
+/// (bpf_ktime_get_ns reads the same clock).
+fn monotonic_ms() -> Option<u32> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let ms = now.tv_sec() as u64 * 1000 + now.tv_nsec() as u64 / 1_000_000;
+    Some(ms as u32)
 }
