@@ -883,4 +883,3 @@ fn a_burst_over_a_slow_link_is_bounded_by_pending_syns() {
     let mut setup = setup;
     setup.agent.stop();
 }
-
