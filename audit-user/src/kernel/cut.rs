@@ -299,10 +299,11 @@ mod tests {
             aged(7, "192.0.2.2", 5_000),
             aged(1, "192.0.2.3", u32::MAX),
         ];
-        // Kept: the two with no age (oldest); cut: 10 ms old, then 5 s old.
+        // Kept: the two with no age (oldest); cut: the 10 ms and the 5 s
+        // old ones (listed by cookie, highest first).
         assert_eq!(
             cookies(&plan_cuts(&limits, &entries(&limits), &sessions)),
-            vec![5, 7]
+            vec![7, 5]
         );
     }
 
