@@ -37,6 +37,7 @@ pub mod map_names {
     pub const EXEMPT_V4: &str = "EXEMPT_V4";
     pub const EXEMPT_V6: &str = "EXEMPT_V6";
     pub const REFUSED_IPS: &str = "REFUSED_IPS";
+    pub const PENDING_SYNS: &str = "PENDING_SYNS";
 }
 
 /// `PORT_SERVICES` is an array indexed by local port: service slot + 1 for a
@@ -112,7 +113,11 @@ pub struct SessionStorage {
     /// A `session_state`; the close swaps it to `DONE`, so that however many
     /// times the kernel reports the close, one report uncounts the session.
     pub state: u32,
-    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` in ms (CLOCK_MONOTONIC, wrapping every 49 days)
+    /// when sock_ops counted the session: its age, for `cut_existing` to cut
+    /// the newest (socket cookies come from per-CPU batches, so their order
+    /// is not the order of accepts). 0 in storage an older program made.
+    pub opened_ms: u32,
 }
 const _: () = assert!(size_of::<SessionStorage>() == 32);
 
@@ -220,6 +225,9 @@ pub mod limit_flags {
     pub const ACTIVE: u8 = 1;
     /// Count what would be refused, refuse nothing.
     pub const DRY_RUN: u8 = 2;
+    /// SYNs admitted whose handshake has not completed (within the pending
+    /// window) count against the limit too: the bound on a burst's overshoot.
+    pub const COUNT_PENDING: u8 = 4;
 }
 
 /// A per-prefix live count's key (`PREFIX_COUNTS`): the client's address
@@ -233,6 +241,21 @@ pub struct PrefixKey {
     pub _pad: [u8; 6],
 }
 const _: () = assert!(size_of::<PrefixKey>() == 24);
+
+/// SYNs a limit's prefix admitted in the current pending window whose
+/// handshake has not completed (`PENDING_SYNS`, keyed by `PrefixKey`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSyns {
+    pub count: u32,
+    /// `bpf_ktime_get_ns() >> PENDING_WINDOW_SHIFT` when the count started.
+    pub window: u32,
+}
+const _: () = assert!(size_of::<PendingSyns>() == 8);
+
+/// The pending window: 2^30 ns, about 1.07 s. A handshake that takes longer
+/// than that (or straddles a window's end) is no longer pending.
+pub const PENDING_WINDOW_SHIFT: u32 = 30;
 
 /// A refused client's key (`REFUSED_IPS`, an LRU hash of SYN counts).
 #[repr(C)]
@@ -258,4 +281,5 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLimit {}
     unsafe impl aya::Pod for super::PrefixKey {}
     unsafe impl aya::Pod for super::RefusedKey {}
+    unsafe impl aya::Pod for super::PendingSyns {}
 }

@@ -46,7 +46,7 @@ use aya_ebpf::{
         BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_socket_cookie, generated::bpf_sk_storage_get},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, generated::bpf_sk_storage_get},
     macros::{btf_tracepoint, map, sock_ops, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockOpsContext, XdpContext},
@@ -319,7 +319,7 @@ fn park_uncounted(sk: *mut bpf_sock, family: u8, addr: [u8; 16], service: u32) -
     let init = SessionStorage {
         record: session_record(family, addr, service, record_origin::ACCEPTED),
         state: session_state::UNCOUNTED,
-        _pad: 0,
+        opened_ms: now_ms(),
     };
     let storage = session_storage(sk, Some(&init));
     if storage.is_null() {
@@ -342,7 +342,7 @@ fn open_session(sk: *mut bpf_sock, cookie: u64, family: u8, addr: [u8; 16], serv
     let init = SessionStorage {
         record: session_record(family, addr, service, record_origin::ACCEPTED),
         state: session_state::COUNTED,
-        _pad: 0,
+        opened_ms: now_ms(),
     };
     let storage = session_storage(sk, Some(&init));
     if storage.is_null() {
@@ -470,6 +470,9 @@ fn count_open(event: u8, cookie: u64, record: &SocketRecord) -> bool {
         }
         return false;
     };
+    // Only an accept settles a SYN's pending place: an adoption comes
+    // seconds later, in another pending window, and a seed never had one.
+    let handshake = event == EVENT_OPEN;
     // An adopted session is reported as the open the index never saw.
     let event = if event == EVENT_ADOPTED {
         EVENT_OPEN
@@ -478,6 +481,9 @@ fn count_open(event: u8, cookie: u64, record: &SocketRecord) -> bool {
     };
     add_to_slot(counts, record.service as usize, 1);
     refusal::count_prefixes(record.family, &record.addr, record.service, 1);
+    if handshake {
+        refusal::settle_pending(record.family, &record.addr, record.service);
+    }
     emit(event, cookie, record);
     true
 }
@@ -594,6 +600,12 @@ fn emit(kind: u8, cookie: u64, record: &SocketRecord) {
         // The maps stay right; the agent sees the gap here and reconciles.
         bump_stat(stat::EVENTS_LOST);
     }
+}
+
+/// CLOCK_MONOTONIC in ms, wrapping (see `SessionStorage::opened_ms`).
+fn now_ms() -> u32 {
+    // SAFETY: a helper without arguments.
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000) as u32
 }
 
 fn bump_stat(index: u32) {

@@ -5,16 +5,22 @@
 //! client gets ECONNREFUSED at once and the MTA never sees the connection.
 //!
 //! A count rises only when a handshake completes (sock_ops), so SYNs that
-//! arrive together can all pass before any is counted: the agent measures
-//! and documents that overshoot. Nothing here logs per SYN: refusals are
-//! counted per IP in `REFUSED_IPS` and in `STATS`, and the agent logs.
+//! arrive together could all pass before any is counted. A limit with
+//! `COUNT_PENDING` bounds that: each SYN it admits counts in `PENDING_SYNS`
+//! for its prefix until its handshake completes (the open takes it back) or
+//! the pending window (about a second) ends, and a SYN is refused when the
+//! established count plus the pending one reaches the limit. A SYN whose
+//! handshake never completes holds its place until the window ends. Nothing
+//! here logs per SYN: refusals are counted per IP in `REFUSED_IPS` and in
+//! `STATS`, and the agent logs.
 
 use audit_common::{
-    control, limit_flags, stat, KernelLimit, PrefixKey, RefusedKey, FAMILY_V4, FAMILY_V6,
-    MAX_KERNEL_LIMITS, PORT_NOT_WATCHED,
+    control, limit_flags, stat, KernelLimit, PendingSyns, PrefixKey, RefusedKey, FAMILY_V4,
+    FAMILY_V6, MAX_KERNEL_LIMITS, PENDING_WINDOW_SHIFT, PORT_NOT_WATCHED,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
     macros::{map, sk_lookup},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
     programs::SkLookupContext,
@@ -31,6 +37,9 @@ const SK_PASS: u32 = 1;
 const MAX_PREFIXES: u32 = 1 << 20;
 const MAX_EXEMPT: u32 = 4096;
 const MAX_REFUSED_IPS: u32 = 1 << 16;
+/// Prefixes with SYNs in flight at once; LRU, so the prefixes of a flood
+/// from everywhere evict each other instead of failing.
+const MAX_PENDING: u32 = 1 << 16;
 
 #[map(name = "KERNEL_LIMITS")]
 static KERNEL_LIMITS: Array<KernelLimit> = Array::pinned(MAX_KERNEL_LIMITS as u32, 0);
@@ -51,6 +60,10 @@ static EXEMPT_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(MAX_EXEMPT, 0);
 /// a flood from many addresses evicts the oldest instead of failing.
 #[map(name = "REFUSED_IPS")]
 static REFUSED_IPS: LruHashMap<RefusedKey, u64> = LruHashMap::pinned(MAX_REFUSED_IPS, 0);
+
+/// SYNs admitted per prefix (and limit) whose handshake has not completed.
+#[map(name = "PENDING_SYNS")]
+static PENDING_SYNS: LruHashMap<PrefixKey, PendingSyns> = LruHashMap::pinned(MAX_PENDING, 0);
 
 #[sk_lookup]
 pub fn inbound_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -88,11 +101,12 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         AF_INET6 => remote_ip6(remote_ip6_words),
         _ => return SK_PASS,
     };
+    let window = pending_window();
     let exempt = exempt_mask(family, &addr);
     let mut i = 0u32;
     while i < MAX_KERNEL_LIMITS as u32 {
         if exempt & (1 << i) == 0 {
-            match check_limit(i, service, family, &addr) {
+            match check_limit(i, service, family, &addr, window) {
                 VERDICT_REFUSE => {
                     note_refusal(family, &addr, false);
                     return SK_DROP;
@@ -103,7 +117,108 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         }
         i += 1;
     }
+    // Admitted: pending for every limit on the service, exempt or not, as
+    // the open that settles it counts for every limit.
+    let mut i = 0u32;
+    while i < MAX_KERNEL_LIMITS as u32 {
+        add_pending(i, service, family, &addr, window);
+        i += 1;
+    }
     SK_PASS
+}
+
+fn pending_window() -> u32 {
+    // SAFETY: a helper without arguments.
+    (unsafe { bpf_ktime_get_ns() } >> PENDING_WINDOW_SHIFT) as u32
+}
+
+/// The SYNs pending for `key` in `window` (an older window's count is none).
+fn pending(key: &PrefixKey, window: u32) -> i32 {
+    // SAFETY: the value is copied out at once.
+    match unsafe { PENDING_SYNS.get(key) } {
+        Some(p) if p.window == window && (p.count as i32) > 0 => p.count as i32,
+        _ => 0,
+    }
+}
+
+/// Counts an admitted SYN as pending for limit `index`, when it counts
+/// pending SYNs.
+#[inline(never)]
+fn add_pending(index: u32, service: u8, family: u8, addr: &[u8; 16], window: u32) {
+    let Some(limit) = KERNEL_LIMITS.get(index) else {
+        return;
+    };
+    let limit = *limit;
+    if limit.flags & (limit_flags::ACTIVE | limit_flags::COUNT_PENDING)
+        != limit_flags::ACTIVE | limit_flags::COUNT_PENDING
+        || limit.service != service
+    {
+        return;
+    }
+    let key = prefix_key(index as u8, family, addr, &limit);
+    if PENDING_SYNS.get_ptr_mut(&key).is_none() {
+        let fresh = PendingSyns { count: 0, window };
+        let _ = PENDING_SYNS.insert(&key, &fresh, BPF_NOEXIST as u64);
+    }
+    let Some(entry) = PENDING_SYNS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: a map value, valid for this invocation (RCU). Two CPUs that
+    // both start a new window each reset it: one SYN may be lost from the
+    // count, which errs toward admitting.
+    unsafe {
+        if (*entry).window != window {
+            (*entry).count = 0;
+            (*entry).window = window;
+        }
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            core::ptr::addr_of_mut!((*entry).count),
+            1,
+        );
+    }
+}
+
+/// An accepted session's handshake completed: it is counted now, so it is
+/// no longer pending for any limit.
+#[inline(never)]
+pub fn settle_pending(family: u8, addr: &[u8; 16], service: u8) {
+    if !CONTROL
+        .get(control::KERNEL_LIMITS)
+        .is_some_and(|&on| on != 0)
+    {
+        return;
+    }
+    let window = pending_window();
+    let mut i = 0u32;
+    while i < MAX_KERNEL_LIMITS as u32 {
+        settle_one(i, family, addr, service, window);
+        i += 1;
+    }
+}
+
+#[inline(never)]
+fn settle_one(index: u32, family: u8, addr: &[u8; 16], service: u8, window: u32) {
+    let Some(limit) = KERNEL_LIMITS.get(index) else {
+        return;
+    };
+    let limit = *limit;
+    if limit.flags & limit_flags::ACTIVE == 0 || limit.service != service {
+        return;
+    }
+    let key = prefix_key(index as u8, family, addr, &limit);
+    let Some(entry) = PENDING_SYNS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: a map value, valid for this invocation (RCU). A racing settle
+    // may take the count below zero, which reads as none.
+    unsafe {
+        if (*entry).window == window && ((*entry).count as i32) > 0 {
+            core::intrinsics::atomic_xsub::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                core::ptr::addr_of_mut!((*entry).count),
+                1,
+            );
+        }
+    }
 }
 
 const VERDICT_PASS: u32 = 0;
@@ -113,7 +228,7 @@ const VERDICT_DRY_RUN: u32 = 2;
 /// Whether limit `index` is full for this client. A call, not inlined: each
 /// limit's key lives in this frame only, which keeps the stack small.
 #[inline(never)]
-fn check_limit(index: u32, service: u8, family: u8, addr: &[u8; 16]) -> u32 {
+fn check_limit(index: u32, service: u8, family: u8, addr: &[u8; 16], window: u32) -> u32 {
     let Some(limit) = KERNEL_LIMITS.get(index) else {
         return VERDICT_PASS;
     };
@@ -126,7 +241,11 @@ fn check_limit(index: u32, service: u8, family: u8, addr: &[u8; 16]) -> u32 {
     let count = unsafe { PREFIX_COUNTS.get(key) }.copied().unwrap_or(0);
     // A close that raced the agent rebuilding the counts can take one below
     // zero: that is no session, not four billion.
-    if (count as i32) < limit.max as i32 {
+    let mut count = (count as i32).max(0);
+    if limit.flags & limit_flags::COUNT_PENDING != 0 {
+        count = count.saturating_add(pending(&key, window));
+    }
+    if count < limit.max as i32 {
         VERDICT_PASS
     } else if limit.flags & limit_flags::DRY_RUN != 0 {
         VERDICT_DRY_RUN

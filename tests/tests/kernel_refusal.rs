@@ -11,7 +11,7 @@ use std::{
 };
 
 use integration_tests::{
-    require_ebpf, reset, Agent, AgentOptions, TempDir, TestCgroup, TestServer,
+    require_ebpf, reset, sock_diag_count, Agent, AgentOptions, TempDir, TestCgroup, TestServer,
 };
 
 /// A network namespace for one test, removed on drop.
@@ -128,7 +128,7 @@ struct Setup {
     server: TestServer,
     config: std::path::PathBuf,
     _dir: TempDir,
-    _cgroup: TestCgroup,
+    cgroup: TestCgroup,
     ns: NetNs,
 }
 
@@ -136,6 +136,16 @@ impl Setup {
     /// A test server on 127.0.0.1 and [::] (both SMTP) and the agent, in a
     /// namespace of their own, with `limits` as the config file's text.
     fn start(name: &str, limits: &str) -> Self {
+        Self::start_after(name, limits, |_, _| Vec::new()).0
+    }
+
+    /// `start`, with the sessions `before` opens (given the namespace and
+    /// the server's two addresses) open before the agent starts.
+    fn start_after(
+        name: &str,
+        limits: &str,
+        before: impl FnOnce(&NetNs, [SocketAddr; 2]) -> Vec<TcpStream>,
+    ) -> (Self, Vec<TcpStream>) {
         let ns = NetNs::new(name);
         let cgroup = TestCgroup::new(&format!("refusal-{name}"));
         let server = TestServer::start_in_netns(
@@ -143,6 +153,13 @@ impl Setup {
             &ns.0,
             &cgroup,
             &["127.0.0.1:0", "[::]:0"],
+        );
+        let sessions = before(
+            &ns,
+            [
+                SocketAddr::new(addr("127.0.0.1"), server.ports[0]),
+                SocketAddr::new(addr("::1"), server.ports[1]),
+            ],
         );
         let dir = TempDir::new(&format!("refusal-config-{name}"));
         let config = dir.path().join("inbound-audit.toml");
@@ -161,13 +178,36 @@ impl Setup {
             },
             &ns.0,
         );
-        Self {
+        let setup = Self {
             agent,
             server,
             config,
             _dir: dir,
-            _cgroup: cgroup,
+            cgroup,
             ns,
+        };
+        (setup, sessions)
+    }
+
+    /// The kernel's truth for `net`: live inbound sockets, from sock_diag
+    /// in the test's namespace.
+    fn sock_diag(&self, net: &str) -> u64 {
+        let net: ipnet::IpNet = net.parse().unwrap();
+        let ports = self.server.ports.clone();
+        self.ns.run(|| sock_diag_count(&ports, &self.cgroup, &net))
+    }
+
+    /// Writes `config` and sends SIGHUP; waits until the reload is done
+    /// (its last log line, after any cuts).
+    fn reload(&self, config: &str) {
+        let done = |log: String| log.matches("SIGHUP: configuration reloaded").count();
+        let before = done(self.agent.log_text());
+        std::fs::write(&self.config, config).unwrap();
+        self.agent.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done(self.agent.log_text()) == before {
+            assert!(Instant::now() < deadline, "{}", self.agent.log_text());
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -414,5 +454,432 @@ fn a_burst_of_syns_overshoots_by_what_is_in_flight() {
         .expect_count("127.0.1.0/24", "SMTP", admitted as u64);
     expect_held(&mut setup.server, admitted);
     drop(results);
+    setup.agent.stop();
+}
+
+const CUTTING: &str = r#"
+[[kernel_limits]]
+ipv4_prefix = 24
+ipv6_prefix = 64
+max = 10
+exempt = ["127.0.3.0/24", "fd00:3::/64"]
+cut_existing = true
+"#;
+
+/// Asserts that the server cut `stream`: the client's next read gets the RST.
+fn assert_cut(stream: &mut TcpStream, what: &str) {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    match stream.read(&mut [0u8; 16]) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("{what}: {other:?}, expected ECONNRESET"),
+    }
+}
+
+/// Asserts that `stream` is still open: a read waits (nothing sent, no RST).
+fn assert_open(stream: &mut TcpStream, what: &str) {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    match stream.read(&mut [0u8; 16]) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("{what}: {other:?}, expected the session to stay open"),
+    }
+}
+
+/// Connects from each source in turn, a few ms apart: the kernel keeps
+/// each session's open time in ms, so their ages are in this order.
+fn connect_in_order(setup: &Setup, sources: &[&str], server: SocketAddr) -> Vec<TcpStream> {
+    sources
+        .iter()
+        .map(|source| {
+            let stream = connect(&setup.ns, source, server);
+            std::thread::sleep(Duration::from_millis(5));
+            stream
+        })
+        .collect()
+}
+
+#[test]
+fn a_lowered_limit_with_cut_existing_cuts_the_newest_sessions() {
+    require_ebpf!();
+    let mut setup = Setup::start("cut", CUTTING);
+    assert!(
+        setup
+            .agent
+            .log_text()
+            .contains("CAP_NET_ADMIN (kept for cut_existing"),
+        "{}",
+        setup.agent.log_text()
+    );
+    let server = setup.v4();
+    let mut full = connect_in_order(
+        &setup,
+        &[
+            "127.0.1.1",
+            "127.0.1.2",
+            "127.0.1.1",
+            "127.0.1.3",
+            "127.0.1.2",
+        ],
+        server,
+    );
+    let mut other = connect_in_order(&setup, &["127.0.2.1", "127.0.2.1"], server);
+    let mut exempt = connect_in_order(&setup, &["127.0.3.1"; 4], server);
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
+    setup.agent.expect_count("127.0.3.0/24", "SMTP", 4);
+
+    // Lowered to 3: the two newest of 127.0.1.0/24 get a RST.
+    setup.reload(&CUTTING.replace("max = 10", "max = 3"));
+    let log = setup.agent.log_text();
+    assert!(
+        log.contains("SIGHUP: kernel limits: cut 2 sessions from 127.0.1.0/24 (over max 3)"),
+        "{log}"
+    );
+    assert_eq!(log.matches("kernel limits: cut").count(), 1, "{log}");
+    for (i, stream) in full.iter_mut().enumerate() {
+        if i < 3 {
+            assert_open(stream, &format!("oldest session {i}"));
+        } else {
+            assert_cut(stream, &format!("newest session {i}"));
+        }
+    }
+    for stream in other.iter_mut().chain(exempt.iter_mut()) {
+        assert_open(stream, "a session of a prefix under its limit, or exempt");
+    }
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 3);
+    assert_eq!(setup.sock_diag("127.0.1.0/24"), 3);
+    assert_eq!(setup.sock_diag("127.0.3.0/24"), 4);
+    expect_held(&mut setup.server, 3 + 2 + 4);
+    assert_eq!(setup.agent.stat("kernel_limit_cuts"), 2);
+    assert_eq!(setup.agent.stat("kernel_limit_dry_run_cuts"), 0);
+    // Full now, and refusing.
+    assert_refused(&setup.ns, "127.0.1.9", server);
+
+    // A reload that adds a /32 limit of 1: 127.0.1.1 and 127.0.2.1 hold two
+    // each, and lose their newest.
+    let with_host_limit = format!(
+        "{}\n[[kernel_limits]]\nmax = 1\nexempt = [\"127.0.3.0/24\"]\ncut_existing = true\n",
+        CUTTING.replace("max = 10", "max = 3")
+    );
+    setup.reload(&with_host_limit);
+    let log = setup.agent.log_text();
+    assert!(
+        log.contains("cut 1 sessions from 127.0.1.1/32 (over max 1)")
+            && log.contains("cut 1 sessions from 127.0.2.1/32 (over max 1)"),
+        "{log}"
+    );
+    assert_cut(&mut full[2], "127.0.1.1's newer session");
+    assert_open(&mut full[0], "127.0.1.1's older session");
+    assert_open(&mut full[1], "127.0.1.2's only session left");
+    assert_cut(&mut other[1], "127.0.2.1's newer session");
+    assert_open(&mut other[0], "127.0.2.1's older session");
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 2);
+    setup.agent.expect_count("127.0.2.0/24", "SMTP", 1);
+    assert_eq!(setup.sock_diag("127.0.1.0/24"), 2);
+    assert_eq!(setup.sock_diag("127.0.2.0/24"), 1);
+    assert_eq!(setup.agent.stat("kernel_limit_cuts"), 4);
+
+    // The same configuration again: nothing is over, nothing is cut.
+    setup.reload(&with_host_limit);
+    assert_eq!(setup.agent.stat("kernel_limit_cuts"), 4);
+    for stream in full.iter_mut().take(2).chain(other.iter_mut().take(1)) {
+        assert_open(stream, "a session under every limit");
+    }
+    drop((full, other, exempt));
+    setup.agent.stop();
+}
+
+#[test]
+fn without_cut_existing_nothing_is_cut_and_a_dry_run_only_counts() {
+    require_ebpf!();
+    let plain = CUTTING.replace("cut_existing = true", "");
+    let mut setup = Setup::start("nocut", &plain);
+    assert!(
+        !setup.agent.log_text().contains("kept for cut_existing"),
+        "{}",
+        setup.agent.log_text()
+    );
+    let server = setup.v4();
+    let sources: Vec<String> = (1..=5).map(|i| format!("127.0.1.{i}")).collect();
+    let sources: Vec<&str> = sources.iter().map(String::as_str).collect();
+    let mut sessions = connect_in_order(&setup, &sources, server);
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
+
+    // Lowered without cut_existing: new SYNs are refused, no session is cut.
+    setup.reload(&plain.replace("max = 10", "max = 3"));
+    assert_refused(&setup.ns, "127.0.1.9", server);
+    for stream in &mut sessions {
+        assert_open(stream, "a session over a limit without cut_existing");
+    }
+    assert_eq!(setup.sock_diag("127.0.1.0/24"), 5);
+
+    // A dry run counts and logs what it would cut, and cuts nothing.
+    setup.reload(
+        &CUTTING
+            .replace("max = 10", "max = 3")
+            .replace("cut_existing = true", "cut_existing = true\ndry_run = true"),
+    );
+    let log = setup.agent.log_text();
+    assert!(
+        log.contains("kernel limits (dry run): would have cut 2 sessions from 127.0.1.0/24"),
+        "{log}"
+    );
+    for stream in &mut sessions {
+        assert_open(stream, "a session a dry run would cut");
+    }
+    assert_eq!(setup.agent.stat("kernel_limit_dry_run_cuts"), 2);
+    assert_eq!(setup.agent.stat("kernel_limit_cuts"), 0);
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
+    assert_eq!(setup.sock_diag("127.0.1.0/24"), 5);
+
+    // cut_existing enabled by a reload only: the agent dropped CAP_NET_ADMIN
+    // at start-up, so the cut fails, says why, and nothing changes.
+    setup.reload(&CUTTING.replace("max = 10", "max = 3"));
+    let log = setup.agent.log_text();
+    assert!(
+        log.contains("stopped cutting") && log.contains("restart the agent"),
+        "{log}"
+    );
+    for stream in &mut sessions {
+        assert_open(stream, "a session the agent could not cut");
+    }
+    assert_eq!(setup.agent.stat("kernel_limit_cuts"), 0);
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
+    expect_held(&mut setup.server, 5);
+    drop(sessions);
+    setup.agent.stop();
+}
+
+#[test]
+fn cut_existing_cuts_ipv6_sessions_per_64() {
+    require_ebpf!();
+    let mut setup = Setup::start("cut6", CUTTING);
+    let server = setup.v6();
+    let mut sessions = connect_in_order(
+        &setup,
+        &["fd00:1::1", "fd00:1::2", "fd00:1::1", "fd00:1::2"],
+        server,
+    );
+    let mut other = connect_in_order(&setup, &["fd00:2::1"; 3], server);
+    setup.agent.expect_count("fd00:1::/64", "SMTP", 4);
+    setup.reload(&CUTTING.replace("max = 10", "max = 3"));
+    assert!(
+        setup
+            .agent
+            .log_text()
+            .contains("cut 1 sessions from fd00:1::/64 (over max 3)"),
+        "{}",
+        setup.agent.log_text()
+    );
+    assert_cut(&mut sessions[3], "the newest session");
+    for (i, stream) in sessions.iter_mut().take(3).enumerate() {
+        assert_open(stream, &format!("older session {i}"));
+    }
+    for stream in &mut other {
+        assert_open(stream, "a /64 at its limit");
+    }
+    setup.agent.expect_count("fd00:1::/64", "SMTP", 3);
+    assert_eq!(setup.sock_diag("fd00:1::/64"), 3);
+    assert_eq!(setup.sock_diag("fd00:2::/64"), 3);
+    assert_refused(&setup.ns, "fd00:1::1", server);
+    assert_eq!(setup.agent.stat("kernel_limit_cuts"), 1);
+    drop((sessions, other));
+    setup.agent.stop();
+}
+
+/// Sessions that predate the agent are seeded and then cut at start-up.
+/// Their cookies come from the seeding's dump, not from their age, so only
+/// how many are cut is fixed, not which.
+#[test]
+fn sessions_that_predate_the_agent_are_cut_at_start_up() {
+    require_ebpf!();
+    let (setup, mut sessions) = Setup::start_after(
+        "cutstart",
+        &CUTTING.replace("max = 10", "max = 2"),
+        |ns, [v4, _]| {
+            (1..=5)
+                .map(|i| connect(ns, &format!("127.0.1.{i}"), v4))
+                .collect()
+        },
+    );
+    let log = setup.agent.log_text();
+    assert!(
+        log.contains("start-up: kernel limits: cut 3 sessions from 127.0.1.0/24 (over max 2)"),
+        "{log}"
+    );
+    let mut cut = 0;
+    for stream in &mut sessions {
+        use std::io::Read;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        match stream.read(&mut [0u8; 16]) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => cut += 1,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(cut, 3);
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 2);
+    assert_eq!(setup.sock_diag("127.0.1.0/24"), 2);
+    assert_eq!(setup.agent.stat("kernel_limit_cuts"), 3);
+    drop(sessions);
+    let mut setup = setup;
+    setup.agent.stop();
+}
+
+/// A namespace for clients, linked to `setup`'s by a veth pair: the server
+/// end has 10.99.0.1, the client end 10.99.1.1-`clients` (one /24). The
+/// server end sends through a token bucket at `rate` (this kernel has no
+/// netem): a burst's SYN-ACKs queue behind each other, so its handshakes
+/// complete over tens of milliseconds, as over a real network, while its
+/// SYNs all arrive at once.
+fn delayed_link(setup: &Setup, name: &str, clients: u8, rate: &str) -> NetNs {
+    let client = NetNs::new(name);
+    setup.ns.ip(&[
+        "link", "add", "s0", "type", "veth", "peer", "name", "c0", "netns", &client.0,
+    ]);
+    setup.ns.ip(&["addr", "add", "10.99.0.1/16", "dev", "s0"]);
+    setup.ns.ip(&["link", "set", "s0", "up"]);
+    client.ip(&["addr", "add", "10.99.1.1/16", "dev", "c0"]);
+    for i in 2..=clients {
+        client.ip(&["addr", "add", &format!("10.99.1.{i}/32"), "dev", "c0"]);
+    }
+    client.ip(&["link", "set", "c0", "up"]);
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &setup.ns.0,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "s0",
+            "root",
+        ])
+        // A bucket smaller than two SYN-ACKs (74 bytes each on the veth):
+        // each waits for its tokens instead of leaving in a burst.
+        .args(["tbf", "rate", rate, "burst", "128", "limit", "100000"])
+        .status()
+        .expect("tc");
+    assert!(status.success(), "tc qdisc add tbf: {status}");
+    client
+}
+
+/// `burst` connects from distinct addresses of 10.99.1.0/24 in `client`'s
+/// namespace, released together; each result with how long it took.
+fn syn_burst(
+    client: &NetNs,
+    burst: usize,
+    server: SocketAddr,
+) -> Vec<(io::Result<TcpStream>, Duration)> {
+    let barrier = std::sync::Barrier::new(burst);
+    let path = format!("/run/netns/{}", client.0);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..burst)
+            .map(|i| {
+                let (barrier, path) = (&barrier, &path);
+                scope.spawn(move || {
+                    let file = std::fs::File::open(path).expect("open netns");
+                    // SAFETY: setns on this thread only, with a namespace fd we hold.
+                    let rc = unsafe {
+                        libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                    };
+                    assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+                    barrier.wait();
+                    let started = Instant::now();
+                    let result = try_connect(&format!("10.99.1.{}", 1 + i % 250), server);
+                    (result, started.elapsed())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
+    })
+}
+
+/// One burst of `burst` SYNs over `client`'s link: checks that every SYN
+/// was answered (admitted or ECONNREFUSED, never a timeout) and that the
+/// agent and sock_diag count the admitted ones, closes them, and returns
+/// how many were admitted and the slowest answer.
+fn measured_burst(
+    setup: &Setup,
+    client: &NetNs,
+    burst: usize,
+    server: SocketAddr,
+) -> (usize, Duration) {
+    let results = syn_burst(client, burst, server);
+    let slowest = results.iter().map(|(_, took)| *took).max().unwrap();
+    let mut admitted = Vec::new();
+    for (result, _) in results {
+        match result {
+            Ok(stream) => admitted.push(stream),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}"),
+        }
+    }
+    let n = admitted.len();
+    setup.agent.expect_count("10.99.1.0/24", "SMTP", n as u64);
+    assert_eq!(setup.sock_diag("10.99.1.0/24"), n as u64);
+    for stream in admitted {
+        reset(stream);
+    }
+    setup.agent.expect_count("10.99.1.0/24", "SMTP", 0);
+    // A new pending window: the next burst starts from nothing pending.
+    std::thread::sleep(Duration::from_millis(1100));
+    (n, slowest)
+}
+
+/// Overshoot over a link where handshakes take real time: bursts of 10×max
+/// SYNs from one /24, without the pending bound (`count_pending = false`)
+/// and with it, in one run. With it, admitted SYNs count until their
+/// handshakes complete: at most max, plus one per other CPU that can race
+/// the same prefix's check.
+#[test]
+fn a_burst_over_a_slow_link_is_bounded_by_pending_syns() {
+    require_ebpf!();
+    let unbounded_limits = LIMITS.replace("max = 3", "max = 3\ncount_pending = false");
+    let setup = Setup::start("slow", &unbounded_limits);
+    let client = delayed_link(&setup, "slowc", 30, "64kbit");
+    let server = SocketAddr::new(addr("10.99.0.1"), setup.server.ports[1]);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut figures = Vec::new();
+    for round in 0..3 {
+        setup.reload(&unbounded_limits);
+        let unbounded = measured_burst(&setup, &client, 30, server);
+        setup.reload(LIMITS);
+        let bounded = measured_burst(&setup, &client, 30, server);
+        println!(
+            "round {round}: burst of 30 SYNs from one /24 over a 64 kbit/s link, max 3: \
+             {} admitted without the bound (slowest answer {:?}), {} with it ({:?})",
+            unbounded.0, unbounded.1, bounded.0, bounded.1
+        );
+        assert!(
+            bounded.0 >= 1 && bounded.0 < 3 + cpus,
+            "{} admitted with the bound",
+            bounded.0
+        );
+        figures.push((unbounded.0, bounded.0));
+    }
+    // The link makes the overshoot real: without the bound, more than max.
+    assert!(
+        figures.iter().any(|&(unbounded, _)| unbounded > 3),
+        "{figures:?}"
+    );
+    let mut setup = setup;
     setup.agent.stop();
 }

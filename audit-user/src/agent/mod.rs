@@ -2,6 +2,7 @@
 //! seeds sessions that predate it, then serves queries while following the
 //! kernel's events and reconciling with its maps.
 
+mod cuts;
 mod events;
 mod reconcile;
 mod refusals;
@@ -117,7 +118,28 @@ pub fn run(options: AgentOptions) -> Result<(), AgentError> {
         .transpose()?;
     let mut prepared = prepare(options)?;
     release_freed_memory();
-    match privileges::keep_only(&[privileges::Capability::CAP_BPF]) {
+    // SOCK_DESTROY needs CAP_NET_ADMIN: kept only when a limit at start-up
+    // may cut sessions on a reload.
+    let cuts = prepared
+        .state
+        .setup()
+        .config
+        .kernel_limits
+        .iter()
+        .any(|l| l.cut_existing);
+    let keep: &[privileges::Capability] = if cuts {
+        &[
+            privileges::Capability::CAP_BPF,
+            privileges::Capability::CAP_NET_ADMIN,
+        ]
+    } else {
+        &[privileges::Capability::CAP_BPF]
+    };
+    match privileges::keep_only(keep) {
+        Ok(kept) if cuts => log::info!(
+            "dropped every capability but CAP_BPF and CAP_NET_ADMIN (kept for cut_existing; \
+             effective set {kept:#x})"
+        ),
         Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
         Err(e) => log::warn!("could not drop capabilities: {e}"),
     }

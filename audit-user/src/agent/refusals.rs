@@ -128,6 +128,8 @@ mod tests {
             max: 3,
             exempt: Vec::new(),
             dry_run: false,
+            cut_existing: false,
+            count_pending: true,
         }
     }
 

@@ -55,7 +55,7 @@ pub(super) fn apply_reload<K: Kernel>(
                 return;
             }
         };
-        match program.configure_refusal(&config.kernel_limits, &slots) {
+        let limits_applied = match program.configure_refusal(&config.kernel_limits, &slots) {
             Ok(status) => {
                 AgentStats::set(&state.stats.kernel_limits_attached, status.attached.into());
                 log::info!(
@@ -67,9 +67,13 @@ pub(super) fn apply_reload<K: Kernel>(
                         "not attached"
                     }
                 );
+                true
             }
-            Err(e) => log::error!("SIGHUP: kernel limits not applied: {e}"),
-        }
+            Err(e) => {
+                log::error!("SIGHUP: kernel limits not applied: {e}");
+                false
+            }
+        };
         let newly_watched: HashMap<u16, u8> = config
             .services
             .iter()
@@ -82,6 +86,16 @@ pub(super) fn apply_reload<K: Kernel>(
                 &newly_watched,
                 config.cgroup.as_deref(),
                 state,
+            );
+        }
+        // After the seeding: sessions on newly watched ports are candidates too.
+        if limits_applied {
+            super::cuts::cut_over_limits(
+                &mut *program,
+                &config.kernel_limits,
+                &slots,
+                state,
+                "SIGHUP",
             );
         }
         slots

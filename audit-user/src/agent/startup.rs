@@ -111,7 +111,7 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
             refusal.limits
         );
     }
-    let state = Arc::new(SharedState::new(config, slots));
+    let state = Arc::new(SharedState::new(config, slots.clone()));
     AgentStats::set(&state.stats.kernel_limits_attached, refusal.attached.into());
     state.write_sessions().load(&tally_records(records));
     load_monitor_state(&state);
@@ -121,6 +121,15 @@ pub(super) fn prepare(options: AgentOptions) -> Result<Prepared, AgentError> {
     let report = seed::seed_existing(&program, &ports, state.setup().config.cgroup.as_deref())?;
     // Seeding is over: from here on an accepted session needs no SOCKETS record.
     program.stop_mirroring()?;
+    // Seeded sessions count toward their prefixes now: those over a limit
+    // with cut_existing can be cut (with every capability still held).
+    super::cuts::cut_over_limits(
+        &mut program,
+        &state.setup().config.kernel_limits,
+        &slots,
+        &state,
+        "start-up",
+    );
     // An upper bound (a seeded session may have closed since the snapshot):
     // the first reconcile pass detaches the backstop if it was one too many.
     let seeded = seeded_records(records) + report.seeded;

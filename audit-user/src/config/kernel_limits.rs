@@ -20,6 +20,13 @@ pub struct KernelLimitConfig {
     pub exempt: Vec<IpNet>,
     /// Count and log what would be refused, refuse nothing.
     pub dry_run: bool,
+    /// At start-up and on each reload, close (RST) the newest sessions of a
+    /// prefix already over `max` (see kernel::cut).
+    pub cut_existing: bool,
+    /// SYNs admitted whose handshake has not completed count against the
+    /// limit for up to the pending window (about a second): the bound on a
+    /// burst's overshoot. Default on.
+    pub count_pending: bool,
 }
 
 /// Why a `[[kernel_limits]]` entry was refused.
@@ -46,6 +53,9 @@ struct KernelLimitFile {
     exempt: Vec<String>,
     #[serde(default)]
     dry_run: bool,
+    #[serde(default)]
+    cut_existing: bool,
+    count_pending: Option<bool>,
 }
 
 /// A `[[kernel_limits]]` entry as the file holds it, checked as it is read.
@@ -81,6 +91,8 @@ impl TryFrom<KernelLimitFile> for KernelLimitEntry {
             max: file.max as u32,
             exempt,
             dry_run: file.dry_run,
+            cut_existing: file.cut_existing,
+            count_pending: file.count_pending.unwrap_or(true),
         }))
     }
 }
@@ -114,8 +126,14 @@ mod tests {
                 max: 50,
                 exempt: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
                 dry_run: false,
+                cut_existing: false,
+                count_pending: true,
             }]
         );
+        let cut = Config::from_toml("[[kernel_limits]]\nmax = 5\ncut_existing = true\n").unwrap();
+        assert!(cut.kernel_limits[0].cut_existing);
+        let off = Config::from_toml("[[kernel_limits]]\nmax = 5\ncount_pending = false\n").unwrap();
+        assert!(!off.kernel_limits[0].count_pending);
         assert!(Config::default().kernel_limits.is_empty());
     }
 
@@ -144,6 +162,11 @@ mod tests {
                 "not configured",
             ),
             ("max = 3\nbogus = 1", "kernel_limits[0]", "unknown field"),
+            (
+                "max = 3\ncut_existing = \"yes\"",
+                "kernel_limits[0]",
+                "invalid type",
+            ),
         ] {
             let err = Config::from_toml(&format!("[[kernel_limits]]\n{text}\n"))
                 .and_then(|c| c.check_references().map(|()| c))

@@ -318,6 +318,10 @@ pub struct AgentStats {
     /// SYNs refused by a kernel limit, and let through by a dry-run one.
     pub kernel_limit_refusals: AtomicU64,
     pub kernel_limit_dry_run_refusals: AtomicU64,
+    /// Sessions over a limit closed with a RST (`cut_existing`), and those a
+    /// dry-run limit would have closed.
+    pub kernel_limit_cuts: AtomicU64,
+    pub kernel_limit_dry_run_cuts: AtomicU64,
     /// Counters and latencies for the Prometheus exposition.
     pub observed: Observed,
 }

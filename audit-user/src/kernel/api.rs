@@ -14,6 +14,7 @@ use audit_common::{LiveCounts, SocketRecord};
 use crate::{config::kernel_limits::KernelLimitConfig, domain::ServicePorts};
 
 use super::{
+    cut::CutReport,
     loader::{error::LoadError, KernelProgram},
     refusal::{RefusalStatus, Refused},
     seed::{self, SeedError, SeedReport},
@@ -89,6 +90,13 @@ pub trait Kernel {
         limits: &[KernelLimitConfig],
         slots: &HashMap<String, u8>,
     ) -> Result<RefusalStatus, LoadError>;
+    /// Cuts the newest sessions of prefixes over a limit with `cut_existing`;
+    /// see `cut::plan_cuts`.
+    fn cut_over_limits(
+        &mut self,
+        limits: &[KernelLimitConfig],
+        slots: &HashMap<String, u8>,
+    ) -> Result<CutReport, LoadError>;
     /// SYNs refused per client IP since the last call (and, at most once a
     /// minute, the per-prefix counts at zero collected).
     fn take_refused(&mut self) -> Vec<Refused>;
@@ -163,6 +171,14 @@ impl Kernel for KernelProgram {
         slots: &HashMap<String, u8>,
     ) -> Result<RefusalStatus, LoadError> {
         KernelProgram::configure_refusal(self, limits, slots)
+    }
+
+    fn cut_over_limits(
+        &mut self,
+        limits: &[KernelLimitConfig],
+        slots: &HashMap<String, u8>,
+    ) -> Result<CutReport, LoadError> {
+        KernelProgram::cut_over_limits(self, limits, slots)
     }
 
     fn take_refused(&mut self) -> Vec<Refused> {

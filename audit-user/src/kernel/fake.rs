@@ -18,6 +18,7 @@ use crate::{config::kernel_limits::KernelLimitConfig, domain::ServicePorts};
 
 use super::{
     api::{Kernel, LiveSnapshot, TrackedSessions, Uncounted},
+    cut::CutReport,
     loader::{
         error::LoadError,
         services::{assign_slots, port_values},
@@ -175,6 +176,16 @@ impl Kernel for FakeKernel {
 
     fn take_refused(&mut self) -> Vec<Refused> {
         std::mem::take(&mut self.refused)
+    }
+
+    /// Sockets are the real kernel's (SOCK_DESTROY); the end-to-end tests
+    /// cover cutting.
+    fn cut_over_limits(
+        &mut self,
+        _limits: &[KernelLimitConfig],
+        _slots: &HashMap<String, u8>,
+    ) -> Result<CutReport, LoadError> {
+        Ok(CutReport::default())
     }
 
     fn snapshot_tracked(&self) -> Result<TrackedSessions, LoadError> {

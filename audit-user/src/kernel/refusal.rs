@@ -244,6 +244,19 @@ impl Refusal {
         Ok(())
     }
 
+    /// Whether some prefix of a limit in `indexes` counts more than its max.
+    pub fn any_over_limit(&self, entries: &[KernelLimit], indexes: &[u8]) -> bool {
+        self.counts
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(key, count)| {
+                indexes.contains(&key.limit)
+                    && entries.get(usize::from(key.limit)).is_some_and(|e| {
+                        e.flags & limit_flags::ACTIVE != 0 && count as i32 > e.max as i32
+                    })
+            })
+    }
+
     /// Deletes the per-prefix counts at zero (or below: a racing close), at
     /// most once per `COLLECT_INTERVAL`: the kernel leaves them, and the map
     /// would otherwise fill with every prefix that ever connected, after
@@ -325,6 +338,11 @@ pub fn kernel_entries(
             flags: limit_flags::ACTIVE
                 | if limit.dry_run {
                     limit_flags::DRY_RUN
+                } else {
+                    0
+                }
+                | if limit.count_pending {
+                    limit_flags::COUNT_PENDING
                 } else {
                     0
                 },
@@ -447,6 +465,8 @@ mod tests {
             max: 3,
             exempt: exempt.iter().map(|e| e.parse().unwrap()).collect(),
             dry_run: false,
+            cut_existing: false,
+            count_pending: true,
         }
     }
 
@@ -466,11 +486,14 @@ mod tests {
                 service: 0,
                 ipv4_prefix: 24,
                 ipv6_prefix: 64,
-                flags: limit_flags::ACTIVE
+                flags: limit_flags::ACTIVE | limit_flags::COUNT_PENDING
             }
         );
         assert_eq!(entries[1].service, 2);
-        assert_eq!(entries[1].flags, limit_flags::ACTIVE | limit_flags::DRY_RUN);
+        assert_eq!(
+            entries[1].flags,
+            limit_flags::ACTIVE | limit_flags::DRY_RUN | limit_flags::COUNT_PENDING
+        );
         assert_eq!(entries[2], KernelLimit::default());
         assert_eq!(kernel_entries(&[], &slots()), [KernelLimit::default(); 4]);
     }

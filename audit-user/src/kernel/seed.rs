@@ -209,7 +209,7 @@ mod tests {
             session: state.map(|state| SessionStorage {
                 record: SocketRecord::default(),
                 state,
-                _pad: 0,
+                opened_ms: 0,
             }),
         }
     }

@@ -204,6 +204,16 @@ pub fn registry(state: &SharedState) -> Registry {
         counter(stats.refused()),
     );
     registry.register(
+        "kernel_limit_cuts",
+        "Sessions over a kernel limit closed with a RST (cut_existing)",
+        counter(stat(&stats.kernel_limit_cuts)),
+    );
+    registry.register(
+        "kernel_limit_dry_run_cuts",
+        "Sessions a dry-run kernel limit with cut_existing would have closed",
+        counter(stat(&stats.kernel_limit_dry_run_cuts)),
+    );
+    registry.register(
         "queries",
         "Query-socket requests by function and result code (ok or the ERR code)",
         observed.queries.clone(),

@@ -209,6 +209,11 @@ fn stats(state: &SharedState) -> Vec<String> {
             "kernel_limit_dry_run_refusals {}",
             get(&s.kernel_limit_dry_run_refusals)
         ),
+        format!("kernel_limit_cuts {}", get(&s.kernel_limit_cuts)),
+        format!(
+            "kernel_limit_dry_run_cuts {}",
+            get(&s.kernel_limit_dry_run_cuts)
+        ),
         format!(
             "monitor_entries {}",
             monitors.iter().map(|m| m.tracked()).sum::<usize>()

@@ -11,6 +11,7 @@ use crate::{
     domain::ServicePorts,
     kernel::{
         api::{LiveSnapshot, TrackedSessions, Uncounted},
+        cut::Counted,
         sock_diag,
     },
 };
@@ -59,6 +60,51 @@ impl KernelProgram {
             }
         }
         Ok(tracked)
+    }
+
+    /// Every open session the kernel counts, with its socket: a socket whose
+    /// storage says COUNTED, or whose cookie has a SOCKETS record (seeded,
+    /// accepted while seeding, adopted).
+    pub fn counted_sockets(&self) -> Result<Vec<(sock_diag::TcpSocket, Counted)>, LoadError> {
+        let mut recorded = StdHashMap::new();
+        for entry in self.sockets.iter() {
+            let (cookie, record) = entry.map_err(|source| LoadError::Map {
+                name: map_names::SOCKETS,
+                source,
+            })?;
+            recorded.insert(cookie, record);
+        }
+        let live = sock_diag::state_mask(&sock_diag::LIVE_STATES);
+        let sockets = sock_diag::dump_tcp_with_sessions(live, self.sessions_fd())?;
+        let now_ms = monotonic_ms();
+        Ok(sockets
+            .into_iter()
+            .filter_map(|socket| {
+                let (record, age_ms) = match recorded.get(&socket.cookie) {
+                    Some(record) => (*record, u32::MAX),
+                    None => {
+                        let s = socket
+                            .session
+                            .filter(|s| s.state == session_state::COUNTED)?;
+                        let age = match (now_ms, s.opened_ms) {
+                            (Some(now), opened) if opened != 0 => now.wrapping_sub(opened),
+                            _ => u32::MAX,
+                        };
+                        (s.record, age)
+                    }
+                };
+                let ip = socket.remote.ip().to_canonical();
+                Some((
+                    socket,
+                    Counted {
+                        cookie: socket.cookie,
+                        ip,
+                        service: record.service,
+                        age_ms,
+                    },
+                ))
+            })
+            .collect())
     }
 
     /// Deletes the per-IP entries that `snapshot` saw at zero. The kernel leaves
@@ -184,4 +230,12 @@ impl KernelProgram {
             .map(|info| u64::from(info.max_entries()))
             .unwrap_or(u64::MAX)
     }
+}
+
+/// CLOCK_MONOTONIC in ms, wrapping as the kernel program's `opened_ms`
+/// (bpf_ktime_get_ns reads the same clock).
+fn monotonic_ms() -> Option<u32> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let ms = now.tv_sec() as u64 * 1000 + now.tv_nsec() as u64 / 1_000_000;
+    Some(ms as u32)
 }

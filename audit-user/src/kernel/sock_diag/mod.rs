@@ -12,9 +12,11 @@
 //!
 //! Split by seam: `types` (the public types), `wire` (constants and byte
 //! helpers), `request` (building the dump request), `parse` (the reply), and
-//! `socket` (the netlink socket and one family's dump); here, the dump loop
+//! `socket` (the netlink socket and one family's dump), `destroy` (SOCK_DESTROY,
+//! aborting one socket); here, the dump loop
 //! over both families, inbound selection and cgroup ids.
 
+mod destroy;
 mod parse;
 mod request;
 mod socket;
@@ -31,6 +33,7 @@ use std::{
     },
 };
 
+pub use self::destroy::destroy_tcp;
 pub use self::types::{state_mask, tcp_state, SockDiagError, TcpSocket, LIVE_STATES};
 use self::{
     request::DumpRequest,

@@ -325,7 +325,7 @@ mod tests {
                 _pad: [0; 5],
             },
             state: audit_common::session_state::COUNTED,
-            _pad: 0,
+            opened_ms: 0,
         };
         // SAFETY: SessionStorage is repr(C) plain integers without implicit padding.
         let value: [u8; 32] = unsafe { mem::transmute(stored) };

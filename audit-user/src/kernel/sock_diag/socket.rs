@@ -44,8 +44,12 @@ impl DiagSocket {
         request: &DumpRequest,
         seq: u32,
     ) -> Result<(), SockDiagError> {
+        self.send(family, &mut build_request(family, request, seq))
+    }
+
+    /// Sends one netlink message (a dump or a SOCK_DESTROY request) to the kernel.
+    pub(super) fn send(&self, family: u8, req: &mut [u8]) -> Result<(), SockDiagError> {
         let name = family_name(family);
-        let mut req = build_request(family, request, seq);
         let mut kernel = kernel_addr();
         let mut iov = libc::iovec {
             iov_base: req.as_mut_ptr().cast(),

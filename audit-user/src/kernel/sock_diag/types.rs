@@ -137,6 +137,10 @@ pub enum SockDiagError {
     /// The kernel flagged the dump as inconsistent (`NLM_F_DUMP_INTR`); restart it.
     #[error("the {family} inet_diag dump was interrupted by concurrent changes")]
     Interrupted { family: &'static str },
+    /// SOCK_DESTROY failed: EPERM without CAP_NET_ADMIN, EOPNOTSUPP on a
+    /// kernel built without CONFIG_INET_DIAG_DESTROY.
+    #[error("the kernel refused to destroy the socket: {}", io::Error::from_raw_os_error(*errno))]
+    Destroy { errno: i32 },
     #[error("malformed sock_diag reply: {what}")]
     Malformed { what: &'static str },
 }

@@ -164,6 +164,8 @@ fn refusal_columns_only_with_kernel_limits() {
         max: 10,
         exempt: Vec::new(),
         dry_run: false,
+        cut_existing: false,
+        count_pending: true,
     }];
     let state = state_with(config);
     let header = Dump::new(&state).header();
