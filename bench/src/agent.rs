@@ -165,20 +165,9 @@ impl BenchAgent {
         }
     }
 
-    /// Environment for the next start (e.g. malloc tuning), replacing any set before.
     /// More agent flags, for the next start.
     pub fn add_args(&mut self, args: &[&str]) {
         self.args.extend(args.iter().map(ToString::to_string));
-    }
-
-    /// More lines for the agent's config file, for the next start.
-    pub fn append_config(&self, text: &str) -> Result<()> {
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.dir.join("bench.toml"))?;
-        file.write_all(text.as_bytes())?;
-        Ok(())
     }
 
     /// The agent's --state-dir (where it saves and loads the monitor windows).
