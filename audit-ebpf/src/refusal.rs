@@ -156,11 +156,11 @@ fn add_pending(index: u32, service: u8, family: u8, addr: &[u8; 16], window: u32
         return;
     }
     let key = prefix_key(index as u8, family, addr, &limit);
-    if PENDING_SYNS.get_ptr_mut(&key).is_none() {
+    if PENDING_SYNS.get_ptr_mut(key).is_none() {
         let fresh = PendingSyns { count: 0, window };
-        let _ = PENDING_SYNS.insert(&key, &fresh, BPF_NOEXIST as u64);
+        let _ = PENDING_SYNS.insert(key, fresh, BPF_NOEXIST as u64);
     }
-    let Some(entry) = PENDING_SYNS.get_ptr_mut(&key) else {
+    let Some(entry) = PENDING_SYNS.get_ptr_mut(key) else {
         return;
     };
     // SAFETY: a map value, valid for this invocation (RCU). Two CPUs that
@@ -206,7 +206,7 @@ fn settle_one(index: u32, family: u8, addr: &[u8; 16], service: u8, window: u32)
         return;
     }
     let key = prefix_key(index as u8, family, addr, &limit);
-    let Some(entry) = PENDING_SYNS.get_ptr_mut(&key) else {
+    let Some(entry) = PENDING_SYNS.get_ptr_mut(key) else {
         return;
     };
     // SAFETY: a map value, valid for this invocation (RCU). A racing settle
