@@ -632,12 +632,33 @@ pub fn sock_diag_count(ports: &[u16], cgroup: &TestCgroup, net: &ipnet::IpNet) -
 pub use sock_diag::TcpSocket;
 
 /// Polls `check` for up to 10 s; panics naming `what` if it never holds.
-pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+pub fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(10), check);
+}
+
+/// Polls `check` every 20 ms until it holds, for at most `within`; returns
+/// how long it took (tests report convergence times with it).
+pub fn eventually_within(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
     while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
+    start.elapsed()
+}
+
+/// The kernel's truth over several nodes: their sessions from `cidr` by
+/// sock_diag, summed.
+pub fn fleet_truth(nodes: &[&SmtpFixture], cidr: &str) -> u64 {
+    let net = cidr.parse().expect("a CIDR");
+    nodes
+        .iter()
+        .map(|n| sock_diag_count(&n.server.ports, &n.cgroup, &net))
+        .sum()
 }
 
 /// The agent's pinned IPv4 per-IP count map, opened directly, to look at (and

@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{redis::Redis, require_ebpf, sock_diag_count, SmtpFixture, TempDir};
+use integration_tests::{
+    eventually_within, fleet_truth, redis::Redis, require_ebpf, SmtpFixture, TempDir,
+};
 
 /// A node silent this long no longer counts (short, for the test).
 const TTL_SECS: u64 = 2;
@@ -70,24 +72,6 @@ fn report(node: &SmtpFixture, request: &str) -> Vec<String> {
         .unwrap_or_else(|e| panic!("{request}: {e}"))
 }
 
-/// The kernel's truth over every node.
-fn truth(nodes: &[&SmtpFixture], cidr: &str) -> u64 {
-    let net = cidr.parse().unwrap();
-    nodes
-        .iter()
-        .map(|n| sock_diag_count(&n.server.ports, &n.cgroup, &net))
-        .sum()
-}
-
-fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < within, "not within {within:?}: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
-}
-
 #[test]
 fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redis() {
     require_ebpf!();
@@ -111,13 +95,13 @@ fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redi
     // which is the kernel's truth.
     let exact =
         |n: &SmtpFixture, cidr: &str, want: u64| cluster_sessions(n, cidr) == format!("OK {want}");
-    wait_for("cluster sums", Duration::from_secs(5), || {
+    eventually_within("cluster sums", Duration::from_secs(5), || {
         exact(&a, "127.0.5.0/24", 4)
             && exact(&b, "127.0.5.0/24", 4)
             && exact(&a, "127.0.0.0/8", 5)
             && exact(&b, "127.0.0.0/8", 5)
     });
-    assert_eq!(truth(&[&a, &b], "127.0.0.0/8"), 5);
+    assert_eq!(fleet_truth(&[&a, &b], "127.0.0.0/8"), 5);
     a.agent.expect_count("127.0.0.0/8", "SMTP", 3);
     b.agent.expect_count("127.0.0.0/8", "SMTP", 2);
     // The relative and Sieve forms, and the windowed cluster sums.
@@ -127,7 +111,7 @@ fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redi
     );
     a.agent
         .expect("@127.0.5.1 audit_service \"inbound_cidr\" \"/8\"", "OK 5");
-    wait_for("windowed cluster sums", Duration::from_secs(5), || {
+    eventually_within("windowed cluster sums", Duration::from_secs(5), || {
         a.agent.query("msys.audit.connections(\"60,1\", {cidr=\"127.0.0.0/8\", endv=1, cluster=true})")
             == "OK 5"
             && b.agent.query("@127.0.5.1 ec_ip_connections_cluster {monitor=\"60,1\", period_start=0, period_end=1, mask=8}")
@@ -181,7 +165,7 @@ fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redi
 
     // Fresh: a close on one node shows on the other well within a second.
     drop(held_b.pop());
-    let lag = wait_for(
+    let lag = eventually_within(
         "a close seen by the other node",
         Duration::from_secs(1),
         || exact(&a, "127.0.0.0/8", 4),
@@ -190,7 +174,7 @@ fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redi
 
     // A dead node stops counting within node_ttl.
     a.agent.kill();
-    let gone = wait_for(
+    let gone = eventually_within(
         "the dead node dropped",
         Duration::from_secs(TTL_SECS + 3),
         || exact(&b, "127.0.0.0/8", 1),
@@ -200,7 +184,7 @@ fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redi
     // Restarted, it replaces its own share and is never counted twice.
     a.agent.start_again();
     let mut highest = 0;
-    wait_for(
+    eventually_within(
         "the restarted node counted once",
         Duration::from_secs(5),
         || {
@@ -226,7 +210,7 @@ fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redi
     drop(held_a.pop());
     std::thread::sleep(Duration::from_millis(300));
     redis.spawn();
-    let converged = wait_for("Redis restarted empty", Duration::from_secs(5), || {
+    let converged = eventually_within("Redis restarted empty", Duration::from_secs(5), || {
         exact(&a, "127.0.0.0/8", 3) && exact(&b, "127.0.0.0/8", 3)
     });
     eprintln!("converged {converged:?} after Redis restarted empty");
@@ -241,15 +225,15 @@ fn fleet_counts_are_the_sum_of_the_nodes_through_deaths_restarts_and_a_lost_redi
         "{:?}",
         started.elapsed()
     );
-    wait_for(
+    eventually_within(
         "cluster answers refused",
         Duration::from_secs(TTL_SECS + 3),
         || cluster_sessions(&a, "127.0.0.0/8").starts_with("ERR cluster_unavailable"),
     );
     a.agent.expect_count("127.0.0.0/8", "SMTP", 2);
     redis.signal("-CONT");
-    wait_for("Redis back", Duration::from_secs(5), || {
+    eventually_within("Redis back", Duration::from_secs(5), || {
         exact(&a, "127.0.0.0/8", 3)
     });
-    assert_eq!(truth(&[&a, &b], "127.0.0.0/8"), 3);
+    assert_eq!(fleet_truth(&[&a, &b], "127.0.0.0/8"), 3);
 }

@@ -14,8 +14,9 @@ use std::{
 };
 
 use integration_tests::{
+    eventually_within, fleet_truth,
     redis::{free_port, Redis, Sentinel},
-    require_ebpf, sock_diag_count, SmtpFixture, TempDir,
+    require_ebpf, SmtpFixture, TempDir,
 };
 
 /// The README's Redis ACL line, verbatim but for its password placeholder.
@@ -93,24 +94,6 @@ fn exact(nodes: &[&SmtpFixture], cidr: &str, want: u64) -> bool {
         && nodes.iter().all(|n| count(&cluster(n, cidr)) == Some(want))
 }
 
-/// The kernel's truth over every node.
-fn truth(nodes: &[&SmtpFixture], cidr: &str) -> u64 {
-    let net = cidr.parse().unwrap();
-    nodes
-        .iter()
-        .map(|n| sock_diag_count(&n.server.ports, &n.cgroup, &net))
-        .sum()
-}
-
-fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < within, "not within {within:?}: {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    start.elapsed()
-}
-
 fn stats(node: &SmtpFixture) -> Vec<String> {
     inbound_audit::serving::client::query_report(&node.agent.socket, "stats")
         .expect("agent reachable")
@@ -162,7 +145,7 @@ fn agents_follow_a_sentinel_failover_back_to_exact_sums() {
     let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
     assert_eq!(primary.cli(&acl).trim(), "OK");
     assert_eq!(replica.cli(&acl).trim(), "OK");
-    wait_for("the replica in sync", Duration::from_secs(10), || {
+    eventually_within("the replica in sync", Duration::from_secs(10), || {
         replica
             .cli(&["INFO", "replication"])
             .contains("master_link_status:up")
@@ -172,7 +155,7 @@ fn agents_follow_a_sentinel_failover_back_to_exact_sums() {
     let Some(sentinel) = Sentinel::start(&primary, "ia", 1000) else {
         return;
     };
-    wait_for(
+    eventually_within(
         "the sentinel knows the replica",
         Duration::from_secs(15),
         || sentinel.healthy_replicas() == 1,
@@ -196,7 +179,7 @@ fn agents_follow_a_sentinel_failover_back_to_exact_sums() {
         .iter()
         .map(|ip| connect(&b, ip))
         .collect();
-    wait_for("sums through the sentinel", Duration::from_secs(10), || {
+    eventually_within("sums through the sentinel", Duration::from_secs(10), || {
         exact(&[&a, &b], "127.0.7.0/24", 4) && exact(&[&a, &b], "127.0.0.0/8", 5)
     });
 
@@ -209,7 +192,7 @@ fn agents_follow_a_sentinel_failover_back_to_exact_sums() {
     held_b.push(connect(&b, "127.0.7.11"));
     a.agent.expect_count("127.0.0.0/8", "SMTP", 2);
     b.agent.expect_count("127.0.0.0/8", "SMTP", 4);
-    wait_for(
+    eventually_within(
         "exact again after the failover",
         Duration::from_secs(20),
         || exact(&[&a, &b], "127.0.7.0/24", 5) && exact(&[&a, &b], "127.0.0.0/8", 6),
@@ -224,7 +207,7 @@ fn agents_follow_a_sentinel_failover_back_to_exact_sums() {
         "{}",
         replica.cli(&["ROLE"])
     );
-    assert_eq!(truth(&[&a, &b], "127.0.0.0/8"), 6);
+    assert_eq!(fleet_truth(&[&a, &b], "127.0.0.0/8"), 6);
     // And it stays exact, both nodes counted once.
     std::thread::sleep(Duration::from_millis(300));
     assert!(exact(&[&a, &b], "127.0.0.0/8", 6));
@@ -286,12 +269,12 @@ fn agents_as_the_readme_acl_user_over_tls_are_exact_and_never_show_the_password(
         connect(&b, "127.1.0.1"),
     ]
     .into();
-    wait_for(
+    eventually_within(
         "sums over TLS as the ACL user",
         Duration::from_secs(10),
         || exact(&[&a, &b], "127.0.9.0/24", 3) && exact(&[&a, &b], "127.0.0.0/8", 4),
     );
-    assert_eq!(truth(&[&a, &b], "127.0.0.0/8"), 4);
+    assert_eq!(fleet_truth(&[&a, &b], "127.0.0.0/8"), 4);
     // Both agents are connected as that user, and it was refused nothing.
     let clients = redis.cli(&["CLIENT", "LIST"]);
     assert!(
@@ -316,7 +299,7 @@ fn agents_as_the_readme_acl_user_over_tls_are_exact_and_never_show_the_password(
     let c = node("tc", &dir, "", &table(&wrong_pass));
     let _held_c = connect(&c, "127.0.9.4");
     c.agent.expect_count("127.0.9.0/24", "SMTP", 1);
-    wait_for("the refused login logged", Duration::from_secs(10), || {
+    eventually_within("the refused login logged", Duration::from_secs(10), || {
         c.agent.log_text().contains("cluster: Redis at")
     });
     assert!(cluster(&c, "127.0.9.0/24").starts_with("ERR cluster_unavailable"));
@@ -374,7 +357,7 @@ fn hostile_entries_under_the_prefix_are_refused_and_the_sums_stay_exact() {
         connect(&a, "127.0.10.2"),
         connect(&b, "127.0.10.3"),
     ];
-    wait_for("sums", Duration::from_secs(10), || {
+    eventually_within("sums", Duration::from_secs(10), || {
         exact(&[&a, &b], "127.0.10.0/24", 3)
     });
     assert_eq!(a.agent.stat("cluster_entries_refused"), 0);
@@ -425,7 +408,7 @@ fn hostile_entries_under_the_prefix_are_refused_and_the_sums_stay_exact() {
     ]);
     // Meanwhile sessions change, and the agents go on serving.
     held.push(connect(&a, "127.0.10.4"));
-    wait_for("exact through the junk", Duration::from_secs(10), || {
+    eventually_within("exact through the junk", Duration::from_secs(10), || {
         exact(&[&a, &b], "127.0.10.0/24", 4)
             && a.agent.stat("cluster_entries_refused") > 0
             && b.agent.stat("cluster_entries_refused") > 0
@@ -438,7 +421,7 @@ fn hostile_entries_under_the_prefix_are_refused_and_the_sums_stay_exact() {
     redis.cli(&["SET", "hx:nodes", "not a set"]);
     drop(held.remove(0));
     held.push(connect(&b, "127.0.10.5"));
-    let healed = wait_for(
+    let healed = eventually_within(
         "exact past keys of the wrong type",
         Duration::from_secs(10),
         || exact(&[&a, &b], "127.0.10.0/24", 4),
@@ -451,7 +434,7 @@ fn hostile_entries_under_the_prefix_are_refused_and_the_sums_stay_exact() {
         assert!(count(&cluster(&a, "127.0.10.50/31")) == Some(0));
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(truth(&[&a, &b], "127.0.10.0/24"), 4);
+    assert_eq!(fleet_truth(&[&a, &b], "127.0.10.0/24"), 4);
     assert_eq!(a.agent.stat("cluster_nodes_live"), 2);
     assert_eq!(b.agent.stat("cluster_nodes_live"), 2);
     let refused = a.agent.stat("cluster_entries_refused");
