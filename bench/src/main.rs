@@ -2,8 +2,9 @@
 //!
 //! `bench run --agent PATH [--quick] [--only LIST]` runs the suite against the
 //! real agent binary and writes bench/results/latest.{md,json} (quick.* for
-//! --quick, partial.* for --only). `serve` and `hold` are the helper processes
-//! it spawns (a server in the bench cgroup, holders of client connections).
+//! --quick, partial.* for --only). `serve`, `hold` and `round-trips` are the
+//! helper processes it spawns (a server in the bench cgroup, holders of client
+//! connections, a policy client in a process of its own).
 
 mod agent;
 mod env;
@@ -60,6 +61,19 @@ enum Cmd {
     Serve {
         #[arg(long = "listen", required = true)]
         listen: Vec<SocketAddr>,
+    },
+    /// (helper) Time policy round trips on two sockets from a process of its
+    /// own pinned to CPU, alternating batches; prints `p50 p99 p50 p99` in ns.
+    #[command(hide = true)]
+    RoundTrips {
+        #[arg(long)]
+        first: PathBuf,
+        #[arg(long)]
+        second: PathBuf,
+        #[arg(long)]
+        batches: usize,
+        #[arg(long)]
+        cpu: usize,
     },
     /// (helper) Open connections from 127.10.x.y sources and hold them.
     #[command(hide = true)]
@@ -124,6 +138,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Serve { listen } => net::serve(&listen).map(|()| ExitCode::SUCCESS),
+        Cmd::RoundTrips {
+            first,
+            second,
+            batches,
+            cpu,
+        } => policy::print_round_trips(&first, &second, batches, cpu).map(|()| ExitCode::SUCCESS),
         Cmd::Hold {
             to,
             first,

@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use inbound_bench::stats::Percentiles;
 
 /// A request as Postfix 3.7's smtpd sends it at RCPT (its attributes, in its
 /// order), from 127.0.0.1.
@@ -105,6 +106,41 @@ impl Drop for DunnoServer {
         let _ = UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Round trips on two policy sockets, one persistent connection each,
+/// alternating batches of 1,000 after a warm-up; each socket's in ns.
+pub fn alternate_round_trips(
+    first: &Path,
+    second: &Path,
+    batches: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut a = PolicyClient::connect(first)?;
+    let mut b = PolicyClient::connect(second)?;
+    for _ in 0..200 {
+        a.round_trip(RCPT_REQUEST)?;
+        b.round_trip(RCPT_REQUEST)?;
+    }
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for _ in 0..batches {
+        for _ in 0..1000 {
+            on_a.push(a.round_trip(RCPT_REQUEST)?);
+        }
+        for _ in 0..1000 {
+            on_b.push(b.round_trip(RCPT_REQUEST)?);
+        }
+    }
+    Ok((on_a, on_b))
+}
+
+/// The `round-trips` helper: [`alternate_round_trips`] from `cpu`, as
+/// `p50 p99 p50 p99`.
+pub fn print_round_trips(first: &Path, second: &Path, batches: usize, cpu: usize) -> Result<()> {
+    let _pinned = crate::env::PinnedThread::to(cpu)?;
+    let (a, b) = alternate_round_trips(first, second, batches)?;
+    let (a, b) = (Percentiles::of(&a), Percentiles::of(&b));
+    println!("{} {} {} {}", a.p50, a.p99, b.p50, b.p99);
+    Ok(())
 }
 
 /// One persistent policy connection, as smtpd keeps one.

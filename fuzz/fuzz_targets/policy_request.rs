@@ -5,7 +5,7 @@
 use std::{collections::HashMap, sync::OnceLock, time::Duration};
 
 use inbound_audit::{
-    adapters::postfix::{decide, PolicyMemory, PolicyReader},
+    adapters::postfix::{decide, Framer, PolicyMemory},
     config::{Config, LimitConfig},
     counting::state::SharedState,
     domain::ServicePorts,
@@ -39,27 +39,34 @@ fn state() -> &'static SharedState {
     })
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().unwrap())
-}
-
 fuzz_target!(|data: &[u8]| {
-    runtime().block_on(async {
-        let mut reader = PolicyReader::new(tokio::io::BufReader::new(data));
-        let state = state();
-        let limits = state.setup().config.policy_limits.clone();
-        let mut memory = PolicyMemory::default();
-        // At most as many requests as bytes: each consumes at least one line.
-        for _ in 0..=data.len() {
-            match reader.next_request().await {
+    // The first byte sets how the rest arrives: in pieces of 1 to 256 bytes.
+    let Some((&piece, data)) = data.split_first() else {
+        return;
+    };
+    let state = state();
+    let limits = state.setup().config.policy_limits.clone();
+    let mut memory = PolicyMemory::default();
+    let mut framer = Framer::default();
+    for chunk in data.chunks(piece as usize + 1) {
+        framer.push(chunk);
+        loop {
+            match framer.next_request() {
                 Ok(Some(request)) => {
-                    if let Ok(decision) = decide(&request, &limits, state, Duration::from_secs(1_700_000_000), &mut memory) {
+                    if let Ok(decision) = decide(
+                        &request,
+                        &limits,
+                        state,
+                        Duration::from_secs(1_700_000_000),
+                        &mut memory,
+                    ) {
                         assert!(!decision.action.contains('\n'));
                     }
                 }
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(_) => return,
             }
         }
-    });
+    }
+    let _ = framer.finish();
 });

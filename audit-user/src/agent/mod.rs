@@ -38,7 +38,7 @@ use self::{
     events::follow_events,
     reconcile::reconcile,
     refusals::follow_refusals,
-    reload::apply_reload,
+    reload::sighup,
     signals::{Signal, Signals},
     startup::{prepare, save_monitor_state},
 };
@@ -85,21 +85,6 @@ pub struct AgentOptions {
 
 /// SIGHUP for the Lua policy host: the scripts read and checked again; any
 /// failure keeps the running ones.
-fn reload_scripts(host: Option<&lua_policy::LuaPolicy>, state: &SharedState) {
-    let config = state.setup().config.lua_policy.clone();
-    match host {
-        Some(host) => {
-            if let Err(e) = host.reload(&config) {
-                log::error!("SIGHUP: {e}; the running scripts stay");
-            }
-        }
-        None if config.enabled() => log::warn!(
-            "SIGHUP: lua_policy_scripts set, but the policy host starts only with the agent; restart to run them"
-        ),
-        None => {}
-    }
-}
-
 /// Runs the agent until SIGTERM/SIGINT. Start-up (sockets, loading, attaching,
 /// seeding) runs on this thread alone, so that dropping capabilities afterwards
 /// covers every thread the runtime then creates: capabilities are per thread.
@@ -254,8 +239,7 @@ async fn serve(
     while signals.next().await == Signal::Reload {
         match &reload {
             Some(source) => {
-                apply_reload(source, &program, &state);
-                reload_scripts(lua_policy.as_deref(), &state);
+                sighup(source, &program, &state, lua_policy.as_deref());
             }
             None => log::info!("SIGHUP ignored: no configuration source to read again"),
         }

@@ -1,26 +1,69 @@
-//! SIGHUP: the configuration read again and applied without losing a count.
+//! SIGHUP: the configuration read again and applied without losing a count,
+//! then the Lua policy scripts.
 
 use std::{collections::HashMap, sync::Mutex};
 
 use crate::{
+    adapters::lua_policy::LuaPolicy,
     counting::state::{AgentStats, Setup, SharedState},
     kernel::{api::Kernel, seed},
 };
 
 use super::ConfigSource;
 
-/// SIGHUP: services, monitors, limits, access and timeouts take effect without
-/// losing a count; an invalid configuration leaves the running one in place.
+/// SIGHUP: the configuration, then the Lua scripts it names; counted as
+/// applied, or refused (either of them), once all is done, so whoever sent the signal can tell
+/// when it has taken effect (`stats`: reloads, reloads_refused).
+pub(super) fn sighup<K: Kernel>(
+    source: &ConfigSource,
+    program: &Mutex<K>,
+    state: &SharedState,
+    scripts: Option<&LuaPolicy>,
+) {
+    let applied = apply_reload(source, program, state) && reload_scripts(scripts, state);
+    let counter = if applied {
+        &state.stats.reloads
+    } else {
+        &state.stats.reloads_refused
+    };
+    AgentStats::add(counter, 1);
+}
+
+/// False when the scripts were refused (the running ones stay).
+fn reload_scripts(host: Option<&LuaPolicy>, state: &SharedState) -> bool {
+    let config = state.setup().config.lua_policy.clone();
+    match host {
+        Some(host) => match host.reload(&config) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("SIGHUP: {e}; the running scripts stay");
+                false
+            }
+        },
+        None => {
+            if config.enabled() {
+                log::warn!(
+                    "SIGHUP: lua_policy_scripts set, but the policy host starts only with the agent; restart to run them"
+                );
+            }
+            true
+        }
+    }
+}
+
+/// Services, monitors, limits, access and timeouts take effect without
+/// losing a count; an invalid configuration leaves the running one in place
+/// (false).
 pub(super) fn apply_reload<K: Kernel>(
     source: &ConfigSource,
     program: &Mutex<K>,
     state: &SharedState,
-) {
+) -> bool {
     let mut config = match source() {
         Ok(config) => config,
         Err(e) => {
             log::error!("SIGHUP: new configuration refused, the running one stays: {e}");
-            return;
+            return false;
         }
     };
     let running = state.setup();
@@ -43,7 +86,7 @@ pub(super) fn apply_reload<K: Kernel>(
             Ok(tracked) => tracked.slots_in_use(),
             Err(e) => {
                 log::error!("SIGHUP: reading the kernel's records failed, the running configuration stays: {e}");
-                return;
+                return false;
             }
         };
         let slots = match program
@@ -52,7 +95,7 @@ pub(super) fn apply_reload<K: Kernel>(
             Ok(slots) => slots,
             Err(e) => {
                 log::error!("SIGHUP: services not applied, the running configuration stays: {e}");
-                return;
+                return false;
             }
         };
         let limits_applied = match program.configure_refusal(&config.kernel_limits, &slots) {
@@ -120,6 +163,7 @@ pub(super) fn apply_reload<K: Kernel>(
         config.policy_limits.len()
     );
     state.replace_setup(Setup { config, slots });
+    true
 }
 
 /// Counts the sessions already open on ports a reload started watching, as

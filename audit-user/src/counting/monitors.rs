@@ -328,8 +328,11 @@ impl Monitors {
 
     /// The monitor a query names by its "W,N" string (spacing is forgiven).
     pub fn by_key(&self, key: &str) -> Option<&Monitor> {
-        let spec: MonitorSpec = key.parse().ok()?;
-        self.monitors.iter().find(|m| m.spec == spec)
+        self.by_spec(&key.parse().ok()?)
+    }
+
+    pub fn by_spec(&self, spec: &MonitorSpec) -> Option<&Monitor> {
+        self.monitors.iter().find(|m| m.spec == *spec)
     }
 
     /// The monitor at `position` in the configuration (Sieve's index form).

@@ -36,6 +36,9 @@ pub struct Observed {
     pub rejections: Counter,
     /// Postfix policy answers by the first word of the action.
     pub policy_answers: Family<Labels, Counter>,
+    /// `policy_answers`' dunno series, the answer to nearly every request:
+    /// counted without a label set built and hashed each time.
+    dunno: Counter,
     /// Query-socket requests by `function` and `code` (`ok` or the ERR code).
     pub queries: Family<Labels, Counter>,
     pub query_seconds: Histogram,
@@ -43,11 +46,16 @@ pub struct Observed {
 
 impl Default for Observed {
     fn default() -> Self {
+        let policy_answers = Family::<Labels, Counter>::default();
+        let dunno = policy_answers
+            .get_or_create(&vec![("action", "dunno".to_string())])
+            .clone();
         Self {
             accepted: std::array::from_fn(|_| AtomicU64::new(0)),
             receptions: Counter::default(),
             rejections: Counter::default(),
-            policy_answers: Family::default(),
+            policy_answers,
+            dunno,
             queries: Family::default(),
             query_seconds: Histogram::new(LATENCY_BUCKETS),
         }
@@ -80,6 +88,10 @@ impl Observed {
     /// `action` as sent to Postfix (without `action=`); only its first word
     /// is a label, the rest names the client and the limit.
     pub fn policy_answer(&self, action: &str) {
+        if action == "dunno" {
+            self.dunno.inc();
+            return;
+        }
         let word = action
             .split_whitespace()
             .next()

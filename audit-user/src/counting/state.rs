@@ -322,6 +322,9 @@ pub struct AgentStats {
     /// dry-run limit would have closed.
     pub kernel_limit_cuts: AtomicU64,
     pub kernel_limit_dry_run_cuts: AtomicU64,
+    /// SIGHUPs handled: configurations applied, and refused (the running one kept).
+    pub reloads: AtomicU64,
+    pub reloads_refused: AtomicU64,
     /// Counters and latencies for the Prometheus exposition.
     pub observed: Observed,
 }

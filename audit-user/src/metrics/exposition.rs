@@ -214,6 +214,16 @@ pub fn registry(state: &SharedState) -> Registry {
         counter(stat(&stats.kernel_limit_dry_run_cuts)),
     );
     registry.register(
+        "reloads",
+        "SIGHUP reloads applied",
+        counter(stat(&stats.reloads)),
+    );
+    registry.register(
+        "reloads_refused",
+        "SIGHUP reloads refused (the running configuration or scripts kept)",
+        counter(stat(&stats.reloads_refused)),
+    );
+    registry.register(
         "queries",
         "Query-socket requests by function and result code (ok or the ERR code)",
         observed.queries.clone(),

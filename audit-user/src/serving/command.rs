@@ -214,6 +214,8 @@ fn stats(state: &SharedState) -> Vec<String> {
             "kernel_limit_dry_run_cuts {}",
             get(&s.kernel_limit_dry_run_cuts)
         ),
+        format!("reloads {}", get(&s.reloads)),
+        format!("reloads_refused {}", get(&s.reloads_refused)),
         format!(
             "monitor_entries {}",
             monitors.iter().map(|m| m.tracked()).sum::<usize>()

@@ -22,7 +22,8 @@ pub struct Counted {
 }
 
 /// Counts for `limit` what `client` (asking with `request`) has now; Some
-/// when that is over the limit's max.
+/// when that is over the limit's max. The explanation is written only then:
+/// every request is judged, and almost none is refused.
 pub fn exceeded(
     limit: &Limit,
     client: IpAddr,
@@ -30,44 +31,38 @@ pub fn exceeded(
     state: &SharedState,
     now: Duration,
 ) -> Option<Counted> {
-    let counted = count(limit, client, request, state, now);
-    (counted.count > limit.rule().max).then_some(counted)
-}
-
-fn count(
-    limit: &Limit,
-    client: IpAddr,
-    request: &PolicyRequest,
-    state: &SharedState,
-    now: Duration,
-) -> Counted {
-    let net = limit.rule().prefixes.network(client);
-    let (count, what) = match limit {
+    let rule = limit.rule();
+    let net = rule.prefixes.network(client);
+    let over = |count: u64| count > rule.max;
+    match limit {
         Limit::Sessions { service, .. } => {
             let setup = state.setup();
             let service = service
-                .clone()
+                .as_deref()
                 .or_else(|| {
                     request
                         .get("server_port")
                         .and_then(|p| p.parse().ok())
                         .and_then(|port| setup.config.service_of_port(port))
-                        .map(str::to_string)
                 })
-                .unwrap_or_else(|| DEFAULT_SERVICE.to_string());
+                .unwrap_or(DEFAULT_SERVICE);
             let mut count = setup
                 .slots
-                .get(&service)
+                .get(service)
                 .map_or(0, |&slot| state.read_sessions().count(slot, &net));
-            if limit.rule().cluster {
-                count = count.saturating_add(fleet(state, |f| f.sessions(&service, &net)));
+            if rule.cluster {
+                count = count.saturating_add(fleet(state, |f| f.sessions(service, &net)));
             }
-            let scope = if limit.rule().cluster {
+            let scope = if rule.cluster {
                 " over the cluster"
             } else {
                 ""
             };
-            (count, format!("{service} sessions{scope}"))
+            over(count).then(|| Counted {
+                count,
+                what: format!("{service} sessions{scope}"),
+                net,
+            })
         }
         Limit::Windowed {
             series,
@@ -78,26 +73,28 @@ fn count(
         } => {
             let mut count = state
                 .lock_monitors()
-                .by_key(&monitor.to_string())
+                .by_spec(monitor)
                 .map_or(0, |m| m.sum(*series, &net, *first, *last, now));
-            if limit.rule().cluster {
+            if rule.cluster {
                 let others = fleet(state, |f| {
                     f.windows(None, *monitor, *series, &net, (*first, *last), now)
                 });
                 count = count.saturating_add(others);
             }
-            let windows = if first == last {
-                format!("window {first}")
-            } else {
-                format!("windows {first}-{last}")
-            };
-            (
-                count,
-                format!("{} in \"{monitor}\" {windows}", series.name()),
-            )
+            over(count).then(|| {
+                let windows = if first == last {
+                    format!("window {first}")
+                } else {
+                    format!("windows {first}-{last}")
+                };
+                Counted {
+                    count,
+                    what: format!("{} in \"{monitor}\" {windows}", series.name()),
+                    net,
+                }
+            })
         }
-    };
-    Counted { count, what, net }
+    }
 }
 
 /// What the other nodes add, from the fleet view; 0 while it is unavailable

@@ -11,8 +11,9 @@
 //! reception is recorded; whenever the answer rejects or defers, a rejection.
 //!
 //! `reader` frames requests, `limits` counts one limit, `decision` answers a
-//! request, `serve` runs the socket.
+//! request, `connection` answers one client's requests, `serve` runs the socket.
 
+mod connection;
 mod decision;
 mod limits;
 mod reader;
@@ -20,6 +21,7 @@ mod serve;
 #[cfg(test)]
 pub(crate) mod test_support;
 
+pub use connection::{answer_requests, Ended, Timeouts};
 pub use decision::{conclude, decide, judge, record, refuses, scripted, Decision, PolicyMemory};
-pub use reader::{PolicyError, PolicyReader, PolicyRequest};
-pub use serve::{policy_call, serve, serve_on_own_thread};
+pub use reader::{Framer, PolicyError, PolicyRequest};
+pub use serve::{serve, serve_on_own_thread};

@@ -6,90 +6,47 @@
 //! every place and real Postfix requests would be refused, so Postfix would
 //! apply its default action and the limits would stop working.
 
-use std::{sync::Arc, time::Duration};
-
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
-    time::timeout,
+use std::{
+    collections::HashMap,
+    os::unix::net::UnixStream,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use crate::{
     adapters::{
         lua_policy::LuaPolicy,
-        postfix::{
-            decision::{conclude, judge, scripted, PolicyMemory},
-            reader::{PolicyError, PolicyReader, PolicyRequest},
-        },
+        postfix::connection::{answer_requests, Ended, Scripts, Timeouts},
     },
     counting::state::SharedState,
-    domain::unix_now,
-    serving::{
-        protocol::{Phase, PolicyCall},
-        server::{accept_loop, WRITE_TIMEOUT},
-        shutdown::Shutdown,
-    },
+    serving::{server::accept_loop, shutdown::Shutdown},
     sys::socket::QuerySocket,
 };
 
-/// How long a policy client may take at each step before it is dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Timeouts {
-    /// From connecting, or from the last answer, to a request's first byte.
-    idle: Duration,
-    /// From a request's first byte to its empty line.
-    request: Duration,
-    /// To take one answer off our hands.
-    write: Duration,
-}
-
-impl Timeouts {
-    fn of(state: &SharedState) -> Self {
-        let setup = state.setup();
-        Self {
-            idle: setup.config.client_idle_timeout,
-            request: setup.config.request_timeout,
-            write: WRITE_TIMEOUT,
-        }
-    }
-}
-
-/// Why a policy connection was closed by us.
-#[derive(Debug, thiserror::Error)]
-enum Ended {
-    #[error("no request for {} s", .0.as_secs_f64())]
-    Idle(Duration),
-    #[error("a request took longer than {} s to arrive", .0.as_secs_f64())]
-    SlowRequest(Duration),
-    #[error("an answer was not read within {} s", .0.as_secs_f64())]
-    SlowReader(Duration),
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    #[error("writing an answer: {0}")]
-    Write(#[source] std::io::Error),
-}
-
 /// Serves policy requests until `shutdown` fires, on a thread of its own
-/// with a single-threaded runtime. smtpd waits for each answer, so what
-/// matters is the wake-up per request: on the agent's multi-threaded runtime
-/// a request woke one worker, which woke an idle sibling to share the work it
-/// had just been given; on this VM every such wake of a halted vCPU is a VM
-/// exit. Here a request wakes this thread alone, as a blocking reference
-/// server would be woken (README "Benchmarks", mailhost).
+/// with a single-threaded runtime that accepts, and a blocking thread per
+/// connection (`connection`) that answers.
 pub fn serve_on_own_thread(
     socket: QuerySocket,
     state: Arc<SharedState>,
     shutdown: Shutdown,
     scripts: Option<Arc<LuaPolicy>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let max = state.setup().config.max_clients.max(1);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_name("postfix-policy")
+        .max_blocking_threads(max)
         .build()?;
     std::thread::Builder::new()
         .name("postfix-policy".into())
         .spawn(move || runtime.block_on(serve(socket, state, shutdown, scripts)))
 }
 
-/// Serves policy requests until `shutdown` fires.
+/// Serves policy requests until `shutdown` fires; then closes every
+/// connection, so no thread is left blocked in a read.
 pub async fn serve(
     socket: QuerySocket,
     state: Arc<SharedState>,
@@ -97,197 +54,117 @@ pub async fn serve(
     scripts: Option<Arc<LuaPolicy>>,
 ) {
     let max = state.setup().config.max_clients;
-    let stop = shutdown.clone();
     let refuse = move |_stream| async move {
         // The protocol has no busy answer: Postfix applies its default action.
         log::warn!("policy socket: too many clients (max_clients = {max}); dropping one");
     };
-    accept_loop(&socket, max, shutdown, refuse, move |stream| {
-        let (state, stop, scripts) = (state.clone(), stop.clone(), scripts.clone());
-        async move {
-            // Read at connect time, like the query socket: a reload applies
-            // to the connections that follow.
-            let timeouts = Timeouts::of(&state);
-            match handle(stream, &state, stop, timeouts, scripts.as_deref()).await {
-                Ok(()) => {}
-                Err(e @ Ended::Idle(_)) => log::debug!("postfix policy client dropped: {e}"),
-                Err(e @ (Ended::SlowRequest(_) | Ended::SlowReader(_))) => {
-                    log::info!("postfix policy client dropped: {e}")
-                }
-                Err(e) => log::warn!("postfix policy client dropped: {e}"),
+    let open = Arc::new(Open::default());
+    let runtime = tokio::runtime::Handle::current();
+    {
+        let open = open.clone();
+        accept_loop(&socket, max, shutdown, refuse, move |stream| {
+            let (state, scripts, runtime, open) = (
+                state.clone(),
+                scripts.clone(),
+                runtime.clone(),
+                open.clone(),
+            );
+            async move {
+                let stream = match stream.into_std().and_then(|s| {
+                    s.set_nonblocking(false)?;
+                    Ok(s)
+                }) {
+                    Ok(stream) => stream,
+                    Err(e) => return log::warn!("policy socket: taking a connection: {e}"),
+                };
+                let (id, stream) = open.add(stream);
+                // Read at connect time, like the query socket: a reload
+                // applies to the connections that follow.
+                let timeouts = Timeouts::of(&state);
+                // Holds the client's place until the connection ends.
+                let _ = tokio::task::spawn_blocking(move || {
+                    let scripts = scripts.as_deref().map(|policy| Scripts {
+                        policy,
+                        runtime: &runtime,
+                    });
+                    let ended = answer_requests(&stream, &state, timeouts, scripts);
+                    open.remove(id);
+                    if !open.closing.load(Ordering::Relaxed) {
+                        log_end(ended);
+                    }
+                })
+                .await;
             }
-        }
-    })
-    .await;
+        })
+        .await;
+    }
+    open.close_all();
 }
 
-async fn handle<S: AsyncRead + AsyncWrite>(
-    stream: S,
-    state: &SharedState,
-    mut stop: Shutdown,
-    timeouts: Timeouts,
-    scripts: Option<&LuaPolicy>,
-) -> Result<(), Ended> {
-    let (read, mut write) = tokio::io::split(stream);
-    let mut requests = PolicyReader::new(BufReader::new(read));
-    let mut memory = PolicyMemory::default();
-    loop {
-        let begun = tokio::select! {
-            _ = stop.wait() => return Ok(()),
-            begun = timeout(timeouts.idle, requests.wait_for_request()) => begun,
-        };
-        match begun {
-            Err(_) => return Err(Ended::Idle(timeouts.idle)),
-            Ok(Ok(false)) => return Ok(()),
-            Ok(Ok(true)) => {}
-            Ok(Err(e)) => return Err(e.into()),
+fn log_end(ended: Result<(), Ended>) {
+    match ended {
+        Ok(()) => {}
+        Err(e @ Ended::Idle(_)) => log::debug!("postfix policy client dropped: {e}"),
+        Err(e @ (Ended::SlowRequest(_) | Ended::SlowReader(_))) => {
+            log::info!("postfix policy client dropped: {e}")
         }
-        let request = tokio::select! {
-            _ = stop.wait() => return Ok(()),
-            request = timeout(timeouts.request, requests.next_request()) => {
-                request.map_err(|_| Ended::SlowRequest(timeouts.request))??
-            }
-        };
-        let Some(request) = request else {
-            return Ok(());
-        };
-        // Limits are read per request, so a SIGHUP reload applies at once.
-        let setup = state.setup();
-        let mut judged = judge(&request, &setup.config.policy_limits, state, unix_now())?;
-        // The scripts run when no limit has refused already.
-        if let (None, Some(scripts), Some(call)) = (&judged, scripts, policy_call(&request)) {
-            let verdict = scripts.evaluate(call).await;
-            if verdict.action != "dunno" {
-                judged = Some(scripted(verdict.action));
-            }
-        }
-        let decision = conclude(&request, judged, state, unix_now(), &mut memory);
-        if decision.refuses {
-            log::info!(
-                "postfix policy: {} {} -> {}",
-                request.get("client_address").unwrap_or("?"),
-                request.get("protocol_state").unwrap_or("?"),
-                decision.action
-            );
-        }
-        let answer = format!("action={}\n\n", decision.action);
-        timeout(timeouts.write, write.write_all(answer.as_bytes()))
-            .await
-            .map_err(|_| Ended::SlowReader(timeouts.write))?
-            .map_err(Ended::Write)?;
+        Err(e) => log::warn!("postfix policy client dropped: {e}"),
     }
 }
 
-/// The Lua scripts' view of a request: its phase, client and attributes;
-/// None for a phase no callout runs at (VRFY, ETRN) or without a client.
-pub fn policy_call(request: &PolicyRequest) -> Option<PolicyCall> {
-    let phase = Phase::parse(request.get("protocol_state")?)?;
-    Some(PolicyCall {
-        phase,
-        client: request.client().ok()?,
-        local_port: request.get("server_port").and_then(|p| p.parse().ok()),
-        attributes: request.attributes.clone(),
-    })
+/// The open connections: shutting one down wakes the thread blocked reading
+/// it, which then sees the end. Shared, not a second descriptor each, so a
+/// client holds one descriptor as the open-file budget assumes.
+#[derive(Default)]
+struct Open {
+    next: AtomicU64,
+    streams: Mutex<HashMap<u64, Arc<UnixStream>>>,
+    closing: AtomicBool,
+}
+
+impl Open {
+    fn add(&self, stream: UnixStream) -> (u64, Arc<UnixStream>) {
+        let stream = Arc::new(stream);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, stream.clone());
+        (id, stream)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn close_all(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        for stream in self.lock().values() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<UnixStream>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, path::PathBuf};
+    use std::{
+        io::{Read, Write},
+        path::PathBuf,
+        time::Duration,
+    };
 
     use tokio::{
-        io::{duplex, AsyncReadExt},
-        net::UnixStream,
-        task::JoinHandle,
-        time::{sleep, Instant},
+        io::{AsyncReadExt, AsyncWriteExt},
+        time::{sleep, timeout, Instant},
     };
 
     use super::*;
-    use crate::{adapters::postfix::test_support::state, config::Config, serving::shutdown};
-
-    const REQUEST: &[u8] =
-        b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=198.51.100.1\n\n";
-    const ANSWER: &[u8] = b"action=dunno\n\n";
-
-    const TIMEOUTS: Timeouts = Timeouts {
-        idle: Duration::from_secs(5),
-        request: Duration::from_secs(2),
-        write: Duration::from_secs(3),
+    use crate::{
+        adapters::postfix::test_support::{state, ANSWER, REQUEST},
+        config::Config,
+        serving::shutdown,
     };
-
-    /// How `handle` ended, and when.
-    type Handled = (Result<(), Ended>, Instant);
-
-    /// `handle` on the server end of an in-memory connection of `capacity`
-    /// bytes each way; the result comes with when it ended.
-    fn spawn_handle(capacity: usize) -> (tokio::io::DuplexStream, JoinHandle<Handled>) {
-        let (client, server) = duplex(capacity);
-        let state = Arc::new(state());
-        let (trigger, stop) = shutdown::channel();
-        let task = tokio::spawn(async move {
-            let _trigger = trigger;
-            let result = handle(server, &state, stop, TIMEOUTS, None).await;
-            (result, Instant::now())
-        });
-        (client, task)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_client_is_dropped_after_the_idle_timeout() {
-        let (mut client, task) = spawn_handle(1024);
-        client.write_all(REQUEST).await.unwrap();
-        let mut answer = vec![0; ANSWER.len()];
-        client.read_exact(&mut answer).await.unwrap();
-        assert_eq!(answer, ANSWER);
-        let answered = Instant::now();
-        let (result, ended) = task.await.unwrap();
-        assert!(matches!(result, Err(Ended::Idle(idle)) if idle == TIMEOUTS.idle));
-        assert_eq!(ended - answered, TIMEOUTS.idle);
-        let mut rest = Vec::new();
-        client.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty(), "dropped unanswered");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_client_sending_a_byte_a_second_is_dropped_after_the_request_timeout() {
-        let (client, task) = spawn_handle(1024);
-        let (mut read, mut write) = tokio::io::split(client);
-        let began = Instant::now();
-        let trickle = tokio::spawn(async move {
-            for byte in REQUEST {
-                if write.write_all(&[*byte]).await.is_err() {
-                    break;
-                }
-                sleep(Duration::from_secs(1)).await;
-            }
-        });
-        let (result, ended) = task.await.unwrap();
-        // Each byte is well within the idle timeout; the request as a whole is not.
-        assert!(matches!(result, Err(Ended::SlowRequest(r)) if r == TIMEOUTS.request));
-        assert_eq!(ended - began, TIMEOUTS.request);
-        let mut rest = Vec::new();
-        read.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty(), "dropped unanswered");
-        trickle.abort();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_client_that_never_reads_its_answers_is_dropped() {
-        // Room for four answers: the fifth cannot be written.
-        let (client, task) = spawn_handle(4 * ANSWER.len() + 1);
-        let (_read, mut write) = tokio::io::split(client);
-        let began = Instant::now();
-        let requests = tokio::spawn(async move {
-            for _ in 0..10 {
-                if write.write_all(REQUEST).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let (result, ended) = task.await.unwrap();
-        assert!(matches!(result, Err(Ended::SlowReader(w)) if w == TIMEOUTS.write));
-        assert_eq!(ended - began, TIMEOUTS.write);
-        requests.abort();
-    }
 
     /// A private directory for a socket (bind refuses world-writable ones
     /// such as /tmp itself).
@@ -313,12 +190,19 @@ mod tests {
 
     /// What a client gets within `limit`: the bytes until EOF (or a reset),
     /// None if it is still connected then.
-    async fn outcome(stream: &mut UnixStream, limit: Duration) -> Option<Vec<u8>> {
+    async fn outcome(stream: &mut tokio::net::UnixStream, limit: Duration) -> Option<Vec<u8>> {
         let mut got = Vec::new();
         match timeout(limit, stream.read_to_end(&mut got)).await {
             Ok(_) => Some(got),
             Err(_) => None,
         }
+    }
+
+    fn state_with(config: impl FnOnce(Config) -> Config) -> Arc<SharedState> {
+        Arc::new(SharedState::new(
+            config(state().setup().config.clone()),
+            HashMap::from([("SMTP".to_string(), 0u8)]),
+        ))
     }
 
     #[tokio::test]
@@ -327,27 +211,23 @@ mod tests {
         let path = dir.0.join("policy.sock");
         let socket = QuerySocket::bind(&path, 0o600, None).unwrap();
         let idle = Duration::from_millis(600);
-        let config = Config {
+        let state = state_with(|c| Config {
             max_clients: 2,
             client_idle_timeout: idle,
             request_timeout: Duration::from_millis(300),
-            ..state().setup().config.clone()
-        };
-        let state = Arc::new(SharedState::new(
-            config,
-            HashMap::from([("SMTP".to_string(), 0u8)]),
-        ));
+            ..c
+        });
         let (trigger, stop) = shutdown::channel();
         let server = tokio::spawn(serve(socket, state, stop, None));
 
         let began = Instant::now();
         let mut holders = Vec::new();
         for _ in 0..2 {
-            holders.push(UnixStream::connect(&path).await.unwrap());
+            holders.push(tokio::net::UnixStream::connect(&path).await.unwrap());
         }
         // Both are accepted before the third arrives (accepts are in order).
         sleep(Duration::from_millis(100)).await;
-        let mut third = UnixStream::connect(&path).await.unwrap();
+        let mut third = tokio::net::UnixStream::connect(&path).await.unwrap();
         let _ = third.write_all(REQUEST).await;
         assert_eq!(
             outcome(&mut third, Duration::from_millis(300)).await,
@@ -368,7 +248,7 @@ mod tests {
         }
         assert!(began.elapsed() >= idle, "{:?}", began.elapsed());
         // ...and Postfix's next connection is answered.
-        let mut postfix = UnixStream::connect(&path).await.unwrap();
+        let mut postfix = tokio::net::UnixStream::connect(&path).await.unwrap();
         postfix.write_all(REQUEST).await.unwrap();
         let mut answer = vec![0; ANSWER.len()];
         timeout(Duration::from_secs(2), postfix.read_exact(&mut answer))
@@ -382,5 +262,51 @@ mod tests {
             .await
             .expect("serve stops on shutdown")
             .unwrap();
+    }
+
+    #[test]
+    fn shutdown_closes_connections_that_would_idle_for_minutes() {
+        let dir = SocketDir::new("policy-stop");
+        let path = dir.0.join("policy.sock");
+        let state = state_with(|c| Config {
+            client_idle_timeout: Duration::from_secs(600),
+            ..c
+        });
+        let (trigger, stop) = shutdown::channel();
+        let (bound, ready) = std::sync::mpsc::channel();
+        let serving = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let socket = QuerySocket::bind(&path, 0o600, None).unwrap();
+                    bound.send(()).unwrap();
+                    serve(socket, state, stop, None).await
+                });
+                // Dropping the runtime waits for every connection's thread.
+                drop(runtime);
+            })
+        };
+        ready.recv().unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(REQUEST).unwrap();
+        let mut answer = vec![0; ANSWER.len()];
+        client.read_exact(&mut answer).unwrap();
+        assert_eq!(answer, ANSWER);
+
+        let stopped = std::time::Instant::now();
+        trigger.trigger();
+        serving.join().unwrap();
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "a connection idle for 600 s held the shutdown for {:?}",
+            stopped.elapsed()
+        );
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "closed without another answer");
     }
 }

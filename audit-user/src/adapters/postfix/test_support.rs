@@ -1,5 +1,5 @@
 //! Shared by the adapter's tests: a state with three live sessions from
-//! 192.0.2.0/24, two limits, requests from attribute pairs.
+//! 192.0.2.0/24, two limits, requests from attribute pairs, one on the wire.
 
 use std::collections::HashMap;
 
@@ -55,10 +55,10 @@ pub fn limits() -> Vec<Limit> {
 }
 
 pub fn request(pairs: &[(&str, &str)]) -> PolicyRequest {
-    PolicyRequest {
-        attributes: pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
+    PolicyRequest::from_pairs(pairs)
 }
+
+/// A request from a client no limit of [`limits`] refuses, and its answer.
+pub const REQUEST: &[u8] =
+    b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=198.51.100.1\n\n";
+pub const ANSWER: &[u8] = b"action=dunno\n\n";
