@@ -883,3 +883,85 @@ fn a_burst_over_a_slow_link_is_bounded_by_pending_syns() {
     let mut setup = setup;
     setup.agent.stop();
 }
+
+/// A prefix that goes over its limit between reloads (here a burst without
+/// the pending bound, over a slow link) is cut back by the next reconcile
+/// pass when `cut_existing` is on: the newest sessions get a RST, the
+/// counts fall to max, the log names the prefix once per pass.
+#[test]
+fn an_overshoot_is_cut_back_by_the_next_reconcile_pass() {
+    require_ebpf!();
+    let limits = format!(
+        "reconcile_interval_secs = 1\n{}",
+        LIMITS.replace(
+            "max = 3",
+            "max = 3\ncount_pending = false\ncut_existing = true"
+        )
+    );
+    let setup = Setup::start("overcut", &limits);
+    let client = delayed_link(&setup, "overcutc", 30, "64kbit");
+    let server = SocketAddr::new(addr("10.99.0.1"), setup.server.ports[1]);
+    // The link makes an overshoot likely, not certain: up to three bursts.
+    let mut tries = Vec::new();
+    let mut admitted = Vec::new();
+    for _ in 0..3 {
+        admitted = syn_burst(&client, 30, server)
+            .into_iter()
+            .filter_map(|(result, _)| result.ok())
+            .collect();
+        tries.push(admitted.len());
+        if admitted.len() > 3 {
+            break;
+        }
+        for stream in admitted.drain(..) {
+            reset(stream);
+        }
+        setup.agent.expect_count("10.99.1.0/24", "SMTP", 0);
+    }
+    let over = admitted.len();
+    assert!(over > 3, "no burst went over the limit: {tries:?}");
+    // Cut back to max within a pass or two, in the agent's counts and the kernel's.
+    setup.agent.expect_count("10.99.1.0/24", "SMTP", 3);
+    assert_eq!(setup.sock_diag("10.99.1.0/24"), 3);
+    // Counted once the pass is over, a moment after the closes it caused.
+    integration_tests::eventually_within("the cuts counted", Duration::from_secs(5), || {
+        setup.agent.stat("kernel_limit_cuts") == (over - 3) as u64
+    });
+    let mut cut = 0;
+    for stream in &mut admitted {
+        use std::io::Read;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        if matches!(
+            stream.read(&mut [0u8; 16]),
+            Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset
+        ) {
+            cut += 1;
+        }
+    }
+    assert_eq!(cut, over - 3, "the clients cut see a reset");
+    // One line per prefix per pass (a pass may land mid-burst, so maybe two).
+    let log = setup.agent.log_text();
+    let logged: usize = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("reconcile: kernel limits: cut ")?
+                .1
+                .split_once(' ')
+        })
+        .map(|(n, rest)| {
+            assert!(
+                rest.starts_with("sessions from 10.99.1.0/24 (over max 3)"),
+                "{rest}"
+            );
+            n.parse::<usize>().unwrap()
+        })
+        .sum();
+    assert_eq!(logged, over - 3, "{log}");
+    for stream in admitted {
+        drop(stream);
+    }
+    let mut setup = setup;
+    setup.agent.stop();
+}

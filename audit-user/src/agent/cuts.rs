@@ -1,8 +1,8 @@
 //! `cut_existing`, run at start-up (after seeding, so sessions that predate
-//! the agent are candidates) and after each reload: the kernel cuts (see
-//! kernel::cut), the agent counts and logs. A pass logs one line per prefix,
-//! and passes run only then, so a pass never logs per session; once cut, a
-//! prefix is under its limit and the next pass leaves it.
+//! the agent are candidates), after each reload, and after each reconcile
+//! pass (agent::reconcile): the kernel cuts (see kernel::cut), the agent
+//! counts and logs. A pass logs one line per prefix it cut, never one per
+//! session; once cut, a prefix is under its limit and the next pass leaves it.
 
 use std::collections::HashMap;
 
@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Cuts what `limits` ask for and accounts for it; `when` names the pass in
-/// the log ("start-up", "SIGHUP").
+/// the log ("start-up", "SIGHUP", "reconcile").
 pub(super) fn cut_over_limits<K: Kernel + ?Sized>(
     program: &mut K,
     limits: &[KernelLimitConfig],

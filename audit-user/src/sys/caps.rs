@@ -76,6 +76,11 @@ pub fn keep_only(keep: &[Capability]) -> Result<u64, CapsError> {
     Ok(mask(&effective))
 }
 
+/// Whether the calling thread may use `cap` now.
+pub fn effective(cap: Capability) -> bool {
+    caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false)
+}
+
 /// The bit mask of `set`, as /proc/PID/status shows it.
 pub fn mask(set: &CapsHashSet) -> u64 {
     set.iter().fold(0, |mask, cap| mask | cap.bitmask())

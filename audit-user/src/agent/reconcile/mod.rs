@@ -19,7 +19,7 @@ use crate::{
     domain::unix_now,
     kernel::{api::Kernel, loader::LoadError},
     serving::shutdown::Shutdown,
-    sys::memory::release_freed_memory,
+    sys::{caps, memory::release_freed_memory},
 };
 
 use super::startup::{release_close_backstop, seeded_records};
@@ -111,6 +111,22 @@ pub(super) fn kernel_pass<K: Kernel>(
         uncounted: tracked.uncounted.len() - adopted.len(),
         ip_table_at_capacity,
     })
+}
+
+/// `cut_existing` between reloads: a prefix can still go over its limit
+/// after start-up, by SYNs whose handshakes outlast the pending window (or
+/// any burst, with `count_pending = false`); each pass cuts it back. Costs a
+/// read of the prefix counts while nothing is over, a socket dump when
+/// something is. Skipped without CAP_NET_ADMIN (cut_existing enabled by a
+/// reload, not at start-up): that reload already said so, once.
+fn cut_where_over<K: Kernel>(program: &Mutex<K>, state: &SharedState) {
+    let setup = state.setup();
+    let limits = &setup.config.kernel_limits;
+    if !limits.iter().any(|l| l.cut_existing) || !caps::effective(caps::Capability::CAP_NET_ADMIN) {
+        return;
+    }
+    let mut program = program.lock().unwrap_or_else(|p| p.into_inner());
+    super::cuts::cut_over_limits(&mut *program, limits, &setup.slots, state, "reconcile");
 }
 
 /// A repair needs two passes that agree, so after start-up (where an event
@@ -296,10 +312,11 @@ pub(super) async fn reconcile<K: Kernel + Send + 'static>(
             }
         }
         let started = tokio::time::Instant::now();
-        let program = program.clone();
+        let (program, cut_state) = (program.clone(), state.clone());
         let mut kernel_reconciler = std::mem::take(&mut pass_state.kernel_reconciler);
         let read = tokio::task::spawn_blocking(move || {
             let pass = kernel_pass(&*program, &mut kernel_reconciler);
+            cut_where_over(&program, &cut_state);
             (pass, kernel_reconciler)
         })
         .await;
