@@ -39,7 +39,7 @@ pub fn install_helper(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn helper() -> Result<&'static Path> {
+pub fn helper() -> Result<&'static Path> {
     HELPER
         .get()
         .map(PathBuf::as_path)

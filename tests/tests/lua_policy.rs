@@ -401,3 +401,69 @@ fn momentum_scripts_run_unchanged_for_exim() {
     assert!(agent.query("policy RCPT").starts_with("ERR no_client "));
     assert_eq!(script_failures(agent), Vec::<String>::new());
 }
+
+/// SIGHUP reads the scripts again: an edited script answers from the next
+/// request on; a broken one is refused (logged, counted in `reloads_refused`)
+/// and the running one goes on answering.
+#[test]
+fn sighup_reloads_the_scripts_and_a_broken_one_leaves_the_running_ones() {
+    require_ebpf!();
+    let dir = TempDir::new("lua-reload-scripts");
+    let script = dir.path().join("greeting.lua");
+    let write_script = |code: u32, text: &str| {
+        std::fs::write(
+            &script,
+            format!(
+                "require(\"msys.core\");\nrequire(\"msys.extended.vctx\");\nlocal mod = {{}};\n\
+                 function mod:validate_connect(ac, vctx)\n  vctx:set_code({code}, \"{text}\");\n  \
+                 return msys.core.VALIDATE_DONE;\nend\nmsys.registerModule(\"greeting\", mod);\n"
+            ),
+        )
+        .unwrap()
+    };
+    write_script(421, "4.7.0 first version");
+    let config = dir.path().join("inbound-audit.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "lua_policy_scripts = [{:?}]\n",
+            script.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cgroup = TestCgroup::new("lua-reload");
+    let agent = Agent::start(AgentOptions {
+        name: "lua-reload",
+        cgroup: &cgroup,
+        services: vec!["SMTP=2599".into()],
+        extra_args: vec!["--config".into(), config.display().to_string()],
+    });
+    let ask = || agent.query("@192.0.2.1 policy CONNECT client_port=4000 server_port=2599");
+    assert_eq!(ask(), "OK 421 4.7.0 first version");
+
+    // A reload is counted once it is complete, scripts included.
+    let reloaded = |name: &str, to: u64| {
+        integration_tests::eventually_within(name, Duration::from_secs(10), || {
+            agent.stat(name) == to
+        });
+    };
+    write_script(450, "4.7.1 second version");
+    agent.signal(libc::SIGHUP);
+    reloaded("reloads", 1);
+    assert_eq!(ask(), "OK 450 4.7.1 second version");
+
+    std::fs::write(&script, "this is not lua (\n").unwrap();
+    agent.signal(libc::SIGHUP);
+    reloaded("reloads_refused", 1);
+    assert_eq!(agent.stat("reloads"), 1);
+    assert_eq!(
+        ask(),
+        "OK 450 4.7.1 second version",
+        "the running script stays"
+    );
+    assert!(
+        agent.log_text().contains("the running scripts stay"),
+        "{}",
+        agent.log_text()
+    );
+}

@@ -372,7 +372,8 @@ fn round_trips(
     reference: &Path,
     batches: usize,
 ) -> Result<(Percentiles, Percentiles)> {
-    let output = std::process::Command::new(std::env::current_exe()?)
+    // The private copy: the criterion step replaces the runner's own binary.
+    let output = std::process::Command::new(crate::net::helper()?)
         .args([
             "round-trips",
             "--cpu",
