@@ -153,7 +153,7 @@ impl PolicyClient {
     pub fn connect(path: &Path) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .with_context(|| format!("connecting to {}", path.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         Ok(Self {
             stream,
             buffer: vec![0; 4096],
@@ -163,28 +163,30 @@ impl PolicyClient {
     /// Sends `request` and reads the answer (up to its empty line): the round trip in ns.
     pub fn round_trip(&mut self, request: &[u8]) -> Result<f64> {
         let started = Instant::now();
+        self.ask(request)?;
+        Ok(started.elapsed().as_nanos() as f64)
+    }
+
+    /// One request; its action, without `action=`.
+    pub fn ask(&mut self, request: &[u8]) -> Result<String> {
         self.stream.write_all(request)?;
-        let mut got = 0;
+        let mut filled = 0;
         loop {
-            let n = self.stream.read(&mut self.buffer[got..])?;
+            if let Some(end) = self.buffer[..filled].windows(2).position(|w| w == b"\n\n") {
+                let answer = std::str::from_utf8(&self.buffer[..end])?;
+                return answer
+                    .strip_prefix("action=")
+                    .map(str::to_string)
+                    .with_context(|| format!("unexpected answer {answer:?}"));
+            }
+            if filled == self.buffer.len() {
+                bail!("answer longer than {} bytes", self.buffer.len());
+            }
+            let n = self.stream.read(&mut self.buffer[filled..])?;
             if n == 0 {
                 bail!("the policy server closed the connection");
             }
-            got += n;
-            if self.buffer[..got].ends_with(b"\n\n") {
-                break;
-            }
-            if got == self.buffer.len() {
-                bail!("answer longer than {} bytes", got);
-            }
+            filled += n;
         }
-        let took = started.elapsed().as_nanos() as f64;
-        if !self.buffer[..got].starts_with(b"action=") {
-            bail!(
-                "unexpected answer {:?}",
-                String::from_utf8_lossy(&self.buffer[..got])
-            );
-        }
-        Ok(took)
     }
 }

@@ -8,20 +8,18 @@
 //! four such connections at once.
 
 use std::{
-    io::{Read, Write},
-    os::unix::net::UnixStream,
-    path::Path,
     sync::{Arc, Barrier},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use inbound_bench::stats::{median, Percentiles};
 use serde_json::json;
 
 use crate::{
     agent::BenchAgent,
     env,
+    policy::PolicyClient,
     report::{fmt_count, fmt_ns, Report, Section},
     Ctx,
 };
@@ -41,47 +39,6 @@ fn request(client: u32) -> Vec<u8> {
          policy_context=\ncompatibility_level=3.6\nmail_version=3.7.11\n\n"
     )
     .into_bytes()
-}
-
-/// One persistent policy connection.
-struct PolicyClient {
-    stream: UnixStream,
-    buffer: Vec<u8>,
-}
-
-impl PolicyClient {
-    fn connect(socket: &Path) -> Result<Self> {
-        let stream = UnixStream::connect(socket)
-            .with_context(|| format!("connecting to {}", socket.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Self {
-            stream,
-            buffer: vec![0; 1024],
-        })
-    }
-
-    /// One request; its `action=` answer.
-    fn ask(&mut self, request: &[u8]) -> Result<String> {
-        self.stream.write_all(request)?;
-        let mut filled = 0;
-        loop {
-            if let Some(end) = self.buffer[..filled].windows(2).position(|w| w == b"\n\n") {
-                let answer = std::str::from_utf8(&self.buffer[..end])?;
-                return answer
-                    .strip_prefix("action=")
-                    .map(str::to_string)
-                    .with_context(|| format!("unexpected answer {answer:?}"));
-            }
-            if filled == self.buffer.len() {
-                bail!("answer longer than {} bytes", self.buffer.len());
-            }
-            let n = self.stream.read(&mut self.buffer[filled..])?;
-            if n == 0 {
-                bail!("the agent closed the policy connection");
-            }
-            filled += n;
-        }
-    }
 }
 
 struct Arm {
