@@ -316,13 +316,13 @@ fn work(shared: &Arc<Shared>, scripts: &RwLock<Arc<Scripts>>, jobs: &Mutex<Recei
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .begin(&session, &job.call, Instant::now());
-        let verdict = match interp.run(&job.call, session, job.deadline) {
+        let (client, phase) = (job.call.client, job.call.phase);
+        let verdict = match interp.run(job.call, session, job.deadline) {
             Ok(outcome) => verdict_of(&outcome),
             Err(e) => {
                 log::warn!(
-                    "lua policy: {e}; {} {} answered {:?}",
-                    job.call.client,
-                    job.call.phase.name(),
+                    "lua policy: {e}; {client} {} answered {:?}",
+                    phase.name(),
                     loaded.fail_action
                 );
                 Verdict {

@@ -274,35 +274,21 @@ impl Interp {
     /// the request's arrival, queueing included).
     pub fn run(
         &self,
-        call: &PolicyCall,
+        call: PolicyCall,
         session: String,
         deadline: Instant,
     ) -> Result<Outcome, ScriptError> {
         let callout = call.phase.callout();
+        let (client, port) = (call.client.to_string(), call.local_port.map(i64::from));
         {
+            // Kept here for the scripts' calls (`host.attribute`, the
+            // audit functions' client) while they run.
             let mut current = self.current.borrow_mut();
-            current.call = Some(call.clone());
+            current.call = Some(call);
             current.session = session;
             current.module = None;
         }
-        let result = (|| {
-            let attrs = self.lua.create_table().map_err(|e| e.to_string())?;
-            for (name, value) in &call.attributes {
-                attrs
-                    .raw_set(name.as_str(), value.as_str())
-                    .map_err(|e| e.to_string())?;
-            }
-            self.resume(
-                &self.run,
-                (
-                    callout,
-                    call.client.to_string(),
-                    call.local_port.map(i64::from),
-                    attrs,
-                ),
-                deadline,
-            )
-        })();
+        let result = self.resume(&self.run, (callout, client, port), deadline);
         let module = self.current.borrow_mut().module.take();
         self.current.borrow_mut().call = None;
         let values = result.map_err(|message| {
@@ -458,6 +444,21 @@ fn primitives(
     host.set(
         "now",
         lua.create_function(|_, ()| Ok(unix_now().as_secs()))?,
+    )?;
+    let cur = current.clone();
+    host.set(
+        "attribute",
+        lua.create_function(move |_, name: mlua::LuaString| {
+            let Ok(name) = name.to_str() else {
+                return Ok(None);
+            };
+            let current = cur.borrow();
+            Ok(current
+                .call
+                .as_ref()
+                .and_then(|c| c.attributes.get(&*name))
+                .cloned())
+        })?,
     )?;
     let cur = current.clone();
     host.set(

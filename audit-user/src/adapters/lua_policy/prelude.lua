@@ -243,9 +243,15 @@ end
 local VALIDATE_CONT, VALIDATE_DONE, VALIDATE_AGAIN =
   core.VALIDATE_CONT, core.VALIDATE_DONE, core.VALIDATE_AGAIN
 
+-- The request's attributes, read from the host when a script asks for one:
+-- building a table of all thirty for every call cost more than most
+-- scripts' own work.
+local Attrs = { __index = function(_, name) return host.attribute(name) end }
+
 -- One phase: every module with the callout, in order, until one returns
 -- VALIDATE_DONE. Returns the code, text, tarpit seconds and disconnect flag.
-function api.run(callout, ip, port, attrs)
+function api.run(callout, ip, port)
+  local attrs = setmetatable({}, Attrs)
   audit.set_client(ip, port)
   local ac = audit.accept_construct(ip, port)
   local vctx = setmetatable({}, Vctx)

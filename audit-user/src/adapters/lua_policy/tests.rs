@@ -95,7 +95,7 @@ fn run(shared: &Arc<Shared>, interp: &Interp, call: &PolicyCall) -> Result<Outco
         .lock()
         .unwrap()
         .begin(&session, call, Instant::now());
-    interp.run(call, session, Instant::now() + BOUNDS.timeout)
+    interp.run(call.clone(), session, Instant::now() + BOUNDS.timeout)
 }
 
 fn action(shared: &Arc<Shared>, interp: &Interp, call: &PolicyCall) -> String {
@@ -386,7 +386,7 @@ fn the_time_limit_stops_slow_scripts() {
     let started = Instant::now();
     let error = interp
         .run(
-            &call(Phase::Connect, "192.0.2.1", &[]),
+            call(Phase::Connect, "192.0.2.1", &[]),
             "s".into(),
             Instant::now() + bounds.timeout,
         )
@@ -423,7 +423,7 @@ fn memory_growth_hits_the_cap_and_the_interpreter_recovers() {
     let interp = Interp::new(&shared, &sources, bounds, 1).unwrap();
     let error = interp
         .run(
-            &call(Phase::Connect, "192.0.2.1", &[]),
+            call(Phase::Connect, "192.0.2.1", &[]),
             "s".into(),
             Instant::now() + bounds.timeout,
         )
@@ -436,7 +436,7 @@ fn memory_growth_hits_the_cap_and_the_interpreter_recovers() {
     assert!(interp.used_memory() < bounds.max_memory / 2);
     let ehlo = interp
         .run(
-            &call(Phase::Ehlo, "192.0.2.1", &[]),
+            call(Phase::Ehlo, "192.0.2.1", &[]),
             "s".into(),
             Instant::now() + bounds.timeout,
         )
