@@ -480,10 +480,13 @@ fn count_open(event: u8, cookie: u64, record: &SocketRecord) -> bool {
         event
     };
     add_to_slot(counts, record.service as usize, 1);
-    refusal::count_prefixes(record.family, &record.addr, record.service, 1);
-    if handshake {
-        refusal::settle_pending(record.family, &record.addr, record.service);
-    }
+    let change = refusal::PrefixChange {
+        delta: 1,
+        family: record.family,
+        service: record.service,
+        settle: handshake,
+    };
+    refusal::count_prefixes(&record.addr, &change);
     emit(event, cookie, record);
     true
 }
@@ -532,12 +535,13 @@ fn uncount(cookie: u64, record: &SocketRecord) -> Result<(), ()> {
     if let Some(counts) = live_counts(record.family, &record.addr, false) {
         add_to_slot(counts, record.service as usize, 1u32.wrapping_neg());
     }
-    refusal::count_prefixes(
-        record.family,
-        &record.addr,
-        record.service,
-        1u32.wrapping_neg(),
-    );
+    let change = refusal::PrefixChange {
+        delta: 1u32.wrapping_neg(),
+        family: record.family,
+        service: record.service,
+        settle: false,
+    };
+    refusal::count_prefixes(&record.addr, &change);
     emit(EVENT_CLOSE, cookie, record);
     Ok(())
 }

@@ -178,49 +178,6 @@ fn add_pending(index: u32, service: u8, family: u8, addr: &[u8; 16], window: u32
     }
 }
 
-/// An accepted session's handshake completed: it is counted now, so it is
-/// no longer pending for any limit.
-#[inline(never)]
-pub fn settle_pending(family: u8, addr: &[u8; 16], service: u8) {
-    if !CONTROL
-        .get(control::KERNEL_LIMITS)
-        .is_some_and(|&on| on != 0)
-    {
-        return;
-    }
-    let window = pending_window();
-    let mut i = 0u32;
-    while i < MAX_KERNEL_LIMITS as u32 {
-        settle_one(i, family, addr, service, window);
-        i += 1;
-    }
-}
-
-#[inline(never)]
-fn settle_one(index: u32, family: u8, addr: &[u8; 16], service: u8, window: u32) {
-    let Some(limit) = KERNEL_LIMITS.get(index) else {
-        return;
-    };
-    let limit = *limit;
-    if limit.flags & limit_flags::ACTIVE == 0 || limit.service != service {
-        return;
-    }
-    let key = prefix_key(index as u8, family, addr, &limit);
-    let Some(entry) = PENDING_SYNS.get_ptr_mut(key) else {
-        return;
-    };
-    // SAFETY: a map value, valid for this invocation (RCU). A racing settle
-    // may take the count below zero, which reads as none.
-    unsafe {
-        if (*entry).window == window && ((*entry).count as i32) > 0 {
-            core::intrinsics::atomic_xsub::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                core::ptr::addr_of_mut!((*entry).count),
-                1,
-            );
-        }
-    }
-}
-
 const VERDICT_PASS: u32 = 0;
 const VERDICT_REFUSE: u32 = 1;
 const VERDICT_DRY_RUN: u32 = 2;
@@ -284,45 +241,80 @@ fn note_refusal(family: u8, addr: &[u8; 16], dry_run: bool) {
     }
 }
 
-/// Adds `delta` (two's complement) to the per-prefix count of every limit on
-/// `service`, for a session opened (+1) or closed (-1). Costs one array
-/// lookup when no limit is configured.
+/// What a session's open or close changes in the per-prefix counts.
+#[derive(Clone, Copy)]
+pub struct PrefixChange {
+    /// +1 for an open, -1 (two's complement) for a close.
+    pub delta: u32,
+    pub family: u8,
+    pub service: u8,
+    /// An accept: the handshake completed, so the SYN's pending place (see
+    /// `add_pending`) is given back, in the pending window read here.
+    pub settle: bool,
+}
+
+/// Applies `change` to the per-prefix count of every limit on its service
+/// (and, for an accept, to the pending SYNs), in one pass over the limits:
+/// one array lookup and one key per limit. Costs one array lookup when no
+/// limit is configured.
 #[inline(never)]
-pub fn count_prefixes(family: u8, addr: &[u8; 16], service: u8, delta: u32) {
+pub fn count_prefixes(addr: &[u8; 16], change: &PrefixChange) {
     if !CONTROL
         .get(control::KERNEL_LIMITS)
         .is_some_and(|&on| on != 0)
     {
         return;
     }
+    let window = if change.settle { pending_window() } else { 0 };
     let mut i = 0u32;
     while i < MAX_KERNEL_LIMITS as u32 {
-        count_prefix(i, family, addr, service, delta);
+        count_prefix(i, addr, change, window);
         i += 1;
     }
 }
 
 /// `count_prefixes` for limit `index`; its own frame, as `check_limit`.
 #[inline(never)]
-fn count_prefix(index: u32, family: u8, addr: &[u8; 16], service: u8, delta: u32) {
+fn count_prefix(index: u32, addr: &[u8; 16], change: &PrefixChange, window: u32) {
     let Some(limit) = KERNEL_LIMITS.get(index) else {
         return;
     };
     let limit = *limit;
-    if limit.flags & limit_flags::ACTIVE == 0 || limit.service != service {
+    if limit.flags & limit_flags::ACTIVE == 0 || limit.service != change.service {
         return;
     }
-    let key = prefix_key(index as u8, family, addr, &limit);
+    let key = prefix_key(index as u8, change.family, addr, &limit);
     // Only an open creates the entry; a close of a session counted before
     // the limit existed has nothing to take from.
-    if (delta as i32) > 0 && PREFIX_COUNTS.get_ptr_mut(key).is_none() {
+    if (change.delta as i32) > 0 && PREFIX_COUNTS.get_ptr_mut(key).is_none() {
         let _ = PREFIX_COUNTS.insert(key, 0, BPF_NOEXIST as u64);
     }
     if let Some(count) = PREFIX_COUNTS.get_ptr_mut(key) {
         // SAFETY: a map value, valid for this invocation (RCU).
         unsafe {
             core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                count, delta,
+                count,
+                change.delta,
+            );
+        }
+    }
+    if change.settle && limit.flags & limit_flags::COUNT_PENDING != 0 {
+        settle_pending(&key, window);
+    }
+}
+
+/// Takes one SYN off `key`'s pending count in `window`.
+fn settle_pending(key: &PrefixKey, window: u32) {
+    let Some(entry) = PENDING_SYNS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a map value, valid for this invocation (RCU). A racing settle
+    // may take the count below zero, which reads as none.
+    unsafe {
+        if (*entry).window == window && ((*entry).count as i32) > 0 {
+            core::intrinsics::atomic_xsub::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                core::ptr::addr_of_mut!((*entry).count),
+                1,
             );
         }
     }
