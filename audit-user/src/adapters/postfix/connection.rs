@@ -8,6 +8,7 @@
 
 use std::{
     io::{self, Write},
+    net::IpAddr,
     os::unix::net::UnixStream,
     time::{Duration, Instant},
 };
@@ -166,17 +167,24 @@ fn decide(
 ) -> Result<String, Ended> {
     // Limits are read per request, so a SIGHUP reload applies at once.
     let setup = state.setup();
-    let mut judged = judge(request, &setup.config.policy_limits, state, unix_now())?;
+    let client = request.client()?;
+    let mut judged = judge(
+        request,
+        client,
+        &setup.config.policy_limits,
+        state,
+        unix_now(),
+    );
     // The scripts run when no limit has refused already.
     if let (None, Some(scripts)) = (&judged, scripts) {
-        if let Some(call) = policy_call(request) {
+        if let Some(call) = policy_call(request, client) {
             let verdict = scripts.runtime.block_on(scripts.policy.evaluate(call));
             if verdict.action != "dunno" {
                 judged = Some(scripted(verdict.action));
             }
         }
     }
-    let decision = conclude(request, judged, state, unix_now(), memory);
+    let decision = conclude(request, client, judged, state, unix_now(), memory);
     if decision.refuses {
         log::info!(
             "postfix policy: {} {} -> {}",
@@ -189,12 +197,12 @@ fn decide(
 }
 
 /// The Lua scripts' view of a request: its phase, client and attributes;
-/// None for a phase no callout runs at (VRFY, ETRN) or without a client.
-fn policy_call(request: &PolicyRequest) -> Option<PolicyCall> {
+/// None for a phase no callout runs at (VRFY, ETRN).
+fn policy_call(request: &PolicyRequest, client: IpAddr) -> Option<PolicyCall> {
     let phase = Phase::parse(request.get("protocol_state")?)?;
     Some(PolicyCall {
         phase,
-        client: request.client().ok()?,
+        client,
         local_port: request.get("server_port").and_then(|p| p.parse().ok()),
         attributes: request.to_map(),
     })

@@ -30,37 +30,38 @@ pub fn decide(
     now: Duration,
     memory: &mut PolicyMemory,
 ) -> Result<Decision, PolicyError> {
-    let judged = judge(request, limits, state, now)?;
-    Ok(conclude(request, judged, state, now, memory))
+    let client = request.client()?;
+    let judged = judge(request, client, limits, state, now);
+    Ok(conclude(request, client, judged, state, now, memory))
 }
 
 /// The first limit the client is over, as a refusing decision; None when
 /// none fires (or at END-OF-MESSAGE, where limits are not checked).
 pub fn judge(
     request: &PolicyRequest,
+    client: IpAddr,
     limits: &[Limit],
     state: &SharedState,
     now: Duration,
-) -> Result<Option<Decision>, PolicyError> {
+) -> Option<Decision> {
     // The session asking is counted before it is judged.
     state.drain_events(now);
-    let client = request.client()?;
     if request.get("protocol_state") == Some("END-OF-MESSAGE") {
-        return Ok(None);
+        return None;
     }
     for limit in limits {
         if let Some(over) = exceeded(limit, client, request, state, now) {
             let rule = limit.rule();
-            return Ok(Some(Decision {
+            return Some(Decision {
                 action: format!(
                     "{} Too many {} from {}: {} (limit {}) [inbound-audit]",
                     rule.action, over.what, over.net, over.count, rule.max
                 ),
                 refuses: refuses(&rule.action),
-            }));
+            });
         }
     }
-    Ok(None)
+    None
 }
 
 /// A decision of the Lua policy scripts, as an answer.
@@ -75,6 +76,7 @@ pub fn scripted(action: String) -> Decision {
 /// is a rejection (once per transaction), an accepted END-OF-MESSAGE a reception.
 pub fn conclude(
     request: &PolicyRequest,
+    client: IpAddr,
     decision: Option<Decision>,
     state: &SharedState,
     now: Duration,
@@ -85,9 +87,6 @@ pub fn conclude(
         action: "dunno".into(),
         refuses: false,
     });
-    let Ok(client) = request.client() else {
-        return decision;
-    };
     if decision.refuses {
         // One message refused at several recipients is one rejection: Postfix
         // names the transaction in `instance`.
