@@ -204,6 +204,21 @@ pub fn registry(state: &SharedState) -> Registry {
         counter(stats.refused()),
     );
     registry.register(
+        "kernel_limits_attached",
+        "1 while the sk_lookup program enforces [[kernel_limits]]",
+        gauge(stat(&stats.kernel_limits_attached).min(1)),
+    );
+    registry.register(
+        "kernel_limit_refusals",
+        "SYNs refused by a kernel limit (answered with a RST)",
+        counter(stat(&stats.kernel_limit_refusals)),
+    );
+    registry.register(
+        "kernel_limit_dry_run_refusals",
+        "SYNs a dry-run kernel limit would have refused",
+        counter(stat(&stats.kernel_limit_dry_run_refusals)),
+    );
+    registry.register(
         "kernel_limit_cuts",
         "Sessions over a kernel limit closed with a RST (cut_existing)",
         counter(stat(&stats.kernel_limit_cuts)),

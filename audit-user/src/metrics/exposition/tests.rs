@@ -55,7 +55,13 @@ fn families_carry_the_live_counts() {
         .stats
         .observed
         .query("session_count", "ok", std::time::Duration::from_micros(30));
+    AgentStats::add(&state.stats.kernel_limit_refusals, 5);
+    AgentStats::add(&state.stats.kernel_limit_dry_run_refusals, 2);
+    AgentStats::set(&state.stats.kernel_limits_attached, 1);
     let body = render(&state);
+    assert!(line(&body, "inbound_audit_kernel_limit_refusals_total 5").is_some());
+    assert!(line(&body, "inbound_audit_kernel_limit_dry_run_refusals_total 2").is_some());
+    assert!(line(&body, "inbound_audit_kernel_limits_attached 1").is_some());
     assert_eq!(
         line(&body, "inbound_audit_sessions{service=\"SMTP\"}"),
         Some("inbound_audit_sessions{service=\"SMTP\"} 208")
