@@ -14,7 +14,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::UnixStream, sync::Semaphore, time::Instant};
+use tokio::{
+    net::UnixStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 
 use crate::{
     counting::state::{AgentStats, SharedState},
@@ -51,11 +55,12 @@ pub async fn serve(
         shutdown,
         move |stream| admit(stream, &admit_state, &admit_refusals, &answering),
         move |stream| refuse_busy(stream, max),
-        move |stream| {
+        move |stream, place| {
             let (state, stop, refusals) = (state.clone(), stop.clone(), refusals.clone());
             let policy = policy.clone();
             async move {
-                if let Err(e) = handle_client(stream, &state, &refusals, stop, &policy).await {
+                let served = handle_client(stream, place, &state, &refusals, stop, &policy);
+                if let Err(e) = served.await {
                     log::debug!("client connection ended: {e}");
                 }
             }
@@ -100,8 +105,17 @@ fn admit(
 /// The task answering one refused peer (boxed: it holds read and write buffers).
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
-/// Accepts clients on `socket` until shutdown, each served by its own task;
-/// at most `max` at once, the others are handed to `refuse`.
+/// A client's place among the `max` a server admits at once. The handler
+/// gives it back no later than it closes the connection: a client that sees
+/// its connection end and connects again at once must find the place free
+/// (Postfix reconnects and, refused, applies its default action).
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Accepts clients on `socket` until shutdown, each served by its own task
+/// holding its [`Place`]; at most `max` at once, the others are handed to
+/// `refuse`.
 pub async fn accept_loop<Handle, Handled, Refuse, Refused>(
     socket: &QuerySocket,
     max: usize,
@@ -109,7 +123,7 @@ pub async fn accept_loop<Handle, Handled, Refuse, Refused>(
     refuse: Refuse,
     handle: Handle,
 ) where
-    Handle: Fn(UnixStream) -> Handled,
+    Handle: Fn(UnixStream, Place) -> Handled,
     Handled: std::future::Future<Output = ()> + Send + 'static,
     Refuse: Fn(UnixStream) -> Refused,
     Refused: std::future::Future<Output = ()> + Send + 'static,
@@ -138,7 +152,7 @@ pub async fn accept_admitting<Admit, Denied, Handle, Handled, Refuse, Refused>(
 ) where
     Admit: Fn(UnixStream) -> Result<UnixStream, Option<Denied>>,
     Denied: std::future::Future<Output = ()> + Send + 'static,
-    Handle: Fn(UnixStream) -> Handled,
+    Handle: Fn(UnixStream, Place) -> Handled,
     Handled: std::future::Future<Output = ()> + Send + 'static,
     Refuse: Fn(UnixStream) -> Refused,
     Refused: std::future::Future<Output = ()> + Send + 'static,
@@ -170,11 +184,7 @@ pub async fn accept_admitting<Admit, Denied, Handle, Handled, Refuse, Refused>(
             tokio::spawn(refuse(stream));
             continue;
         };
-        let served = handle(stream);
-        tokio::spawn(async move {
-            served.await;
-            drop(place);
-        });
+        tokio::spawn(handle(stream, Place { _permit: place }));
     }
 }
 
@@ -299,6 +309,7 @@ impl RefusalLog {
 
 async fn handle_client(
     stream: UnixStream,
+    place: Place,
     state: &SharedState,
     refusals: &RefusalLog,
     mut stop: Shutdown,
@@ -310,6 +321,8 @@ async fn handle_client(
         state.setup().config.request_timeout,
     );
     let mut connection = Connection::new(stream);
+    // Declared after the connection, so dropped before it on every return.
+    let place = place;
     loop {
         let incoming = tokio::select! {
             _ = stop.wait() => return Ok(()),
@@ -327,6 +340,7 @@ async fn handle_client(
                     ),
                 ));
                 connection.write_reply(&reply, WRITE_TIMEOUT).await?;
+                drop(place);
                 return connection.close_draining().await;
             }
             Incoming::Closed => return Ok(()),
@@ -355,6 +369,7 @@ async fn handle_client(
             },
         }
         if last {
+            drop(place);
             return connection.close().await;
         }
     }
@@ -591,10 +606,11 @@ mod tests {
                 |mut stream: UnixStream| async move {
                     let _ = stream.write_all(b"ERR busy\n").await;
                 },
-                |mut stream: UnixStream| async move {
+                |mut stream: UnixStream, place| async move {
                     let _ = stream.write_all(b"OK\n").await;
                     let mut rest = Vec::new();
                     let _ = stream.read_to_end(&mut rest).await;
+                    drop(place);
                 },
             )
             .await;

@@ -62,7 +62,7 @@ pub async fn serve(
     let runtime = tokio::runtime::Handle::current();
     {
         let open = open.clone();
-        accept_loop(&socket, max, shutdown, refuse, move |stream| {
+        accept_loop(&socket, max, shutdown, refuse, move |stream, place| {
             let (state, scripts, runtime, open) = (
                 state.clone(),
                 scripts.clone(),
@@ -81,13 +81,16 @@ pub async fn serve(
                 // Read at connect time, like the query socket: a reload
                 // applies to the connections that follow.
                 let timeouts = Timeouts::of(&state);
-                // Holds the client's place until the connection ends.
                 let _ = tokio::task::spawn_blocking(move || {
                     let scripts = scripts.as_deref().map(|policy| Scripts {
                         policy,
                         runtime: &runtime,
                     });
                     let ended = answer_requests(&stream, &state, timeouts, scripts);
+                    // Free before the close (the last Arc, below): the task
+                    // awaiting this thread may be woken only after the client
+                    // has seen the end and connected again.
+                    drop(place);
                     open.remove(id);
                     if !open.closing.load(Ordering::Relaxed) {
                         log_end(ended);
@@ -257,6 +260,44 @@ mod tests {
             .unwrap();
         assert_eq!(answer, ANSWER);
 
+        trigger.trigger();
+        timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve stops on shutdown")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dropped_client_that_reconnects_at_once_finds_its_place_free() {
+        let dir = SocketDir::new("policy-place");
+        let path = dir.0.join("policy.sock");
+        let socket = QuerySocket::bind(&path, 0o600, None).unwrap();
+        let state = state_with(|c| Config {
+            max_clients: 1,
+            client_idle_timeout: Duration::from_millis(20),
+            ..c
+        });
+        let (trigger, stop) = shutdown::channel();
+        let server = tokio::spawn(serve(socket, state, stop, None));
+        // Each round: answered, then dropped for idling, then straight back
+        // (as the CI run that found this: the place was given back only after
+        // the client had seen the close, so the next connect was refused).
+        let mut refused = 0;
+        for _ in 0..200 {
+            let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
+            client.write_all(REQUEST).await.unwrap();
+            let mut answer = vec![0; ANSWER.len()];
+            match timeout(Duration::from_secs(2), client.read_exact(&mut answer)).await {
+                Ok(Ok(_)) => assert_eq!(answer, ANSWER),
+                Ok(Err(_)) => refused += 1,
+                Err(_) => panic!("no answer nor close in 2 s"),
+            }
+            assert_eq!(
+                outcome(&mut client, Duration::from_secs(2)).await,
+                Some(Vec::new())
+            );
+        }
+        assert_eq!(refused, 0, "of 200 reconnections");
         trigger.trigger();
         timeout(Duration::from_secs(5), server)
             .await
