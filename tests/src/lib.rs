@@ -15,6 +15,7 @@ use std::{
 
 use inbound_audit::kernel::{cgroup::cgroup2_root, seed, sock_diag};
 
+pub mod http;
 pub mod netns;
 pub mod postfix;
 pub mod redis;

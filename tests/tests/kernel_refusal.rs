@@ -11,70 +11,9 @@ use std::{
 };
 
 use integration_tests::{
-    require_ebpf, reset, sock_diag_count, Agent, AgentOptions, TempDir, TestCgroup, TestServer,
+    http, netns::NetNs, require_ebpf, reset, sock_diag_count, Agent, AgentOptions, TempDir,
+    TestCgroup, TestServer,
 };
-
-/// A network namespace for one test, removed on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(name: &str) -> Self {
-        let name = format!("ia-{name}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(std::process::Stdio::null())
-            .status();
-        ip(&["netns", "add", &name]).expect("ip netns add");
-        let ns = Self(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        // IPv6 clients from three /64s; 127.0.0.0/8 is on lo already.
-        for addr in ["fd00:1::1", "fd00:1::2", "fd00:2::1", "fd00:3::1"] {
-            ns.ip(&["addr", "add", &format!("{addr}/128"), "dev", "lo", "nodad"]);
-        }
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        ip(&all).unwrap_or_else(|e| panic!("ip {}: {e}", all.join(" ")));
-    }
-
-    /// Runs `f` on a thread that has entered the namespace: sockets it makes
-    /// stay in the namespace wherever they are used afterwards.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&path).expect("open netns");
-                    // SAFETY: setns on this thread only, with a namespace fd we hold.
-                    let rc = unsafe {
-                        libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                    };
-                    assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
-                    f()
-                })
-                .join()
-                .expect("netns thread")
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.0]);
-    }
-}
-
-fn ip(args: &[&str]) -> io::Result<()> {
-    let status = Command::new("ip").args(args).status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!("exit {status}")))
-    }
-}
 
 fn addr(text: &str) -> IpAddr {
     text.parse().unwrap()
@@ -136,21 +75,25 @@ impl Setup {
     /// A test server on 127.0.0.1 and [::] (both SMTP) and the agent, in a
     /// namespace of their own, with `limits` as the config file's text.
     fn start(name: &str, limits: &str) -> Self {
-        Self::start_after(name, limits, |_, _| Vec::new()).0
+        Self::start_after(name, limits, |_, _| ()).0
     }
 
     /// `start`, with the sessions `before` opens (given the namespace and
     /// the server's two addresses) open before the agent starts.
-    fn start_after(
+    fn start_after<Before>(
         name: &str,
         limits: &str,
-        before: impl FnOnce(&NetNs, [SocketAddr; 2]) -> Vec<TcpStream>,
-    ) -> (Self, Vec<TcpStream>) {
+        before: impl FnOnce(&NetNs, [SocketAddr; 2]) -> Before,
+    ) -> (Self, Before) {
         let ns = NetNs::new(name);
+        // IPv6 clients from three /64s; 127.0.0.0/8 is on lo already.
+        for addr in ["fd00:1::1", "fd00:1::2", "fd00:2::1", "fd00:3::1"] {
+            ns.ip(&["addr", "add", &format!("{addr}/128"), "dev", "lo", "nodad"]);
+        }
         let cgroup = TestCgroup::new(&format!("refusal-{name}"));
         let server = TestServer::start_in_netns(
             env!("CARGO_BIN_EXE_test-server"),
-            &ns.0,
+            ns.name(),
             &cgroup,
             &["127.0.0.1:0", "[::]:0"],
         );
@@ -174,9 +117,12 @@ impl Setup {
                     config.display().to_string(),
                     "--monitor".into(),
                     "60,1".into(),
+                    // The namespace's own loopback: no other test is there.
+                    "--metrics-listen".into(),
+                    format!("127.0.0.1:{METRICS_PORT}"),
                 ],
             },
-            &ns.0,
+            ns.name(),
         );
         let setup = Self {
             agent,
@@ -211,6 +157,12 @@ impl Setup {
         }
     }
 
+    /// One series of the agent's `/metrics`, scraped inside the namespace.
+    fn metric(&self, series: &str) -> Option<f64> {
+        let (_, _, body) = self.ns.run(|| http::get(METRICS_PORT, "/metrics"));
+        http::sample(&body, series)
+    }
+
     fn v4(&self) -> SocketAddr {
         SocketAddr::new(addr("127.0.0.1"), self.server.ports[0])
     }
@@ -219,6 +171,9 @@ impl Setup {
         SocketAddr::new(addr("::1"), self.server.ports[1])
     }
 }
+
+/// The agent's metrics port, inside each test's namespace.
+const METRICS_PORT: u16 = 9464;
 
 const LIMITS: &str = r#"
 [[kernel_limits]]
@@ -292,6 +247,19 @@ fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
     assert_eq!(setup.agent.stat("kernel_limit_refusals"), 5);
     assert_eq!(setup.agent.stat("kernel_limit_dry_run_refusals"), 0);
     assert_eq!(setup.agent.stat("kernel_limits_attached"), 1);
+    // And in the metrics, as Prometheus would scrape them.
+    assert_eq!(
+        setup.metric("inbound_audit_kernel_limit_refusals_total"),
+        Some(5.0)
+    );
+    assert_eq!(
+        setup.metric("inbound_audit_kernel_limit_dry_run_refusals_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        setup.metric("inbound_audit_kernel_limits_attached"),
+        Some(1.0)
+    );
     let show =
         inbound_audit::serving::client::query_report(&setup.agent.socket, "show 127.0.1.0/24")
             .expect("show request")
@@ -366,7 +334,136 @@ fn dry_run_refuses_nothing() {
     );
     assert_eq!(setup.agent.stat("kernel_limit_dry_run_refusals"), 2);
     assert_eq!(setup.agent.stat("kernel_limit_refusals"), 0);
+    assert_eq!(
+        setup.metric("inbound_audit_kernel_limit_dry_run_refusals_total"),
+        Some(2.0)
+    );
+    assert_eq!(
+        setup.metric("inbound_audit_kernel_limit_refusals_total"),
+        Some(0.0)
+    );
     drop(admitted);
+    setup.agent.stop();
+}
+
+/// The places the kernel gives sk_lookup programs in a namespace (64),
+/// all taken by another user of sk_lookup: copies of our own program,
+/// loaded apart from any agent with maps of their own (pinned in a private
+/// directory), which let every SYN through. Dropping this frees them.
+struct TakenSkLookupPlaces {
+    ebpf: Option<aya::Ebpf>,
+    pins: std::path::PathBuf,
+}
+
+impl TakenSkLookupPlaces {
+    fn take_all(ns: &NetNs) -> Self {
+        let object = std::env::var_os("INBOUND_AUDIT_EBPF_OBJECT")
+            .expect("INBOUND_AUDIT_EBPF_OBJECT (cargo xtask test sets it)");
+        let pins = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/ia-test-sk-lookup-places-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&pins);
+        std::fs::create_dir_all(&pins).unwrap();
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pins)
+            .load_file(object)
+            .expect("load the eBPF object");
+        let program: &mut aya::programs::SkLookup = ebpf
+            .program_mut(audit_common::program_names::SK_LOOKUP)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        program.load().unwrap();
+        let netns = std::fs::File::open(ns.path()).unwrap();
+        let mut attached = 0;
+        let full = loop {
+            match program.attach(&netns) {
+                Ok(_) => attached += 1,
+                Err(e) => break e,
+            }
+            assert!(
+                attached <= 1024,
+                "the kernel takes sk_lookup programs without limit"
+            );
+        };
+        let e2big = matches!(
+            &full,
+            aya::programs::ProgramError::SyscallError(e)
+                if e.io_error.raw_os_error() == Some(libc::E2BIG)
+        );
+        assert!(e2big, "after {attached} attached: {full:?}");
+        Self {
+            ebpf: Some(ebpf),
+            pins,
+        }
+    }
+
+    fn free(&mut self) {
+        self.ebpf = None;
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
+
+impl Drop for TakenSkLookupPlaces {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+/// Where the sk_lookup program cannot be attached, the agent says so at
+/// start and counts as before; once a place is free a reload attaches it,
+/// and the counts kept meanwhile are the limit's.
+#[test]
+fn where_sk_lookup_cannot_be_attached_the_agent_says_so_and_counts_as_before() {
+    require_ebpf!();
+    let (mut setup, mut taken) = Setup::start_after("noattach", LIMITS, |ns, _| {
+        TakenSkLookupPlaces::take_all(ns)
+    });
+    let log = setup.agent.log_text();
+    assert!(
+        log.contains("kernel limits: the sk_lookup program cannot be attached")
+            && log.contains("counting goes on as before"),
+        "{log}"
+    );
+    assert!(!log.contains("sk_lookup attached"), "{log}");
+    assert_eq!(setup.agent.stat("kernel_limits_attached"), 0);
+    assert_eq!(
+        setup.metric("inbound_audit_kernel_limits_attached"),
+        Some(0.0)
+    );
+
+    // Past max = 3 every session connects, and each is counted as ever.
+    let server = setup.v4();
+    let mut sessions: Vec<TcpStream> = (1..=5)
+        .map(|i| connect(&setup.ns, &format!("127.0.1.{i}"), server))
+        .collect();
+    sessions.push(connect(&setup.ns, "fd00:1::1", setup.v6()));
+    expect_held(&mut setup.server, 6);
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
+    setup.agent.expect_count("fd00:1::/64", "SMTP", 1);
+    assert_eq!(setup.sock_diag("127.0.1.0/24"), 5);
+    reset(sessions.remove(0));
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 4);
+    assert_eq!(setup.sock_diag("127.0.1.0/24"), 4);
+    assert_eq!(setup.agent.stat("kernel_limit_refusals"), 0);
+
+    // The other user leaves; a reload keeping the limit attaches the
+    // program, and the four live sessions count against max = 3 at once.
+    taken.free();
+    setup.reload(LIMITS);
+    assert!(
+        setup
+            .agent
+            .log_text()
+            .contains("SIGHUP: 1 kernel limit(s), sk_lookup attached"),
+        "{}",
+        setup.agent.log_text()
+    );
+    assert_eq!(setup.agent.stat("kernel_limits_attached"), 1);
+    assert_refused(&setup.ns, "127.0.1.9", server);
+    setup.agent.expect_count("127.0.1.0/24", "SMTP", 4);
+    drop(sessions);
     setup.agent.stop();
 }
 
@@ -419,7 +516,7 @@ fn a_burst_of_syns_overshoots_by_what_is_in_flight() {
     let server = setup.v4();
     let burst = 30;
     let barrier = std::sync::Barrier::new(burst);
-    let path = format!("/run/netns/{}", setup.ns.0);
+    let path = setup.ns.path();
     let results: Vec<io::Result<TcpStream>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..burst)
             .map(|i| {
@@ -707,7 +804,7 @@ fn sessions_that_predate_the_agent_are_cut_at_start_up() {
         |ns, [v4, _]| {
             (1..=5)
                 .map(|i| connect(ns, &format!("127.0.1.{i}"), v4))
-                .collect()
+                .collect::<Vec<_>>()
         },
     );
     let log = setup.agent.log_text();
@@ -749,7 +846,16 @@ fn sessions_that_predate_the_agent_are_cut_at_start_up() {
 fn delayed_link(setup: &Setup, name: &str, clients: u8, rate: &str) -> NetNs {
     let client = NetNs::new(name);
     setup.ns.ip(&[
-        "link", "add", "s0", "type", "veth", "peer", "name", "c0", "netns", &client.0,
+        "link",
+        "add",
+        "s0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "c0",
+        "netns",
+        client.name(),
     ]);
     setup.ns.ip(&["addr", "add", "10.99.0.1/16", "dev", "s0"]);
     setup.ns.ip(&["link", "set", "s0", "up"]);
@@ -762,7 +868,7 @@ fn delayed_link(setup: &Setup, name: &str, clients: u8, rate: &str) -> NetNs {
         .args([
             "netns",
             "exec",
-            &setup.ns.0,
+            setup.ns.name(),
             "tc",
             "qdisc",
             "add",
@@ -787,7 +893,7 @@ fn syn_burst(
     server: SocketAddr,
 ) -> Vec<(io::Result<TcpStream>, Duration)> {
     let barrier = std::sync::Barrier::new(burst);
-    let path = format!("/run/netns/{}", client.0);
+    let path = client.path();
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..burst)
             .map(|i| {

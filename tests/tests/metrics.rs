@@ -12,7 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{connect_from, require_ebpf, SmtpFixture, TempDir};
+use integration_tests::{
+    connect_from,
+    http::{get, sample},
+    require_ebpf, SmtpFixture, TempDir,
+};
 
 // Fixed loopback ports below 32768 (the ephemeral range), one per use.
 const METRICS_PROMTOOL: u16 = 19464;
@@ -42,37 +46,6 @@ fn has(tool: &str) -> bool {
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
-}
-
-/// One plain HTTP/1.1 GET; returns (status line, content type, body).
-fn get(port: u16, path: &str) -> (String, String, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head and body");
-    let status = head.lines().next().unwrap_or("").to_string();
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type:")
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    (status, content_type, body.to_string())
-}
-
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
