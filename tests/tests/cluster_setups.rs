@@ -7,7 +7,6 @@
 //! (sock_diag).
 
 use std::{
-    io::{Read, Write},
     net::{IpAddr, TcpStream},
     path::Path,
     time::{Duration, Instant},
@@ -15,6 +14,7 @@ use std::{
 
 use integration_tests::{
     eventually_within, fleet_truth,
+    http::{self, sample},
     redis::{free_port, Redis, Sentinel},
     require_ebpf, SmtpFixture, TempDir,
 };
@@ -102,23 +102,7 @@ fn stats(node: &SmtpFixture) -> Vec<String> {
 
 /// The Prometheus exposition from the agent's `metrics_listen` port.
 fn metrics(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read /metrics");
-    text
-}
-
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    http::get(port, "/metrics").2
 }
 
 fn write_secret(path: &Path, secret: &str) {

@@ -222,13 +222,7 @@ fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
     assert_refused(&setup.ns, "127.0.1.8", server);
 
     // A reload that raises the limit keeps the counts: one more, then full.
-    std::fs::write(&setup.config, LIMITS.replace("max = 3", "max = 4")).unwrap();
-    setup.agent.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !setup.agent.log_text().contains("SIGHUP: 1 kernel limit(s)") {
-        assert!(Instant::now() < deadline, "{}", setup.agent.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    setup.reload(&LIMITS.replace("max = 3", "max = 4"));
     admitted.push(connect(&setup.ns, "127.0.1.7", server));
     assert_refused(&setup.ns, "127.0.1.7", server);
 
@@ -267,17 +261,15 @@ fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
     assert!(show.iter().any(|l| l == "Refusals 60/0: 5"), "{show:?}");
 
     // A reload without limits detaches the program: nothing is refused.
-    std::fs::write(&setup.config, "").unwrap();
-    setup.agent.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !setup
-        .agent
-        .log_text()
-        .contains("sk_lookup program detached")
-    {
-        assert!(Instant::now() < deadline, "{}", setup.agent.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    setup.reload("");
+    assert!(
+        setup
+            .agent
+            .log_text()
+            .contains("sk_lookup program detached"),
+        "{}",
+        setup.agent.log_text()
+    );
     admitted.push(connect(&setup.ns, "127.0.1.7", server));
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
     assert_eq!(setup.agent.stat("kernel_limits_attached"), 0);
@@ -479,13 +471,7 @@ fn a_limit_added_by_a_reload_is_enforced() {
         .map(|i| connect(&setup.ns, &format!("127.0.1.{i}"), server))
         .collect();
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 4);
-    std::fs::write(&setup.config, LIMITS).unwrap();
-    setup.agent.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !setup.agent.log_text().contains("SIGHUP: 1 kernel limit(s)") {
-        assert!(Instant::now() < deadline, "{}", setup.agent.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    setup.reload(LIMITS);
     assert!(
         setup
             .agent
