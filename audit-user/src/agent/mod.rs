@@ -128,8 +128,9 @@ pub fn run(options: AgentOptions) -> Result<(), AgentError> {
         Ok(kept) => log::info!("dropped every capability but CAP_BPF (effective set {kept:#x})"),
         Err(e) => log::warn!("could not drop capabilities: {e}"),
     }
-    // After the capabilities are dropped: the interpreter threads run the
-    // operator's code with none.
+    // After the capabilities are dropped: every thread that runs the
+    // operator's scripts (a Postfix connection's, the blocking pool's) is
+    // made after this, with only what was kept.
     let lua_config = prepared.state.setup().config.lua_policy.clone();
     if lua_config.enabled() {
         prepared.lua_policy = Some(lua_policy::LuaPolicy::start(

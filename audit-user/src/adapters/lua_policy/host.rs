@@ -1,21 +1,19 @@
-//! The host: a few interpreter threads behind a bounded queue. A request
-//! that finds the queue full, or waits past its deadline, is answered the
-//! fail-open action at once; a script error, a runaway loop or a memory cap
+//! The host: a pool of interpreters, each lent to one request at a time and
+//! run on the thread that asks (a Postfix connection's own thread; for the
+//! async query socket, a blocking-pool thread), so a request costs no
+//! hand-off to an interpreter thread and back. A request that finds every
+//! interpreter busy waits for one until its deadline, at most
+//! `lua_policy_queue` of them at once; past either it is answered the
+//! fail-open action at once. A script error, a runaway loop or a memory cap
 //! answers it too and is logged with the script and line. The async side
 //! never runs Lua, so no script can stall the agent's other clients.
 
 use std::{
     fs,
     path::PathBuf,
-    sync::{
-        mpsc::{sync_channel, Receiver, SyncSender, TrySendError},
-        Arc, Mutex, RwLock,
-    },
-    thread,
+    sync::{Arc, Condvar, Mutex, MutexGuard, RwLock},
     time::Instant,
 };
-
-use tokio::sync::oneshot;
 
 use super::{
     context::session_key,
@@ -43,8 +41,6 @@ pub enum LoadError {
     },
     #[error("lua_policy_scripts: {0}")]
     Script(#[from] ScriptError),
-    #[error("lua_policy: starting an interpreter thread: {0}")]
-    Thread(std::io::Error),
 }
 
 /// The loaded scripts: what every interpreter runs.
@@ -56,12 +52,6 @@ struct Scripts {
     fail_action: String,
 }
 
-struct Job {
-    call: PolicyCall,
-    deadline: Instant,
-    answer: oneshot::Sender<Verdict>,
-}
-
 /// The answer to one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -71,10 +61,91 @@ pub struct Verdict {
     pub failed: bool,
 }
 
+/// Cheap to clone: the handles of one host.
+#[derive(Clone)]
 pub struct LuaPolicy {
     shared: Arc<Shared>,
     scripts: Arc<RwLock<Arc<Scripts>>>,
-    queue: SyncSender<Job>,
+    pool: Arc<Pool>,
+}
+
+/// The interpreters not lent out (None: not built yet, or lost with a
+/// build that failed), and how many requests wait for one.
+struct Pool {
+    idle: Mutex<Idle>,
+    returned: Condvar,
+    /// Requests that may wait at once (`lua_policy_queue`).
+    queue: usize,
+}
+
+struct Idle {
+    interps: Vec<Option<Interp>>,
+    waiting: usize,
+}
+
+/// Why a request got no interpreter.
+enum Busy {
+    /// `lua_policy_queue` requests wait already.
+    QueueFull,
+    /// None came back before the request's deadline.
+    TimedOut,
+}
+
+/// An interpreter lent to one request; back in the pool when dropped, so a
+/// panicking script cannot shrink the pool.
+struct Lent<'a> {
+    pool: &'a Pool,
+    interp: Option<Interp>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.pool.lock().interps.push(self.interp.take());
+        self.pool.returned.notify_one();
+    }
+}
+
+impl Pool {
+    fn new(size: usize, queue: usize) -> Self {
+        Self {
+            idle: Mutex::new(Idle {
+                interps: (0..size.max(1)).map(|_| None).collect(),
+                waiting: 0,
+            }),
+            returned: Condvar::new(),
+            queue,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An interpreter for a request due by `deadline`.
+    fn lend(&self, deadline: Instant) -> Result<Lent<'_>, Busy> {
+        let mut idle = self.lock();
+        if idle.interps.is_empty() {
+            if idle.waiting >= self.queue {
+                return Err(Busy::QueueFull);
+            }
+            idle.waiting += 1;
+            while idle.interps.is_empty() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    idle.waiting -= 1;
+                    return Err(Busy::TimedOut);
+                }
+                idle = self
+                    .returned
+                    .wait_timeout(idle, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            idle.waiting -= 1;
+        }
+        let interp = idle.interps.pop().expect("checked above");
+        Ok(Lent { pool: self, interp })
+    }
 }
 
 fn bounds_of(config: &LuaPolicyConfig) -> Bounds {
@@ -110,22 +181,16 @@ impl LuaPolicy {
         let shared = Arc::new(Shared::new(state));
         let sources = read_sources(config)?;
         let bounds = bounds_of(config);
-        Interp::new(&shared, &sources, bounds, 1)?;
+        let trial = Interp::new(&shared, &sources, bounds, 1)?;
         let scripts = Arc::new(RwLock::new(Arc::new(Scripts {
             generation: 1,
             sources,
             bounds,
             fail_action: config.fail_action.clone(),
         })));
-        let (queue, jobs) = sync_channel::<Job>(config.queue);
-        let jobs = Arc::new(Mutex::new(jobs));
-        for n in 0..config.workers {
-            let (shared, scripts, jobs) = (shared.clone(), scripts.clone(), jobs.clone());
-            thread::Builder::new()
-                .name(format!("lua-policy-{n}"))
-                .spawn(move || work(&shared, &scripts, &jobs))
-                .map_err(LoadError::Thread)?;
-        }
+        let pool = Arc::new(Pool::new(config.workers, config.queue));
+        // The trial interpreter is a good one: the first request's.
+        pool.lock().interps[0] = Some(trial);
         log::info!(
             "lua policy: {} script(s) loaded ({}), {} interpreter(s)",
             config.scripts.len(),
@@ -140,7 +205,7 @@ impl LuaPolicy {
         Ok(Arc::new(Self {
             shared,
             scripts,
-            queue,
+            pool,
         }))
     }
 
@@ -188,47 +253,41 @@ impl LuaPolicy {
             .clone()
     }
 
-    /// Runs the scripts for `call`; always answers.
-    pub async fn evaluate(&self, call: PolicyCall) -> Verdict {
+    /// Runs the scripts for `call` on the calling thread, which blocks for
+    /// at most the timeout; always answers.
+    pub fn run(&self, call: PolicyCall) -> Verdict {
         let scripts = self.current();
-        let fail = || Verdict {
-            action: scripts.fail_action.clone(),
-            failed: true,
-        };
         let deadline = Instant::now() + scripts.bounds.timeout;
-        let (answer, answered) = oneshot::channel();
-        let phase = call.phase;
-        let client = call.client;
-        match self.queue.try_send(Job {
-            call,
-            deadline,
-            answer,
-        }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+        let (client, phase) = (call.client, call.phase);
+        let mut lent = match self.pool.lend(deadline) {
+            Ok(lent) => lent,
+            Err(busy) => {
+                let why = match busy {
+                    Busy::QueueFull => "every interpreter busy and the queue full".to_string(),
+                    Busy::TimedOut => format!(
+                        "no interpreter free within {} ms",
+                        scripts.bounds.timeout.as_millis()
+                    ),
+                };
                 log::warn!(
-                    "lua policy: queue full; {client} {} answered {:?}",
+                    "lua policy: {why}; {client} {} answered {:?}",
                     phase.name(),
                     scripts.fail_action
                 );
-                return fail();
+                return fail(&scripts);
             }
-            Err(TrySendError::Disconnected(_)) => {
-                log::error!("lua policy: no interpreter is running");
-                return fail();
-            }
-        }
-        match tokio::time::timeout_at(deadline.into(), answered).await {
-            Ok(Ok(verdict)) => verdict,
-            Ok(Err(_)) => fail(),
-            Err(_) => {
-                log::warn!(
-                    "lua policy: no answer within {} ms for {client} {}; answering {:?}",
-                    scripts.bounds.timeout.as_millis(),
-                    phase.name(),
-                    scripts.fail_action
-                );
-                fail()
+        };
+        answer(&self.shared, &scripts, &mut lent.interp, call, deadline)
+    }
+
+    /// [`run`](Self::run) on a blocking-pool thread, for async callers.
+    pub async fn evaluate(&self, call: PolicyCall) -> Verdict {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.run(call)).await {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                log::error!("lua policy: a script run ended abnormally: {e}");
+                fail(&self.current())
             }
         }
     }
@@ -249,11 +308,7 @@ impl LuaPolicy {
 impl PolicyHost for LuaPolicy {
     fn answer(&self, call: PolicyCall) -> PolicyAnswer {
         // The future owns what it needs: a cheap clone of the handles.
-        let this = Self {
-            shared: self.shared.clone(),
-            scripts: self.scripts.clone(),
-            queue: self.queue.clone(),
-        };
+        let this = self.clone();
         Box::pin(async move {
             let (client, phase, session) = (call.client, call.phase, session_key(&call));
             let verdict = this.evaluate(call).await;
@@ -278,60 +333,54 @@ impl PolicyHost for LuaPolicy {
     }
 }
 
-/// One interpreter thread: takes jobs until the host is dropped.
-fn work(shared: &Arc<Shared>, scripts: &RwLock<Arc<Scripts>>, jobs: &Mutex<Receiver<Job>>) {
-    let mut interp: Option<Interp> = None;
-    loop {
-        let job = {
-            let jobs = jobs.lock().unwrap_or_else(|p| p.into_inner());
-            match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
-        };
-        if Instant::now() >= job.deadline || job.answer.is_closed() {
-            continue; // its caller has answered the fail action already
-        }
-        let loaded = scripts.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let stale = interp.as_ref().is_none_or(|i| {
-            i.generation != loaded.generation || i.used_memory() > loaded.bounds.max_memory / 2
-        });
-        if stale {
-            interp = match Interp::new(shared, &loaded.sources, loaded.bounds, loaded.generation) {
-                Ok(i) => Some(i),
-                Err(e) => {
-                    log::error!("lua policy: {e}");
-                    let _ = job.answer.send(Verdict {
-                        action: loaded.fail_action.clone(),
-                        failed: true,
-                    });
-                    continue;
-                }
-            };
-        }
-        let interp = interp.as_ref().expect("made above");
-        let session = session_key(&job.call);
-        shared
-            .contexts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .begin(&session, &job.call, Instant::now());
-        let (client, phase) = (job.call.client, job.call.phase);
-        let verdict = match interp.run(job.call, session, job.deadline) {
-            Ok(outcome) => verdict_of(&outcome),
+fn fail(scripts: &Scripts) -> Verdict {
+    Verdict {
+        action: scripts.fail_action.clone(),
+        failed: true,
+    }
+}
+
+/// Runs `call` in `interp`, first (re)built when it is missing, of older
+/// scripts, or holds more than half its memory cap.
+fn answer(
+    shared: &Arc<Shared>,
+    loaded: &Scripts,
+    interp: &mut Option<Interp>,
+    call: PolicyCall,
+    deadline: Instant,
+) -> Verdict {
+    let stale = interp.as_ref().is_none_or(|i| {
+        i.generation != loaded.generation || i.used_memory() > loaded.bounds.max_memory / 2
+    });
+    if stale {
+        // Dropped first: two copies would hold twice the memory.
+        *interp = None;
+        match Interp::new(shared, &loaded.sources, loaded.bounds, loaded.generation) {
+            Ok(i) => *interp = Some(i),
             Err(e) => {
-                log::warn!(
-                    "lua policy: {e}; {client} {} answered {:?}",
-                    phase.name(),
-                    loaded.fail_action
-                );
-                Verdict {
-                    action: loaded.fail_action.clone(),
-                    failed: true,
-                }
+                log::error!("lua policy: {e}");
+                return fail(loaded);
             }
-        };
-        let _ = job.answer.send(verdict);
+        }
+    }
+    let interp = interp.as_ref().expect("built above");
+    let session = session_key(&call);
+    shared
+        .contexts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .begin(&session, &call, Instant::now());
+    let (client, phase) = (call.client, call.phase);
+    match interp.run(call, session, deadline) {
+        Ok(outcome) => verdict_of(&outcome),
+        Err(e) => {
+            log::warn!(
+                "lua policy: {e}; {client} {} answered {:?}",
+                phase.name(),
+                loaded.fail_action
+            );
+            fail(loaded)
+        }
     }
 }
 

@@ -2,13 +2,12 @@
 //! script loaded, and the bounds on what one request may cost. Each request
 //! runs in a fresh coroutine; when it goes over its instruction or time
 //! budget the count hook yields it (which no `pcall` in the script can
-//! catch) and the coroutine is dropped. An interpreter lives on one thread.
+//! catch) and the coroutine is dropped. An interpreter runs on one thread at
+//! a time: that of the request it answers (mlua's `send`).
 
 use std::{
-    cell::RefCell,
     path::{Path, PathBuf},
-    rc::Rc,
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -113,8 +112,8 @@ struct Budget {
 pub struct Interp {
     lua: Lua,
     run: Function,
-    budget: Rc<RefCell<Budget>>,
-    current: Rc<RefCell<Current>>,
+    budget: Arc<Mutex<Budget>>,
+    current: Arc<Mutex<Current>>,
     bounds: Bounds,
     /// The scripts' generation this interpreter loaded.
     pub generation: u64,
@@ -140,8 +139,8 @@ impl Interp {
             | StdLib::OS
             | StdLib::PACKAGE;
         let lua = Lua::new_with(libs, LuaOptions::default()).map_err(setup)?;
-        let budget = Rc::new(RefCell::new(Budget::default()));
-        let current = Rc::new(RefCell::new(Current::default()));
+        let budget = Arc::new(Mutex::new(Budget::default()));
+        let current = Arc::new(Mutex::new(Current::default()));
         restrict(&lua, scripts).map_err(setup)?;
         let host = primitives(&lua, shared, &current).map_err(setup)?;
         let prelude = lua
@@ -180,7 +179,7 @@ impl Interp {
             script: script.clone(),
             message,
         };
-        self.current.borrow_mut().loading = Some(script.clone());
+        lock(&self.current).loading = Some(script.clone());
         begin
             .call::<()>(script.clone())
             .map_err(|e| fail(e.to_string()))?;
@@ -205,7 +204,7 @@ impl Interp {
                 Instant::now() + self.bounds.timeout,
             )
             .map_err(&fail)?;
-        self.current.borrow_mut().loading = None;
+        lock(&self.current).loading = None;
         let registered = registered
             .into_iter()
             .next()
@@ -227,7 +226,7 @@ impl Interp {
         deadline: Instant,
     ) -> Result<MultiValue, String> {
         {
-            let mut budget = self.budget.borrow_mut();
+            let mut budget = lock(&self.budget);
             *budget = Budget {
                 max: self.bounds.max_instructions,
                 deadline: Some(deadline),
@@ -240,7 +239,7 @@ impl Interp {
             .create_thread(f.clone())
             .map_err(|e| e.to_string())?;
         let result = thread.resume::<MultiValue>(args);
-        let exceeded = self.budget.borrow_mut().exceeded.take();
+        let exceeded = lock(&self.budget).exceeded.take();
         let outcome = match (result, exceeded) {
             (_, Some(why)) => Err(why),
             (Ok(values), None) if thread.status() == mlua::thread::ThreadStatus::Finished => {
@@ -252,8 +251,7 @@ impl Interp {
             (Err(mlua::Error::MemoryError(_)), None) => Err(format!(
                 "memory limit of {} bytes reached{}",
                 self.bounds.max_memory,
-                self.budget
-                    .borrow()
+                lock(&self.budget)
                     .last_seen
                     .as_ref()
                     .map_or(String::new(), |at| format!(" near {at}"))
@@ -283,14 +281,14 @@ impl Interp {
         {
             // Kept here for the scripts' calls (`host.attribute`, the
             // audit functions' client) while they run.
-            let mut current = self.current.borrow_mut();
+            let mut current = lock(&self.current);
             current.call = Some(call);
             current.session = session;
             current.module = None;
         }
         let result = self.resume(&self.run, (callout, client, port), deadline);
-        let module = self.current.borrow_mut().module.take();
-        self.current.borrow_mut().call = None;
+        let module = lock(&self.current).module.take();
+        lock(&self.current).call = None;
         let values = result.map_err(|message| {
             let (module, script, callout) = module
                 .unwrap_or_else(|| ("(none)".into(), "(policy host)".into(), callout.to_string()));
@@ -324,6 +322,13 @@ impl Interp {
     pub fn used_memory(&self) -> usize {
         self.lua.used_memory()
     }
+}
+
+/// The interpreter's own state, shared only with its callbacks, which run
+/// on the thread running the interpreter: never contended, and a panic in
+/// one leaves nothing half-done that the next request would trip on.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// An error's message without mlua's wrapping: `script.lua:12: text`.
@@ -375,12 +380,12 @@ fn restrict(lua: &Lua, scripts: &[(PathBuf, String)]) -> mlua::Result<()> {
 
 /// The count hook: instructions and wall time; on running out it yields the
 /// request's coroutine (and errors if a yield is not possible there).
-fn install_hook(lua: &Lua, budget: &Rc<RefCell<Budget>>) -> mlua::Result<()> {
+fn install_hook(lua: &Lua, budget: &Arc<Mutex<Budget>>) -> mlua::Result<()> {
     let budget = budget.clone();
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(HOOK_EVERY),
         move |_, debug| {
-            let mut b = budget.borrow_mut();
+            let mut b = lock(&budget);
             b.instructions += u64::from(HOOK_EVERY);
             let source = debug.source();
             let at = format!(
@@ -426,7 +431,7 @@ fn install_hook(lua: &Lua, budget: &Rc<RefCell<Budget>>) -> mlua::Result<()> {
 fn primitives(
     lua: &Lua,
     shared: &Arc<Shared>,
-    current: &Rc<RefCell<Current>>,
+    current: &Arc<Mutex<Current>>,
 ) -> mlua::Result<Table> {
     let host = lua.create_table()?;
     let state = shared.clone();
@@ -452,7 +457,7 @@ fn primitives(
             let Ok(name) = name.to_str() else {
                 return Ok(None);
             };
-            let current = cur.borrow();
+            let current = lock(&cur);
             Ok(current
                 .call
                 .as_ref()
@@ -465,7 +470,7 @@ fn primitives(
         "entering",
         lua.create_function(
             move |_, (_index, module, script, callout): (i64, String, String, String)| {
-                cur.borrow_mut().module = Some((module, script, callout));
+                lock(&cur).module = Some((module, script, callout));
                 Ok(())
             },
         )?,
@@ -474,7 +479,7 @@ fn primitives(
     host.set(
         "log",
         lua.create_function(move |_, (level, text): (String, String)| {
-            let current = cur.borrow();
+            let current = lock(&cur);
             let script = current
                 .module
                 .as_ref()
@@ -493,7 +498,7 @@ fn primitives(
     host.set(
         "context_get",
         lua.create_function(move |lua, (kind, name): (String, String)| {
-            let current = cur.borrow();
+            let current = lock(&cur);
             let value = sh.contexts.lock().unwrap_or_else(|p| p.into_inner()).get(
                 &current.session,
                 kind_of(&kind),
@@ -525,7 +530,7 @@ fn primitives(
                     )))
                 }
             };
-            let current = cur.borrow();
+            let current = lock(&cur);
             sh.contexts
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -568,7 +573,7 @@ fn primitives(
                     |e: String| mlua::Error::RuntimeError(format!("msys.audit_series.add: {e}"));
                 let mut series = sh.series.lock().unwrap_or_else(|p| p.into_inner());
                 let kind = series.kind(&name).map_err(|e| fail(e.to_string()))?;
-                let key = series_key(kind, key, &cur.borrow(), true).map_err(fail)?;
+                let key = series_key(kind, key, &lock(&cur), true).map_err(fail)?;
                 series
                     .add(&name, &key, count, unix_now().as_secs())
                     .map_err(|e| fail(e.to_string()))
@@ -584,7 +589,7 @@ fn primitives(
                     |e: String| mlua::Error::RuntimeError(format!("msys.audit_series.count: {e}"));
                 let series = sh.series.lock().unwrap_or_else(|p| p.into_inner());
                 let kind = series.kind(&name).map_err(|e| fail(e.to_string()))?;
-                let key = series_key(kind, key, &cur.borrow(), false).map_err(fail)?;
+                let key = series_key(kind, key, &lock(&cur), false).map_err(fail)?;
                 series
                     .count(
                         &name,
@@ -606,7 +611,7 @@ fn primitives(
             };
             let mut series = sh.series.lock().unwrap_or_else(|p| p.into_inner());
             let kind = series.kind(&name).map_err(|e| fail(e.to_string()))?;
-            let key = series_key(kind, key, &cur.borrow(), true).map_err(fail)?;
+            let key = series_key(kind, key, &lock(&cur), true).map_err(fail)?;
             series.remove(&name, &key).map_err(|e| fail(e.to_string()))
         })?,
     )?;

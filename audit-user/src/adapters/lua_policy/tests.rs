@@ -582,6 +582,55 @@ async fn a_stuck_interpreter_answers_fail_open_and_never_stalls_others() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A request that finds the one interpreter busy waits for it and is
+/// answered by the scripts (not the fail action), one request at a time in
+/// that interpreter.
+#[test]
+fn a_request_waits_for_the_busy_interpreter_and_is_answered_by_it() {
+    let dir = temp_dir("lend");
+    let path = dir.join("busy.lua");
+    std::fs::write(
+        &path,
+        r#"
+        local mod = {}
+        local running, served = false, 0
+        function mod:validate_connect(ac, vctx)
+          if running then error("two requests in one interpreter at once") end
+          running = true
+          local began = os.clock()
+          while os.clock() - began < 0.1 do end
+          running = false
+          served = served + 1
+          vctx:set_code(450, "request " .. served)
+          return msys.core.VALIDATE_DONE
+        end
+        msys.registerModule("busy", mod)
+        "#,
+    )
+    .unwrap();
+    let mut settings = config(vec![path]);
+    settings.timeout = Duration::from_secs(5);
+    let host = LuaPolicy::start(shared().state.clone(), &settings).unwrap();
+    let askers: Vec<_> = (0..2)
+        .map(|_| {
+            let host = host.clone();
+            std::thread::spawn(move || host.run(call(Phase::Connect, "192.0.2.1", &[])))
+        })
+        .collect();
+    let mut answers: Vec<String> = askers
+        .into_iter()
+        .map(|asker| {
+            let verdict = asker.join().unwrap();
+            assert!(!verdict.failed, "{verdict:?}");
+            verdict.action
+        })
+        .collect();
+    answers.sort();
+    // The one interpreter answered both, in turn.
+    assert_eq!(answers, ["450 request 1", "450 request 2"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_fails_keeps_the_running_scripts() {
     let dir = temp_dir("reload");

@@ -68,20 +68,13 @@ pub enum Ended {
     Write(#[source] io::Error),
 }
 
-/// The Lua scripts, and the runtime whose timers bound their answers.
-#[derive(Clone, Copy)]
-pub struct Scripts<'a> {
-    pub policy: &'a LuaPolicy,
-    pub runtime: &'a tokio::runtime::Handle,
-}
-
 /// Answers requests on `stream` until the client closes it (Ok) or breaks a
 /// rule or a bound (the reason). Blocks.
 pub fn answer_requests(
     stream: &UnixStream,
     state: &SharedState,
     timeouts: Timeouts,
-    scripts: Option<Scripts<'_>>,
+    scripts: Option<&LuaPolicy>,
 ) -> Result<(), Ended> {
     stream
         .set_read_timeout(Some(timeouts.idle))
@@ -162,7 +155,7 @@ fn next_request(
 fn decide(
     request: &PolicyRequest,
     state: &SharedState,
-    scripts: Option<Scripts<'_>>,
+    scripts: Option<&LuaPolicy>,
     memory: &mut PolicyMemory,
 ) -> Result<String, Ended> {
     // Limits are read per request, so a SIGHUP reload applies at once.
@@ -178,7 +171,8 @@ fn decide(
     // The scripts run when no limit has refused already.
     if let (None, Some(scripts)) = (&judged, scripts) {
         if let Some(call) = policy_call(request, client) {
-            let verdict = scripts.runtime.block_on(scripts.policy.evaluate(call));
+            // On this thread: no hand-off to another and back.
+            let verdict = scripts.run(call);
             if verdict.action != "dunno" {
                 judged = Some(scripted(verdict.action));
             }

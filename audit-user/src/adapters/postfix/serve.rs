@@ -18,7 +18,7 @@ use std::{
 use crate::{
     adapters::{
         lua_policy::LuaPolicy,
-        postfix::connection::{answer_requests, Ended, Scripts, Timeouts},
+        postfix::connection::{answer_requests, Ended, Timeouts},
     },
     counting::state::SharedState,
     serving::{server::accept_loop, shutdown::Shutdown},
@@ -59,16 +59,10 @@ pub async fn serve(
         log::warn!("policy socket: too many clients (max_clients = {max}); dropping one");
     };
     let open = Arc::new(Open::default());
-    let runtime = tokio::runtime::Handle::current();
     {
         let open = open.clone();
         accept_loop(&socket, max, shutdown, refuse, move |stream, place| {
-            let (state, scripts, runtime, open) = (
-                state.clone(),
-                scripts.clone(),
-                runtime.clone(),
-                open.clone(),
-            );
+            let (state, scripts, open) = (state.clone(), scripts.clone(), open.clone());
             async move {
                 let stream = match stream.into_std().and_then(|s| {
                     s.set_nonblocking(false)?;
@@ -82,11 +76,7 @@ pub async fn serve(
                 // applies to the connections that follow.
                 let timeouts = Timeouts::of(&state);
                 let _ = tokio::task::spawn_blocking(move || {
-                    let scripts = scripts.as_deref().map(|policy| Scripts {
-                        policy,
-                        runtime: &runtime,
-                    });
-                    let ended = answer_requests(&stream, &state, timeouts, scripts);
+                    let ended = answer_requests(&stream, &state, timeouts, scripts.as_deref());
                     // Free before the close (the last Arc, below): the task
                     // awaiting this thread may be woken only after the client
                     // has seen the end and connected again.
