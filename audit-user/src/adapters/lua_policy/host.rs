@@ -123,6 +123,9 @@ impl Pool {
 
     /// An interpreter for a request due by `deadline`.
     fn lend(&self, deadline: Instant) -> Result<Lent<'_>, Busy> {
+        if Instant::now() >= deadline {
+            return Err(Busy::TimedOut);
+        }
         let mut idle = self.lock();
         if idle.interps.is_empty() {
             if idle.waiting >= self.queue {
@@ -256,8 +259,12 @@ impl LuaPolicy {
     /// Runs the scripts for `call` on the calling thread, which blocks for
     /// at most the timeout; always answers.
     pub fn run(&self, call: PolicyCall) -> Verdict {
+        self.run_by(call, Instant::now() + self.current().bounds.timeout)
+    }
+
+    /// [`run`](Self::run) with the deadline counted from the request's arrival.
+    fn run_by(&self, call: PolicyCall, deadline: Instant) -> Verdict {
         let scripts = self.current();
-        let deadline = Instant::now() + scripts.bounds.timeout;
         let (client, phase) = (call.client, call.phase);
         let mut lent = match self.pool.lend(deadline) {
             Ok(lent) => lent,
@@ -282,8 +289,10 @@ impl LuaPolicy {
 
     /// [`run`](Self::run) on a blocking-pool thread, for async callers.
     pub async fn evaluate(&self, call: PolicyCall) -> Verdict {
+        // From now: a wait for a blocking-pool thread counts too.
+        let deadline = Instant::now() + self.current().bounds.timeout;
         let this = self.clone();
-        match tokio::task::spawn_blocking(move || this.run(call)).await {
+        match tokio::task::spawn_blocking(move || this.run_by(call, deadline)).await {
             Ok(verdict) => verdict,
             Err(e) => {
                 log::error!("lua policy: a script run ended abnormally: {e}");
