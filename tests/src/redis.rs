@@ -17,6 +17,16 @@ pub struct Redis {
     extra: Vec<String>,
     /// Serve TLS only, on `port`.
     tls: bool,
+    /// With TLS: refuse clients without a certificate signed by the CA.
+    verify_clients: bool,
+}
+
+/// The PEM files of a TLS Redis, in its directory: the CA that signed the
+/// server's certificate (and the client's), and a client certificate and key.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl Redis {
@@ -42,6 +52,7 @@ impl Redis {
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             tls: false,
+            verify_clients: false,
         };
         redis.spawn();
         Some(redis)
@@ -50,6 +61,19 @@ impl Redis {
     /// A redis-server that speaks TLS only, with a certificate for 127.0.0.1
     /// made here by openssl, signed by a CA of its own: `(server, CA PEM)`.
     pub fn start_tls() -> Option<(Self, Vec<u8>)> {
+        let (redis, files) = Self::start_tls_with(false)?;
+        let ca = std::fs::read(files.ca).expect("CA");
+        Some((redis, ca))
+    }
+
+    /// As [`start_tls`](Self::start_tls), but only clients showing a
+    /// certificate signed by that CA get in (`tls-auth-clients yes`); one
+    /// such certificate is made for the test.
+    pub fn start_mtls() -> Option<(Self, TlsFiles)> {
+        Self::start_tls_with(true)
+    }
+
+    fn start_tls_with(verify_clients: bool) -> Option<(Self, TlsFiles)> {
         let mut redis = Self::start()?;
         redis.kill();
         let dir = redis.dir.clone();
@@ -76,40 +100,55 @@ impl Redis {
             "-out",
             "ca.pem",
         ]);
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ]);
-        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.pem",
-        ]);
+        // A certificate signed by the CA: `name`.pem and `name`.key.
+        let signed = |name: &str, subject: &str, extensions: &str| {
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                subject,
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ]);
+            let ext = format!("{name}.ext");
+            std::fs::write(dir.join(&ext), extensions).unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &format!("{name}.pem"),
+            ]);
+        };
+        signed("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\n");
+        signed(
+            "client",
+            "/CN=inbound-audit",
+            "extendedKeyUsage=clientAuth\n",
+        );
         redis.tls = true;
+        redis.verify_clients = verify_clients;
         redis.spawn();
-        let ca = std::fs::read(dir.join("ca.pem")).expect("CA");
-        Some((redis, ca))
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        };
+        Some((redis, files))
     }
 
     pub fn spawn(&mut self) {
@@ -127,7 +166,7 @@ impl Redis {
                 "--tls-ca-cert-file",
                 "ca.pem",
                 "--tls-auth-clients",
-                "no",
+                if self.verify_clients { "yes" } else { "no" },
             ]
         } else {
             vec!["--port", &port]
@@ -181,6 +220,13 @@ impl Redis {
                 .arg("--tls")
                 .arg("--cacert")
                 .arg(self.dir.join("ca.pem"));
+            if self.verify_clients {
+                command
+                    .arg("--cert")
+                    .arg(self.dir.join("client.pem"))
+                    .arg("--key")
+                    .arg(self.dir.join("client.key"));
+            }
         }
         let out = command.args(args).output().expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()

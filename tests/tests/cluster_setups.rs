@@ -43,6 +43,20 @@ fn readme_acl(password: &str) -> Vec<String> {
         .collect()
 }
 
+/// The tests that make certificates skip, saying why, without openssl.
+macro_rules! require_openssl {
+    () => {
+        if std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: openssl is not installed");
+            return;
+        }
+    };
+}
+
 /// The user the README's ACL line makes.
 const ACL_USER: &str = "inbound-audit";
 
@@ -209,14 +223,7 @@ fn agents_follow_a_sentinel_failover_back_to_exact_sums() {
 #[test]
 fn agents_as_the_readme_acl_user_over_tls_are_exact_and_never_show_the_password() {
     require_ebpf!();
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: openssl is not installed");
-        return;
-    }
+    require_openssl!();
     let Some((redis, ca)) = Redis::start_tls() else {
         return;
     };
@@ -309,6 +316,100 @@ fn agents_as_the_readme_acl_user_over_tls_are_exact_and_never_show_the_password(
         );
         assert!(!text.is_empty(), "{what} is empty");
     }
+}
+
+/// A Redis that lets in only clients with a certificate signed by its CA
+/// (`tls-auth-clients yes`): agents showing the one the test made
+/// (`cert_file`, `key_file`) sum exactly; one without a certificate is
+/// turned away by Redis, says so, and counts locally; a key file that holds
+/// no private key refuses the start, naming `cluster.key_file`.
+#[test]
+fn agents_with_a_client_certificate_reach_a_redis_that_verifies_clients() {
+    require_ebpf!();
+    require_openssl!();
+    let Some((redis, files)) = Redis::start_mtls() else {
+        return;
+    };
+    assert_eq!(redis.cli(&["PING"]).trim(), "PONG");
+    let dir = TempDir::new("setups-mtls");
+    let table = |identity: &str| {
+        format!(
+            "redis = \"rediss://127.0.0.1:{}/0\"\nca_file = \"{}\"\n{identity}node_ttl_secs = 3",
+            redis.port,
+            files.ca.display()
+        )
+    };
+    let identity = |key: &Path| {
+        format!(
+            "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            files.client_cert.display(),
+            key.display()
+        )
+    };
+    let a = node("ma", &dir, "", &table(&identity(&files.client_key)));
+    let b = node("mb", &dir, "", &table(&identity(&files.client_key)));
+    let _held: Vec<TcpStream> = [
+        connect(&a, "127.0.8.1"),
+        connect(&a, "127.0.8.2"),
+        connect(&b, "127.0.8.3"),
+    ]
+    .into();
+    eventually_within(
+        "sums through a Redis that verifies clients",
+        Duration::from_secs(10),
+        || exact(&[&a, &b], "127.0.8.0/24", 3),
+    );
+    assert_eq!(fleet_truth(&[&a, &b], "127.0.8.0/24"), 3);
+    for n in [&a, &b] {
+        assert_eq!(n.agent.stat("cluster_publish_errors"), 0);
+        assert_eq!(n.agent.stat("cluster_follow_errors"), 0);
+    }
+
+    // No certificate: the TLS handshake fails, the agent says so and keeps
+    // counting its own sessions; the others never see it.
+    let c = node("mc", &dir, "", &table(""));
+    let _held_c = connect(&c, "127.0.8.4");
+    c.agent.expect_count("127.0.8.0/24", "SMTP", 1);
+    eventually_within(
+        "the refused handshake logged",
+        Duration::from_secs(10),
+        || c.agent.log_text().contains("cluster: Redis at"),
+    );
+    assert!(cluster(&c, "127.0.8.0/24").starts_with("ERR cluster_unavailable"));
+    let log = c.agent.log_text();
+    assert!(
+        log.contains(&format!(
+            "cluster: Redis at rediss://127.0.0.1:{}",
+            redis.port
+        )) && log.contains("CertificateRequired"),
+        "{log}"
+    );
+    assert!(exact(&[&a, &b], "127.0.8.0/24", 3));
+
+    // The certificate given as its own key: refused at start, named.
+    let config = dir.path().join("md.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnode = \"md\"\n{}\n",
+            table(&identity(&files.client_cert))
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(integration_tests::agent_binary())
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .args(["--service", "SMTP=2599", "--socket"])
+        .arg(dir.path().join("md.sock"))
+        .output()
+        .expect("run the agent");
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cluster.key_file") && stderr.contains("holds no PEM private key"),
+        "{stderr}"
+    );
 }
 
 /// Another Redis client writes junk under the prefix while the agents run:

@@ -9,25 +9,44 @@ use std::time::Duration;
 use redis::{
     aio::MultiplexedConnection,
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
-    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo,
-    TlsCertificates,
+    AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo,
+    IntoConnectionInfo, RedisConnectionInfo, TlsCertificates,
 };
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
 /// Why the Redis URL or password cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("redis URL {url:?}: {reason}")]
     Url { url: String, reason: String },
-    #[error("cannot read the Redis CA certificate {path}: {source}")]
-    CaFile {
+    #[error("cannot read cluster.{key} {path}: {source}")]
+    TlsFile {
+        key: &'static str,
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cluster.{key} {path}: {reason}")]
+    TlsPem {
+        key: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error(
-        "cluster.ca_file {path} is set, but only a rediss:// URL uses TLS \
+        "cluster.{key} {path} is set, but only a rediss:// URL uses TLS \
          (redis://, unix:// and redis+sentinel:// connect in the clear)"
     )]
-    CaFileWithoutTls { path: std::path::PathBuf },
+    TlsWithoutTls {
+        key: &'static str,
+        path: std::path::PathBuf,
+    },
+    #[error(
+        "cluster.{given} is set without cluster.{missing}: a client certificate \
+         needs its private key, and the key its certificate"
+    )]
+    HalfIdentity {
+        given: &'static str,
+        missing: &'static str,
+    },
     #[error("cannot read the Redis password file {path}: {source}")]
     PasswordFile {
         path: std::path::PathBuf,
@@ -39,10 +58,12 @@ pub enum TargetError {
 #[derive(Clone)]
 pub enum Target {
     /// `redis://[user:password@]host:port/db`, or `rediss://` with TLS,
-    /// verified against `root_cert` (PEM) or the system's roots.
+    /// verified against `root_cert` (PEM) or the system's roots, showing
+    /// `identity` (a client certificate and its key) where Redis asks.
     Direct {
         info: ConnectionInfo,
         root_cert: Option<Vec<u8>>,
+        identity: Option<Box<ClientTlsConfig>>,
     },
     /// `redis+sentinel://[user:password@]host:port[,host:port...]/primary[/db]`:
     /// the sentinels, the name they know the primary by, and how to log in to it.
@@ -57,7 +78,14 @@ impl std::fmt::Debug for Target {
     // Never prints a password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Direct { info, .. } => write!(f, "redis://{}", info.addr()),
+            Target::Direct { info, .. } => {
+                let scheme = match info.addr() {
+                    ConnectionAddr::TcpTls { .. } => "rediss",
+                    ConnectionAddr::Unix(_) => "unix",
+                    _ => "redis",
+                };
+                write!(f, "{scheme}://{}", info.addr())
+            }
             Target::Sentinel {
                 sentinels, primary, ..
             } => {
@@ -144,6 +172,7 @@ impl Target {
         Ok(Target::Direct {
             info,
             root_cert: None,
+            identity: None,
         })
     }
 
@@ -151,21 +180,77 @@ impl Target {
     /// instead of the system's roots.
     pub fn with_root_cert(self, pem: Vec<u8>) -> Self {
         match self {
-            Target::Direct { info, .. } => Target::Direct {
+            Target::Direct { info, identity, .. } => Target::Direct {
                 info,
                 root_cert: Some(pem),
+                identity,
+            },
+            sentinel => sentinel,
+        }
+    }
+
+    /// Shows this client certificate (chain) and key, both PEM, to a
+    /// `rediss://` server that verifies its clients.
+    pub fn with_identity(self, cert: Vec<u8>, key: Vec<u8>) -> Self {
+        match self {
+            Target::Direct {
+                info, root_cert, ..
+            } => Target::Direct {
+                info,
+                root_cert,
+                identity: Some(Box::new(ClientTlsConfig {
+                    client_cert: cert,
+                    client_key: key,
+                })),
             },
             sentinel => sentinel,
         }
     }
 }
 
-/// Reads a CA certificate file (PEM) for `rediss://`.
-pub fn read_root_cert(path: &std::path::Path) -> Result<Vec<u8>, TargetError> {
-    std::fs::read(path).map_err(|source| TargetError::CaFile {
+/// What a TLS file named by `[cluster]` must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pem {
+    /// One certificate or more (a CA, or a client certificate and its chain).
+    Certificates,
+    /// One private key (PKCS#8, PKCS#1 or SEC1).
+    PrivateKey,
+}
+
+/// Reads the PEM file of `cluster.<key>` and checks that it holds what
+/// `want` says, so a wrong or empty file refuses the start, naming the key,
+/// rather than failing every connection later.
+pub fn read_pem(
+    key: &'static str,
+    path: &std::path::Path,
+    want: Pem,
+) -> Result<Vec<u8>, TargetError> {
+    let pem = std::fs::read(path).map_err(|source| TargetError::TlsFile {
+        key,
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    let invalid = |reason: String| TargetError::TlsPem {
+        key,
+        path: path.to_path_buf(),
+        reason,
+    };
+    match want {
+        Pem::Certificates => {
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(format!("not a PEM certificate ({e})")))?;
+            if certs.is_empty() {
+                return Err(invalid("holds no PEM certificate".into()));
+            }
+        }
+        Pem::PrivateKey => {
+            // The error never quotes the key.
+            PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|_| invalid("holds no PEM private key".into()))?;
+        }
+    }
+    Ok(pem)
 }
 
 /// Reads a password file: its first line, without the line break.
@@ -212,15 +297,20 @@ impl Link {
             let client = match &self.target {
                 Target::Direct {
                     info,
-                    root_cert: Some(root_cert),
+                    root_cert: None,
+                    identity: None,
+                } => Client::open(info.clone())?,
+                Target::Direct {
+                    info,
+                    root_cert,
+                    identity,
                 } => Client::build_with_tls(
                     info.clone(),
                     TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(root_cert.clone()),
+                        client_tls: identity.as_deref().cloned(),
+                        root_cert: root_cert.clone(),
                     },
                 )?,
-                Target::Direct { info, .. } => Client::open(info.clone())?,
                 Target::Sentinel {
                     sentinels,
                     primary,

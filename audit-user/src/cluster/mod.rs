@@ -35,7 +35,7 @@ use std::{
 };
 
 pub use fleet::{Fleet, NodeShare};
-pub use link::{read_password, read_root_cert, Target, TargetError};
+pub use link::{read_password, read_pem, Pem, Target, TargetError};
 pub use node::{run, LocalShare, Settings};
 
 /// How this node talks to Redis, from `[cluster]`: the password file is read
@@ -47,13 +47,44 @@ pub fn settings(config: &crate::config::ClusterConfig) -> Result<Settings, Targe
         .map(read_password)
         .transpose()?;
     let mut target = Target::parse(&config.redis.0, password.as_deref())?;
-    if let Some(path) = &config.ca_file {
-        // A CA file next to a URL in the clear is a mistake, not a wish for
+    let tls = config.redis.0.starts_with("rediss://");
+    for (key, path) in [
+        ("ca_file", &config.ca_file),
+        ("cert_file", &config.cert_file),
+        ("key_file", &config.key_file),
+    ] {
+        // A TLS file next to a URL in the clear is a mistake, not a wish for
         // no TLS: refused, so the start does not quietly go unencrypted.
-        if !config.redis.0.starts_with("rediss://") {
-            return Err(TargetError::CaFileWithoutTls { path: path.clone() });
+        if let (Some(path), false) = (path, tls) {
+            return Err(TargetError::TlsWithoutTls {
+                key,
+                path: path.clone(),
+            });
         }
-        target = target.with_root_cert(read_root_cert(path)?);
+    }
+    if let Some(path) = &config.ca_file {
+        target = target.with_root_cert(read_pem("ca_file", path, Pem::Certificates)?);
+    }
+    match (&config.cert_file, &config.key_file) {
+        (Some(cert), Some(key)) => {
+            target = target.with_identity(
+                read_pem("cert_file", cert, Pem::Certificates)?,
+                read_pem("key_file", key, Pem::PrivateKey)?,
+            );
+        }
+        (Some(_), None) => {
+            return Err(TargetError::HalfIdentity {
+                given: "cert_file",
+                missing: "key_file",
+            })
+        }
+        (None, Some(_)) => {
+            return Err(TargetError::HalfIdentity {
+                given: "key_file",
+                missing: "cert_file",
+            })
+        }
+        (None, None) => {}
     }
     Ok(Settings::new(
         target,
@@ -219,5 +250,58 @@ mod tests {
                 .to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
         assert!(settings("redis = \"redis://127.0.0.1:6379/0\"").is_ok());
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_a_tls_url_and_pem_files() {
+        let dir = std::env::temp_dir().join(format!("ia-cluster-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (empty, junk) = (dir.join("empty.pem"), dir.join("junk.pem"));
+        std::fs::write(&empty, "").unwrap();
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let tls = "redis = \"rediss://127.0.0.1:6379/0\"\n";
+        let error = |table: String| match settings(&table) {
+            Ok(_) => panic!("accepted: {table}"),
+            Err(e) => e.to_string(),
+        };
+
+        for (given, missing) in [("cert_file", "key_file"), ("key_file", "cert_file")] {
+            let err = error(format!("{tls}{given} = \"{}\"", junk.display()));
+            assert!(
+                err.contains(&format!("cluster.{given} is set without cluster.{missing}")),
+                "{err}"
+            );
+        }
+        let both = |cert: &std::path::Path, key: &std::path::Path| {
+            format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"",
+                cert.display(),
+                key.display()
+            )
+        };
+        let err = error(format!(
+            "redis = \"redis://127.0.0.1:6379/0\"\n{}",
+            both(&junk, &junk)
+        ));
+        assert!(
+            err.contains("cluster.cert_file") && err.contains("rediss://"),
+            "{err}"
+        );
+        let err = error(format!("{tls}{}", both(&empty, &junk)));
+        assert!(
+            err.contains("cluster.cert_file") && err.contains("holds no PEM certificate"),
+            "{err}"
+        );
+        let err = error(format!("{tls}{}", both(&dir.join("missing.pem"), &junk)));
+        assert!(
+            err.starts_with("cannot read cluster.cert_file") && err.contains("missing.pem"),
+            "{err}"
+        );
+        let err = error(format!("{tls}ca_file = \"{}\"", junk.display()));
+        assert!(
+            err.contains("cluster.ca_file") && err.contains("holds no PEM certificate"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -20,6 +20,10 @@ pub struct ClusterConfig {
     /// The CA certificate (PEM) a `rediss://` server's is verified against;
     /// default: the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM, its chain after it) and its private key,
+    /// for a `rediss://` server that verifies clients (`tls-auth-clients`).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// Several fleets may share one Redis under different prefixes.
     pub key_prefix: String,
     /// A node silent this long no longer counts, and cluster answers older
@@ -38,6 +42,8 @@ impl ClusterConfig {
             node: host_node_name()?,
             password_file: None,
             ca_file: None,
+            cert_file: None,
+            key_file: None,
             key_prefix: DEFAULT_KEY_PREFIX.into(),
             node_ttl: DEFAULT_NODE_TTL,
         })
@@ -52,6 +58,8 @@ struct ClusterFile {
     node: Option<NodeName>,
     password_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
     key_prefix: Option<KeyPrefix>,
     node_ttl_secs: Option<PositiveSecs>,
 }
@@ -68,6 +76,8 @@ impl TryFrom<ClusterFile> for ClusterConfig {
             },
             password_file: file.password_file,
             ca_file: file.ca_file,
+            cert_file: file.cert_file,
+            key_file: file.key_file,
             key_prefix: file
                 .key_prefix
                 .map_or_else(|| DEFAULT_KEY_PREFIX.to_string(), |p| p.0),
