@@ -240,6 +240,8 @@ pub struct Sentinel {
     pub port: u16,
     pub name: String,
     conf: PathBuf,
+    /// Speaks TLS only: the directory of the primary's PEM files.
+    tls: Option<PathBuf>,
 }
 
 impl Sentinel {
@@ -256,10 +258,23 @@ impl Sentinel {
         let port = free_port();
         // The sentinel rewrites its configuration file: one of its own.
         let conf = primary.dir.join(format!("sentinel-{port}.conf"));
+        // Beside a TLS primary, TLS only: to its clients (with the primary's
+        // certificate, made for 127.0.0.1) and to the primary.
+        // It verifies its clients where the primary does (and shows the
+        // primary its own certificate, which has no usage restriction).
+        let listen = if primary.tls {
+            let verify = if primary.verify_clients { "yes" } else { "no" };
+            format!(
+                "port 0\ntls-port {port}\ntls-cert-file server.pem\ntls-key-file server.key\n\
+                 tls-ca-cert-file ca.pem\ntls-replication yes\ntls-auth-clients {verify}\n"
+            )
+        } else {
+            format!("port {port}\n")
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "{listen}bind 127.0.0.1\ndir {}\n\
                  sentinel monitor {name} 127.0.0.1 {} 1\n\
                  sentinel down-after-milliseconds {name} {down_after_ms}\n\
                  sentinel failover-timeout {name} 5000\n",
@@ -269,6 +284,7 @@ impl Sentinel {
         )
         .expect("sentinel.conf");
         let child = Command::new("redis-sentinel")
+            .current_dir(&primary.dir)
             .arg(&conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -279,6 +295,7 @@ impl Sentinel {
             port,
             name: name.to_string(),
             conf,
+            tls: primary.tls.then(|| primary.dir.clone()),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -289,11 +306,20 @@ impl Sentinel {
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if let Some(dir) = &self.tls {
+            // The test's client certificate, for a sentinel that asks.
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(dir.join("ca.pem"))
+                .arg("--cert")
+                .arg(dir.join("client.pem"))
+                .arg("--key")
+                .arg(dir.join("client.key"));
+        }
+        let out = command.args(args).output().expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

@@ -318,6 +318,87 @@ fn agents_as_the_readme_acl_user_over_tls_are_exact_and_never_show_the_password(
     }
 }
 
+/// `rediss+sentinel://`: a primary and a sentinel that both speak only TLS
+/// and let in only clients with a certificate signed by the test's CA.
+/// Agents verifying them against `ca_file` and showing that certificate
+/// find the primary through the sentinel and sum exactly; an agent trusting
+/// only the system's roots refuses the sentinel's certificate, one without a
+/// client certificate is turned away; both say so and count locally.
+#[test]
+fn agents_find_the_primary_through_sentinels_over_tls() {
+    require_ebpf!();
+    require_openssl!();
+    let Some((primary, files)) = Redis::start_mtls() else {
+        return;
+    };
+    let Some(sentinel) = Sentinel::start(&primary, "ia-tls", 1000) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sentinel.primary_port() != Some(primary.port) {
+        assert!(
+            Instant::now() < deadline,
+            "the TLS sentinel never named the primary"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dir = TempDir::new("setups-stls");
+    let url = format!("rediss+sentinel://127.0.0.1:{}/ia-tls", sentinel.port);
+    let identity = format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        files.client_cert.display(),
+        files.client_key.display()
+    );
+    let ca = format!("ca_file = \"{}\"\n", files.ca.display());
+    let table = |tls: &str| format!("redis = \"{url}\"\n{tls}node_ttl_secs = 3");
+    let a = node("sa", &dir, "", &table(&(ca.clone() + &identity)));
+    let b = node("sb", &dir, "", &table(&(ca.clone() + &identity)));
+    let _held: Vec<TcpStream> = [
+        connect(&a, "127.0.7.1"),
+        connect(&b, "127.0.7.2"),
+        connect(&b, "127.0.7.3"),
+    ]
+    .into();
+    eventually_within(
+        "sums through a sentinel over TLS",
+        Duration::from_secs(10),
+        || exact(&[&a, &b], "127.0.7.0/24", 3),
+    );
+    assert_eq!(fleet_truth(&[&a, &b], "127.0.7.0/24"), 3);
+    // Their counts are in the primary the sentinel named.
+    let keys = primary.cli(&["KEYS", "inbound-audit:node:sa:*"]);
+    assert!(keys.contains("inbound-audit:node:sa:hb"), "{keys}");
+
+    // The test's CA unknown (no ca_file), or no client certificate: turned
+    // away at the handshake, said, counted locally; the others stay exact.
+    for (name, tls, why, from) in [
+        (
+            "sc",
+            identity.clone(),
+            "invalid peer certificate: UnknownIssuer",
+            "127.0.7.4",
+        ),
+        ("sd", ca.clone(), "CertificateRequired", "127.0.7.5"),
+    ] {
+        let n = node(name, &dir, "", &table(&tls));
+        let _held_n = connect(&n, from);
+        n.agent.expect_count("127.0.7.0/24", "SMTP", 1);
+        eventually_within(
+            "the refused handshake logged",
+            Duration::from_secs(10),
+            || {
+                n.agent
+                    .log_text()
+                    .contains("cluster: Redis at rediss+sentinel://")
+            },
+        );
+        let log = n.agent.log_text();
+        assert!(log.contains(why), "{name}: {log}");
+        assert!(cluster(&n, "127.0.7.0/24").starts_with("ERR cluster_unavailable"));
+    }
+    assert!(exact(&[&a, &b], "127.0.7.0/24", 3));
+}
+
 /// A Redis that lets in only clients with a certificate signed by its CA
 /// (`tls-auth-clients yes`): agents showing the one the test made
 /// (`cert_file`, `key_file`) sum exactly; one without a certificate is

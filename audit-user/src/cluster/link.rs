@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use redis::{
     aio::MultiplexedConnection,
-    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+    sentinel::{
+        SentinelClient, SentinelClientBuilder, SentinelNodeConnectionInfo, SentinelServerType,
+    },
     AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo,
-    IntoConnectionInfo, RedisConnectionInfo, TlsCertificates,
+    IntoConnectionInfo, RedisConnectionInfo, TlsCertificates, TlsMode,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
@@ -32,8 +34,8 @@ pub enum TargetError {
         reason: String,
     },
     #[error(
-        "cluster.{key} {path} is set, but only a rediss:// URL uses TLS \
-         (redis://, unix:// and redis+sentinel:// connect in the clear)"
+        "cluster.{key} {path} is set, but only rediss:// and rediss+sentinel:// URLs \
+         use TLS (redis://, unix:// and redis+sentinel:// connect in the clear)"
     )]
     TlsWithoutTls {
         key: &'static str,
@@ -57,21 +59,37 @@ pub enum TargetError {
 /// Where Redis is.
 #[derive(Clone)]
 pub enum Target {
-    /// `redis://[user:password@]host:port/db`, or `rediss://` with TLS,
-    /// verified against `root_cert` (PEM) or the system's roots, showing
-    /// `identity` (a client certificate and its key) where Redis asks.
-    Direct {
-        info: ConnectionInfo,
-        root_cert: Option<Vec<u8>>,
-        identity: Option<Box<ClientTlsConfig>>,
-    },
+    /// `redis://[user:password@]host:port/db`, or `rediss://` with TLS
+    /// (`tls` then says what is verified and shown).
+    Direct { info: ConnectionInfo, tls: Box<Tls> },
     /// `redis+sentinel://[user:password@]host:port[,host:port...]/primary[/db]`:
-    /// the sentinels, the name they know the primary by, and how to log in to it.
+    /// the sentinels, the name they know the primary by, and how to log in to
+    /// it; `rediss+sentinel://`: TLS (`tls`) to the sentinels and the primary.
     Sentinel {
         sentinels: Vec<ConnectionInfo>,
         primary: String,
         redis: RedisConnectionInfo,
+        tls: Option<Box<Tls>>,
     },
+}
+
+/// What a TLS connection checks and shows: the server's certificate
+/// against `root_cert` (PEM) or else the system's roots, and `identity` (a
+/// client certificate and its key) to a server that asks for one.
+#[derive(Clone, Default)]
+pub struct Tls {
+    root_cert: Option<Vec<u8>>,
+    identity: Option<ClientTlsConfig>,
+}
+
+impl Tls {
+    /// None: the defaults (the system's roots, no client certificate).
+    fn certificates(&self) -> Option<TlsCertificates> {
+        (self.root_cert.is_some() || self.identity.is_some()).then(|| TlsCertificates {
+            client_tls: self.identity.clone(),
+            root_cert: self.root_cert.clone(),
+        })
+    }
 }
 
 impl std::fmt::Debug for Target {
@@ -87,10 +105,14 @@ impl std::fmt::Debug for Target {
                 write!(f, "{scheme}://{}", info.addr())
             }
             Target::Sentinel {
-                sentinels, primary, ..
+                sentinels,
+                primary,
+                tls,
+                ..
             } => {
                 let addrs: Vec<String> = sentinels.iter().map(|s| s.addr().to_string()).collect();
-                write!(f, "redis+sentinel://{}/{primary}", addrs.join(","))
+                let scheme = if tls.is_some() { "rediss" } else { "redis" };
+                write!(f, "{scheme}+sentinel://{}/{primary}", addrs.join(","))
             }
         }
     }
@@ -105,7 +127,10 @@ impl Target {
             url: url.split("://").next().unwrap_or("").to_string() + "://…",
             reason: reason.to_string(),
         };
-        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        let sentinel = [("redis+sentinel://", false), ("rediss+sentinel://", true)]
+            .into_iter()
+            .find_map(|(scheme, tls)| Some((url.strip_prefix(scheme)?, tls)));
+        if let Some((rest, tls)) = sentinel {
             let (auth, rest) = match rest.rsplit_once('@') {
                 Some((auth, rest)) => (Some(auth), rest),
                 None => (None, rest),
@@ -127,7 +152,8 @@ impl Target {
             let sentinels = hosts
                 .split(',')
                 .map(|host| {
-                    format!("redis://{host}")
+                    let scheme = if tls { "rediss" } else { "redis" };
+                    format!("{scheme}://{host}")
                         .into_connection_info()
                         .map_err(|_| invalid("a sentinel is not host:port"))
                 })
@@ -152,6 +178,7 @@ impl Target {
                 sentinels,
                 primary: primary.to_string(),
                 redis,
+                tls: tls.then(Box::default),
             });
         }
         if !["redis://", "rediss://", "unix://"]
@@ -159,7 +186,7 @@ impl Target {
             .any(|scheme| url.starts_with(scheme))
         {
             return Err(invalid(
-                "expected redis://, rediss://, unix:// or redis+sentinel://",
+                "expected redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://",
             ));
         }
         let mut info = url
@@ -171,39 +198,48 @@ impl Target {
         }
         Ok(Target::Direct {
             info,
-            root_cert: None,
-            identity: None,
+            tls: Box::default(),
         })
     }
 
-    /// Verifies a `rediss://` server against this CA certificate (PEM)
-    /// instead of the system's roots.
-    pub fn with_root_cert(self, pem: Vec<u8>) -> Self {
+    /// The TLS settings, for a URL with TLS (None in the clear).
+    fn tls_mut(&mut self) -> Option<&mut Tls> {
+        if !self.uses_tls() {
+            return None;
+        }
         match self {
-            Target::Direct { info, identity, .. } => Target::Direct {
-                info,
-                root_cert: Some(pem),
-                identity,
-            },
-            sentinel => sentinel,
+            Target::Direct { tls, .. } => Some(tls),
+            Target::Sentinel { tls, .. } => tls.as_deref_mut(),
         }
     }
 
-    /// Shows this client certificate (chain) and key, both PEM, to a
-    /// `rediss://` server that verifies its clients.
-    pub fn with_identity(self, cert: Vec<u8>, key: Vec<u8>) -> Self {
+    /// Verifies the server (and under Sentinel, the sentinels) against this
+    /// CA certificate (PEM) instead of the system's roots; no change to a
+    /// target in the clear.
+    pub fn with_root_cert(mut self, pem: Vec<u8>) -> Self {
+        if let Some(tls) = self.tls_mut() {
+            tls.root_cert = Some(pem);
+        }
+        self
+    }
+
+    /// Shows this client certificate (chain) and key, both PEM, to a server
+    /// that verifies its clients; no change to a target in the clear.
+    pub fn with_identity(mut self, cert: Vec<u8>, key: Vec<u8>) -> Self {
+        if let Some(tls) = self.tls_mut() {
+            tls.identity = Some(ClientTlsConfig {
+                client_cert: cert,
+                client_key: key,
+            });
+        }
+        self
+    }
+
+    /// Whether the URL asks for TLS.
+    pub fn uses_tls(&self) -> bool {
         match self {
-            Target::Direct {
-                info, root_cert, ..
-            } => Target::Direct {
-                info,
-                root_cert,
-                identity: Some(Box::new(ClientTlsConfig {
-                    client_cert: cert,
-                    client_key: key,
-                })),
-            },
-            sentinel => sentinel,
+            Target::Direct { info, .. } => matches!(info.addr(), ConnectionAddr::TcpTls { .. }),
+            Target::Sentinel { tls, .. } => tls.is_some(),
         }
     }
 }
@@ -262,6 +298,33 @@ pub fn read_password(path: &std::path::Path) -> Result<String, TargetError> {
     Ok(text.lines().next().unwrap_or("").to_string())
 }
 
+/// A Sentinel client speaking TLS to the sentinels and to the primary they
+/// name, each verified (and shown a certificate) as `tls` says.
+fn sentinel_over_tls(
+    sentinels: &[ConnectionInfo],
+    primary: &str,
+    redis: &RedisConnectionInfo,
+    tls: &Tls,
+) -> redis::RedisResult<SentinelClient> {
+    let addrs = sentinels.iter().map(|s| s.addr().clone());
+    let mut builder = SentinelClientBuilder::new(addrs, primary, SentinelServerType::Master)?
+        .set_client_to_sentinel_tls_mode(TlsMode::Secure)
+        .set_client_to_redis_tls_mode(TlsMode::Secure)
+        .set_client_to_redis_db(redis.db());
+    if let Some(user) = redis.username() {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = redis.password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    if let Some(certificates) = tls.certificates() {
+        builder = builder
+            .set_client_to_sentinel_certificates(certificates.clone())
+            .set_client_to_redis_certificates(certificates);
+    }
+    builder.build()
+}
+
 /// A connection made on demand.
 pub struct Link {
     target: Target,
@@ -295,36 +358,28 @@ impl Link {
     pub async fn get(&mut self) -> redis::RedisResult<&mut MultiplexedConnection> {
         if self.connection.is_none() {
             let client = match &self.target {
-                Target::Direct {
-                    info,
-                    root_cert: None,
-                    identity: None,
-                } => Client::open(info.clone())?,
-                Target::Direct {
-                    info,
-                    root_cert,
-                    identity,
-                } => Client::build_with_tls(
-                    info.clone(),
-                    TlsCertificates {
-                        client_tls: identity.as_deref().cloned(),
-                        root_cert: root_cert.clone(),
-                    },
-                )?,
+                Target::Direct { info, tls } => match tls.certificates() {
+                    None => Client::open(info.clone())?,
+                    Some(certificates) => Client::build_with_tls(info.clone(), certificates)?,
+                },
                 Target::Sentinel {
                     sentinels,
                     primary,
                     redis,
+                    tls,
                 } => {
-                    let mut sentinel = SentinelClient::build(
-                        sentinels.clone(),
-                        primary.clone(),
-                        Some(
-                            SentinelNodeConnectionInfo::default()
-                                .set_redis_connection_info(redis.clone()),
-                        ),
-                        SentinelServerType::Master,
-                    )?;
+                    let mut sentinel = match tls {
+                        None => SentinelClient::build(
+                            sentinels.clone(),
+                            primary.clone(),
+                            Some(
+                                SentinelNodeConnectionInfo::default()
+                                    .set_redis_connection_info(redis.clone()),
+                            ),
+                            SentinelServerType::Master,
+                        )?,
+                        Some(tls) => sentinel_over_tls(sentinels, primary, redis, tls)?,
+                    };
                     let connect = sentinel.async_get_client();
                     // Asking the sentinels has no timeout of its own.
                     tokio::time::timeout(self.timeout, connect)
@@ -361,6 +416,7 @@ mod tests {
                 sentinels,
                 primary,
                 redis,
+                ..
             } => (
                 sentinels.iter().map(|s| s.addr().to_string()).collect(),
                 primary,
@@ -401,6 +457,34 @@ mod tests {
         ] {
             assert!(Target::parse(bad, None).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rediss_sentinel_urls_use_tls_to_sentinels_and_primary() {
+        let target =
+            Target::parse("rediss+sentinel://u@h1:26379,h2:26380/ia/1", Some("pw")).unwrap();
+        assert!(target.uses_tls());
+        assert_eq!(
+            format!("{target:?}"),
+            "rediss+sentinel://h1:26379,h2:26380/ia"
+        );
+        let Target::Sentinel {
+            sentinels, redis, ..
+        } = &target
+        else {
+            panic!("{target:?}");
+        };
+        assert!(sentinels
+            .iter()
+            .all(|s| matches!(s.addr(), ConnectionAddr::TcpTls { .. })));
+        assert_eq!((redis.db(), redis.username()), (1, Some("u")));
+        let clear = Target::parse("redis+sentinel://h1:26379/ia", None).unwrap();
+        assert!(!clear.uses_tls());
+        assert_eq!(format!("{clear:?}"), "redis+sentinel://h1:26379/ia");
+        assert!(Target::parse("rediss://h1:6380/0", None)
+            .unwrap()
+            .uses_tls());
+        assert!(!Target::parse("redis://h1:6379/0", None).unwrap().uses_tls());
     }
 
     #[test]

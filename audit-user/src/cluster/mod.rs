@@ -47,7 +47,7 @@ pub fn settings(config: &crate::config::ClusterConfig) -> Result<Settings, Targe
         .map(read_password)
         .transpose()?;
     let mut target = Target::parse(&config.redis.0, password.as_deref())?;
-    let tls = config.redis.0.starts_with("rediss://");
+    let tls = target.uses_tls();
     for (key, path) in [
         ("ca_file", &config.ca_file),
         ("cert_file", &config.cert_file),

@@ -86,7 +86,8 @@ impl TryFrom<ClusterFile> for ClusterConfig {
     }
 }
 
-/// `redis://`, `rediss://` (TLS), `unix://` or `redis+sentinel://`; whether it connects is
+/// `redis://`, `rediss://` (TLS), `unix://`, `redis+sentinel://` or
+/// `rediss+sentinel://` (TLS to the sentinels and the primary); whether it connects is
 /// found out at run time (Redis may come later than the agent).
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -96,14 +97,21 @@ impl TryFrom<String> for RedisUrl {
     type Error = ValueError;
 
     fn try_from(url: String) -> Result<Self, ValueError> {
-        if ["redis://", "rediss://", "unix://", "redis+sentinel://"]
-            .iter()
-            .any(|scheme| url.starts_with(scheme) && url.len() > scheme.len())
+        if [
+            "redis://",
+            "rediss://",
+            "unix://",
+            "redis+sentinel://",
+            "rediss+sentinel://",
+        ]
+        .iter()
+        .any(|scheme| url.starts_with(scheme) && url.len() > scheme.len())
         {
             Ok(Self(url))
         } else {
             Err(ValueError::RedisUrl(
-                "expected redis://host:port/db, unix:///path or redis+sentinel://host:port/primary"
+                "expected redis://host:port/db, rediss://, unix:///path, \
+                 redis+sentinel://host:port/primary or rediss+sentinel://"
                     .into(),
             ))
         }
