@@ -41,6 +41,23 @@ const MAX_REFUSED_IPS: u32 = 1 << 16;
 /// from everywhere evict each other instead of failing.
 const MAX_PENDING: u32 = 1 << 16;
 
+/// The entry for `key` in the hash `map`, made from `init` when missing.
+/// Looked up first (one lookup when it exists, as most do: the SYNs and
+/// accepts of a prefix or IP already seen) rather than inserted first, and a
+/// lost insert race finds the other CPU's entry. A macro: the map types share
+/// no trait.
+macro_rules! entry_or_insert {
+    ($map:expr, $key:expr, $init:expr) => {
+        match $map.get_ptr_mut($key) {
+            Some(entry) => Some(entry),
+            None => {
+                let _ = $map.insert($key, $init, BPF_NOEXIST as u64);
+                $map.get_ptr_mut($key)
+            }
+        }
+    };
+}
+
 #[map(name = "KERNEL_LIMITS")]
 static KERNEL_LIMITS: Array<KernelLimit> = Array::pinned(MAX_KERNEL_LIMITS as u32, 0);
 
@@ -156,11 +173,8 @@ fn add_pending(index: u32, service: u8, family: u8, addr: &[u8; 16], window: u32
         return;
     }
     let key = prefix_key(index as u8, family, addr, &limit);
-    if PENDING_SYNS.get_ptr_mut(key).is_none() {
-        let fresh = PendingSyns { count: 0, window };
-        let _ = PENDING_SYNS.insert(key, fresh, BPF_NOEXIST as u64);
-    }
-    let Some(entry) = PENDING_SYNS.get_ptr_mut(key) else {
+    let fresh = PendingSyns { count: 0, window };
+    let Some(entry) = entry_or_insert!(PENDING_SYNS, &key, fresh) else {
         return;
     };
     // SAFETY: a map value, valid for this invocation (RCU). Two CPUs that
@@ -228,10 +242,7 @@ fn note_refusal(family: u8, addr: &[u8; 16], dry_run: bool) {
         dry_run: u8::from(dry_run),
         _pad: [0; 6],
     };
-    if REFUSED_IPS.get_ptr_mut(key).is_none() {
-        let _ = REFUSED_IPS.insert(key, 0, BPF_NOEXIST as u64);
-    }
-    if let Some(count) = REFUSED_IPS.get_ptr_mut(key) {
+    if let Some(count) = entry_or_insert!(REFUSED_IPS, &key, 0) {
         // SAFETY: a map value, valid for this invocation (RCU).
         unsafe {
             core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
@@ -285,11 +296,13 @@ fn count_prefix(index: u32, addr: &[u8; 16], change: &PrefixChange, window: u32)
     }
     let key = prefix_key(index as u8, change.family, addr, &limit);
     // Only an open creates the entry; a close of a session counted before
-    // the limit existed has nothing to take from.
-    if (change.delta as i32) > 0 && PREFIX_COUNTS.get_ptr_mut(key).is_none() {
-        let _ = PREFIX_COUNTS.insert(key, 0, BPF_NOEXIST as u64);
-    }
-    if let Some(count) = PREFIX_COUNTS.get_ptr_mut(key) {
+    // the limit existed has nothing to take from. One lookup when it exists.
+    let count = if (change.delta as i32) > 0 {
+        entry_or_insert!(PREFIX_COUNTS, &key, 0)
+    } else {
+        PREFIX_COUNTS.get_ptr_mut(key)
+    };
+    if let Some(count) = count {
         // SAFETY: a map value, valid for this invocation (RCU).
         unsafe {
             core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
