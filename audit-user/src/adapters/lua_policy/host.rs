@@ -259,12 +259,14 @@ impl LuaPolicy {
     /// Runs the scripts for `call` on the calling thread, which blocks for
     /// at most the timeout; always answers.
     pub fn run(&self, call: PolicyCall) -> Verdict {
-        self.run_by(call, Instant::now() + self.current().bounds.timeout)
+        let scripts = self.current();
+        let deadline = Instant::now() + scripts.bounds.timeout;
+        self.run_with(call, &scripts, deadline)
     }
 
-    /// [`run`](Self::run) with the deadline counted from the request's arrival.
-    fn run_by(&self, call: PolicyCall, deadline: Instant) -> Verdict {
-        let scripts = self.current();
+    /// [`run`](Self::run) with the scripts read and the deadline counted at
+    /// the request's arrival.
+    fn run_with(&self, call: PolicyCall, scripts: &Scripts, deadline: Instant) -> Verdict {
         let (client, phase) = (call.client, call.phase);
         let mut lent = match self.pool.lend(deadline) {
             Ok(lent) => lent,
@@ -281,22 +283,23 @@ impl LuaPolicy {
                     phase.name(),
                     scripts.fail_action
                 );
-                return fail(&scripts);
+                return fail(scripts);
             }
         };
-        answer(&self.shared, &scripts, &mut lent.interp, call, deadline)
+        answer(&self.shared, scripts, &mut lent.interp, call, deadline)
     }
 
     /// [`run`](Self::run) on a blocking-pool thread, for async callers.
     pub async fn evaluate(&self, call: PolicyCall) -> Verdict {
+        let scripts = self.current();
         // From now: a wait for a blocking-pool thread counts too.
-        let deadline = Instant::now() + self.current().bounds.timeout;
-        let this = self.clone();
-        match tokio::task::spawn_blocking(move || this.run_by(call, deadline)).await {
+        let deadline = Instant::now() + scripts.bounds.timeout;
+        let (this, loaded) = (self.clone(), scripts.clone());
+        match tokio::task::spawn_blocking(move || this.run_with(call, &loaded, deadline)).await {
             Ok(verdict) => verdict,
             Err(e) => {
                 log::error!("lua policy: a script run ended abnormally: {e}");
-                fail(&self.current())
+                fail(&scripts)
             }
         }
     }

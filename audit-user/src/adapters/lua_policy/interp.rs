@@ -287,8 +287,11 @@ impl Interp {
             current.module = None;
         }
         let result = self.resume(&self.run, (callout, client, port), deadline);
-        let module = lock(&self.current).module.take();
-        lock(&self.current).call = None;
+        let module = {
+            let mut current = lock(&self.current);
+            current.call = None;
+            current.module.take()
+        };
         let values = result.map_err(|message| {
             let (module, script, callout) = module
                 .unwrap_or_else(|| ("(none)".into(), "(policy host)".into(), callout.to_string()));

@@ -534,13 +534,25 @@ fn config(scripts: Vec<PathBuf>) -> LuaPolicyConfig {
     }
 }
 
+/// A host running `script` alone (written in a directory of its own,
+/// returned for removal) with [`config`]'s settings as `tune` changes them.
+fn host_running(
+    name: &str,
+    script: &str,
+    tune: impl FnOnce(&mut LuaPolicyConfig),
+) -> (Arc<LuaPolicy>, PathBuf) {
+    let dir = temp_dir(name);
+    let path = dir.join(format!("{name}.lua"));
+    std::fs::write(&path, script).unwrap();
+    let mut settings = config(vec![path]);
+    tune(&mut settings);
+    let host = LuaPolicy::start(shared().state.clone(), &settings).unwrap();
+    (host, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_interpreter_answers_fail_open_and_never_stalls_others() {
-    let dir = temp_dir("stall");
-    let path = dir.join("slow.lua");
-    std::fs::write(
-        &path,
-        r#"
+    let script = r#"
         local mod = {}
         function mod:validate_connect(ac, vctx)
           while true do end
@@ -550,12 +562,8 @@ async fn a_stuck_interpreter_answers_fail_open_and_never_stalls_others() {
           return msys.core.VALIDATE_DONE
         end
         msys.registerModule("slow", mod)
-        "#,
-    )
-    .unwrap();
-    let mut settings = config(vec![path]);
-    settings.max_instructions = u64::MAX;
-    let host = LuaPolicy::start(shared().state.clone(), &settings).unwrap();
+        "#;
+    let (host, dir) = host_running("stall", script, |s| s.max_instructions = u64::MAX);
     let started = Instant::now();
     // More slow requests than the one interpreter and its queue take.
     let slow: Vec<_> = (0..8)
@@ -587,11 +595,7 @@ async fn a_stuck_interpreter_answers_fail_open_and_never_stalls_others() {
 /// that interpreter.
 #[test]
 fn a_request_waits_for_the_busy_interpreter_and_is_answered_by_it() {
-    let dir = temp_dir("lend");
-    let path = dir.join("busy.lua");
-    std::fs::write(
-        &path,
-        r#"
+    let script = r#"
         local mod = {}
         local running, served = false, 0
         function mod:validate_connect(ac, vctx)
@@ -605,12 +609,8 @@ fn a_request_waits_for_the_busy_interpreter_and_is_answered_by_it() {
           return msys.core.VALIDATE_DONE
         end
         msys.registerModule("busy", mod)
-        "#,
-    )
-    .unwrap();
-    let mut settings = config(vec![path]);
-    settings.timeout = Duration::from_secs(5);
-    let host = LuaPolicy::start(shared().state.clone(), &settings).unwrap();
+        "#;
+    let (host, dir) = host_running("lend", script, |s| s.timeout = Duration::from_secs(5));
     let askers: Vec<_> = (0..2)
         .map(|_| {
             let host = host.clone();
