@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use redis::{
     aio::MultiplexedConnection,
-    sentinel::{
-        SentinelClient, SentinelClientBuilder, SentinelNodeConnectionInfo, SentinelServerType,
-    },
+    sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
     AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo,
     IntoConnectionInfo, RedisConnectionInfo, TlsCertificates, TlsMode,
 };
@@ -60,8 +58,11 @@ pub enum TargetError {
 #[derive(Clone)]
 pub enum Target {
     /// `redis://[user:password@]host:port/db`, or `rediss://` with TLS
-    /// (`tls` then says what is verified and shown).
-    Direct { info: ConnectionInfo, tls: Box<Tls> },
+    /// (`tls`, Some just then, says what is verified and shown).
+    Direct {
+        info: ConnectionInfo,
+        tls: Option<Box<Tls>>,
+    },
     /// `redis+sentinel://[user:password@]host:port[,host:port...]/primary[/db]`:
     /// the sentinels, the name they know the primary by, and how to log in to
     /// it; `rediss+sentinel://`: TLS (`tls`) to the sentinels and the primary.
@@ -196,20 +197,17 @@ impl Target {
             let redis = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(redis);
         }
+        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         Ok(Target::Direct {
             info,
-            tls: Box::default(),
+            tls: tls.then(Box::default),
         })
     }
 
     /// The TLS settings, for a URL with TLS (None in the clear).
     fn tls_mut(&mut self) -> Option<&mut Tls> {
-        if !self.uses_tls() {
-            return None;
-        }
         match self {
-            Target::Direct { tls, .. } => Some(tls),
-            Target::Sentinel { tls, .. } => tls.as_deref_mut(),
+            Target::Direct { tls, .. } | Target::Sentinel { tls, .. } => tls.as_deref_mut(),
         }
     }
 
@@ -238,8 +236,7 @@ impl Target {
     /// Whether the URL asks for TLS.
     pub fn uses_tls(&self) -> bool {
         match self {
-            Target::Direct { info, .. } => matches!(info.addr(), ConnectionAddr::TcpTls { .. }),
-            Target::Sentinel { tls, .. } => tls.is_some(),
+            Target::Direct { tls, .. } | Target::Sentinel { tls, .. } => tls.is_some(),
         }
     }
 }
@@ -298,18 +295,17 @@ pub fn read_password(path: &std::path::Path) -> Result<String, TargetError> {
     Ok(text.lines().next().unwrap_or("").to_string())
 }
 
-/// A Sentinel client speaking TLS to the sentinels and to the primary they
-/// name, each verified (and shown a certificate) as `tls` says.
-fn sentinel_over_tls(
+/// A Sentinel client logging in to the primary as `redis` says; with `tls`,
+/// speaking TLS to the sentinels and to the primary they name, each
+/// verified (and shown a certificate) as it says.
+fn sentinel_client(
     sentinels: &[ConnectionInfo],
     primary: &str,
     redis: &RedisConnectionInfo,
-    tls: &Tls,
+    tls: Option<&Tls>,
 ) -> redis::RedisResult<SentinelClient> {
     let addrs = sentinels.iter().map(|s| s.addr().clone());
     let mut builder = SentinelClientBuilder::new(addrs, primary, SentinelServerType::Master)?
-        .set_client_to_sentinel_tls_mode(TlsMode::Secure)
-        .set_client_to_redis_tls_mode(TlsMode::Secure)
         .set_client_to_redis_db(redis.db());
     if let Some(user) = redis.username() {
         builder = builder.set_client_to_redis_username(user);
@@ -317,10 +313,15 @@ fn sentinel_over_tls(
     if let Some(password) = redis.password() {
         builder = builder.set_client_to_redis_password(password);
     }
-    if let Some(certificates) = tls.certificates() {
+    if let Some(tls) = tls {
         builder = builder
-            .set_client_to_sentinel_certificates(certificates.clone())
-            .set_client_to_redis_certificates(certificates);
+            .set_client_to_sentinel_tls_mode(TlsMode::Secure)
+            .set_client_to_redis_tls_mode(TlsMode::Secure);
+        if let Some(certificates) = tls.certificates() {
+            builder = builder
+                .set_client_to_sentinel_certificates(certificates.clone())
+                .set_client_to_redis_certificates(certificates);
+        }
     }
     builder.build()
 }
@@ -358,7 +359,7 @@ impl Link {
     pub async fn get(&mut self) -> redis::RedisResult<&mut MultiplexedConnection> {
         if self.connection.is_none() {
             let client = match &self.target {
-                Target::Direct { info, tls } => match tls.certificates() {
+                Target::Direct { info, tls } => match tls.as_deref().and_then(Tls::certificates) {
                     None => Client::open(info.clone())?,
                     Some(certificates) => Client::build_with_tls(info.clone(), certificates)?,
                 },
@@ -368,18 +369,7 @@ impl Link {
                     redis,
                     tls,
                 } => {
-                    let mut sentinel = match tls {
-                        None => SentinelClient::build(
-                            sentinels.clone(),
-                            primary.clone(),
-                            Some(
-                                SentinelNodeConnectionInfo::default()
-                                    .set_redis_connection_info(redis.clone()),
-                            ),
-                            SentinelServerType::Master,
-                        )?,
-                        Some(tls) => sentinel_over_tls(sentinels, primary, redis, tls)?,
-                    };
+                    let mut sentinel = sentinel_client(sentinels, primary, redis, tls.as_deref())?;
                     let connect = sentinel.async_get_client();
                     // Asking the sentinels has no timeout of its own.
                     tokio::time::timeout(self.timeout, connect)
