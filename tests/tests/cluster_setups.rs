@@ -81,6 +81,23 @@ fn connect(node: &SmtpFixture, from: &str) -> TcpStream {
     integration_tests::connect_from(from.parse::<IpAddr>().unwrap(), node.smtp)
 }
 
+/// `node` turned away by Redis: a session from `from` still counts locally
+/// in `net`, the refusal is logged (with every one of `logged`), and its
+/// cluster answers are refused. The session, to hold.
+fn assert_turned_away(node: &SmtpFixture, from: &str, net: &str, logged: &[&str]) -> TcpStream {
+    let held = connect(node, from);
+    node.agent.expect_count(net, "SMTP", 1);
+    eventually_within("the refusal logged", Duration::from_secs(10), || {
+        node.agent.log_text().contains("cluster: Redis at")
+    });
+    let log = node.agent.log_text();
+    for text in logged {
+        assert!(log.contains(text), "{text:?} not in:\n{log}");
+    }
+    assert!(cluster(node, net).starts_with("ERR cluster_unavailable"));
+    held
+}
+
 fn count(answer: &str) -> Option<u64> {
     answer.strip_prefix("OK ")?.parse().ok()
 }
@@ -288,12 +305,7 @@ fn agents_as_the_readme_acl_user_over_tls_are_exact_and_never_show_the_password(
     let wrong_pass = dir.path().join("wrong.pass");
     write_secret(&wrong_pass, &wrong);
     let c = node("tc", &dir, "", &table(&wrong_pass));
-    let _held_c = connect(&c, "127.0.9.4");
-    c.agent.expect_count("127.0.9.0/24", "SMTP", 1);
-    eventually_within("the refused login logged", Duration::from_secs(10), || {
-        c.agent.log_text().contains("cluster: Redis at")
-    });
-    assert!(cluster(&c, "127.0.9.0/24").starts_with("ERR cluster_unavailable"));
+    let _held_c = assert_turned_away(&c, "127.0.9.4", "127.0.9.0/24", &[]);
     // The others never see it, and stay exact.
     assert!(exact(&[&a, &b], "127.0.9.0/24", 3));
 
@@ -381,20 +393,8 @@ fn agents_find_the_primary_through_sentinels_over_tls() {
         ("sd", ca.clone(), "CertificateRequired", "127.0.7.5"),
     ] {
         let n = node(name, &dir, "", &table(&tls));
-        let _held_n = connect(&n, from);
-        n.agent.expect_count("127.0.7.0/24", "SMTP", 1);
-        eventually_within(
-            "the refused handshake logged",
-            Duration::from_secs(10),
-            || {
-                n.agent
-                    .log_text()
-                    .contains("cluster: Redis at rediss+sentinel://")
-            },
-        );
-        let log = n.agent.log_text();
-        assert!(log.contains(why), "{name}: {log}");
-        assert!(cluster(&n, "127.0.7.0/24").starts_with("ERR cluster_unavailable"));
+        let logged = ["cluster: Redis at rediss+sentinel://", why];
+        let _held_n = assert_turned_away(&n, from, "127.0.7.0/24", &logged);
     }
     assert!(exact(&[&a, &b], "127.0.7.0/24", 3));
 }
@@ -449,22 +449,9 @@ fn agents_with_a_client_certificate_reach_a_redis_that_verifies_clients() {
     // No certificate: the TLS handshake fails, the agent says so and keeps
     // counting its own sessions; the others never see it.
     let c = node("mc", &dir, "", &table(""));
-    let _held_c = connect(&c, "127.0.8.4");
-    c.agent.expect_count("127.0.8.0/24", "SMTP", 1);
-    eventually_within(
-        "the refused handshake logged",
-        Duration::from_secs(10),
-        || c.agent.log_text().contains("cluster: Redis at"),
-    );
-    assert!(cluster(&c, "127.0.8.0/24").starts_with("ERR cluster_unavailable"));
-    let log = c.agent.log_text();
-    assert!(
-        log.contains(&format!(
-            "cluster: Redis at rediss://127.0.0.1:{}",
-            redis.port
-        )) && log.contains("CertificateRequired"),
-        "{log}"
-    );
+    let target = format!("cluster: Redis at rediss://127.0.0.1:{}", redis.port);
+    let logged = [target.as_str(), "CertificateRequired"];
+    let _held_c = assert_turned_away(&c, "127.0.8.4", "127.0.8.0/24", &logged);
     assert!(exact(&[&a, &b], "127.0.8.0/24", 3));
 
     // The certificate given as its own key: refused at start, named.

@@ -157,6 +157,12 @@ impl Setup {
         }
     }
 
+    /// Asserts the agent's log holds `text`.
+    fn expect_logged(&self, text: &str) {
+        let log = self.agent.log_text();
+        assert!(log.contains(text), "{text:?} not in:\n{log}");
+    }
+
     /// One series of the agent's `/metrics`, scraped inside the namespace.
     fn metric(&self, series: &str) -> Option<f64> {
         let (_, _, body) = self.ns.run(|| http::get(METRICS_PORT, "/metrics"));
@@ -187,11 +193,7 @@ exempt = ["127.0.3.0/24", "fd00:3::/64"]
 fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
     require_ebpf!();
     let mut setup = Setup::start("v4", LIMITS);
-    assert!(
-        setup.agent.log_text().contains("sk_lookup attached"),
-        "{}",
-        setup.agent.log_text()
-    );
+    setup.expect_logged("sk_lookup attached");
     let server = setup.v4();
     let mut admitted: Vec<TcpStream> = ["127.0.1.1", "127.0.1.2", "127.0.1.1"]
         .iter()
@@ -262,14 +264,7 @@ fn the_session_over_a_prefix_limit_is_refused_at_the_syn() {
 
     // A reload without limits detaches the program: nothing is refused.
     setup.reload("");
-    assert!(
-        setup
-            .agent
-            .log_text()
-            .contains("sk_lookup program detached"),
-        "{}",
-        setup.agent.log_text()
-    );
+    setup.expect_logged("sk_lookup program detached");
     admitted.push(connect(&setup.ns, "127.0.1.7", server));
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 5);
     assert_eq!(setup.agent.stat("kernel_limits_attached"), 0);
@@ -444,14 +439,7 @@ fn where_sk_lookup_cannot_be_attached_the_agent_says_so_and_counts_as_before() {
     // program, and the four live sessions count against max = 3 at once.
     taken.free();
     setup.reload(LIMITS);
-    assert!(
-        setup
-            .agent
-            .log_text()
-            .contains("SIGHUP: 1 kernel limit(s), sk_lookup attached"),
-        "{}",
-        setup.agent.log_text()
-    );
+    setup.expect_logged("SIGHUP: 1 kernel limit(s), sk_lookup attached");
     assert_eq!(setup.agent.stat("kernel_limits_attached"), 1);
     assert_refused(&setup.ns, "127.0.1.9", server);
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 4);
@@ -472,14 +460,7 @@ fn a_limit_added_by_a_reload_is_enforced() {
         .collect();
     setup.agent.expect_count("127.0.1.0/24", "SMTP", 4);
     setup.reload(LIMITS);
-    assert!(
-        setup
-            .agent
-            .log_text()
-            .contains("SIGHUP: 1 kernel limit(s), sk_lookup attached"),
-        "{}",
-        setup.agent.log_text()
-    );
+    setup.expect_logged("SIGHUP: 1 kernel limit(s), sk_lookup attached");
     // The four sessions that predate the limit count against it.
     assert_refused(&setup.ns, "127.0.1.5", server);
     reset(admitted.remove(0));
@@ -594,14 +575,7 @@ fn connect_in_order(setup: &Setup, sources: &[&str], server: SocketAddr) -> Vec<
 fn a_lowered_limit_with_cut_existing_cuts_the_newest_sessions() {
     require_ebpf!();
     let mut setup = Setup::start("cut", CUTTING);
-    assert!(
-        setup
-            .agent
-            .log_text()
-            .contains("CAP_NET_ADMIN (kept for cut_existing"),
-        "{}",
-        setup.agent.log_text()
-    );
+    setup.expect_logged("CAP_NET_ADMIN (kept for cut_existing");
     let server = setup.v4();
     let mut full = connect_in_order(
         &setup,
@@ -754,14 +728,7 @@ fn cut_existing_cuts_ipv6_sessions_per_64() {
     let mut other = connect_in_order(&setup, &["fd00:2::1"; 3], server);
     setup.agent.expect_count("fd00:1::/64", "SMTP", 4);
     setup.reload(&CUTTING.replace("max = 10", "max = 3"));
-    assert!(
-        setup
-            .agent
-            .log_text()
-            .contains("cut 1 sessions from fd00:1::/64 (over max 3)"),
-        "{}",
-        setup.agent.log_text()
-    );
+    setup.expect_logged("cut 1 sessions from fd00:1::/64 (over max 3)");
     assert_cut(&mut sessions[3], "the newest session");
     for (i, stream) in sessions.iter_mut().take(3).enumerate() {
         assert_open(stream, &format!("older session {i}"));
